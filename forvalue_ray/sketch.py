@@ -1,0 +1,53 @@
+"""TensorSketch of the per-sample LM-head gradient G = Σ_t α_t h_tᵀ (DESIGN.md §2.3).
+
+TS(G) = IFFT( Σ_t FFT(CS₁ α_t) ⊙ FFT(CS₂ h_t) ) with two seeded CountSketches (bucket + sign hashes of
+the vocabulary and of the hidden dimension; no V×dim matrix). ⟨TS(G), TS(G')⟩ is an unbiased estimate
+of ⟨G, G'⟩ over the random hashes. CS₁ α_t is accumulated inside the vocabulary pass
+(:class:`~forvalue_ray.readout.CountSketchOfError`); this module holds the hashes and the FFT combine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_SKETCH_DIM = 4096
+
+
+@dataclass
+class SketchHashes:
+    dim: int
+    seed: int
+    vocab_buckets: torch.Tensor  # [V] int64
+    vocab_signs: torch.Tensor  # [V] ±1
+    hidden_buckets: torch.Tensor  # [d]
+    hidden_signs: torch.Tensor  # [d]
+
+    @classmethod
+    def make(cls, dim: int, seed: int, vocab_size: int, hidden_size: int, device=None) -> "SketchHashes":
+        if dim < 2:
+            raise ValueError(f"sketch dim must be at least 2, got {dim}")
+        g = torch.Generator().manual_seed(int(seed))  # CPU generator: the same hashes on every machine
+
+        def draw(n):
+            return (torch.randint(0, dim, (n,), generator=g),
+                    torch.randint(0, 2, (n,), generator=g).float() * 2 - 1)
+
+        vb, vs = draw(vocab_size)
+        hb, hs = draw(hidden_size)
+        return cls(dim, seed, *(t.to(device) for t in (vb, vs, hb, hs)))
+
+
+def count_sketch_hidden(h: torch.Tensor, hashes: SketchHashes, acc) -> torch.Tensor:
+    out = torch.zeros(h.shape[0], hashes.dim, dtype=acc, device=h.device)
+    return out.index_add_(1, hashes.hidden_buckets, h.to(acc) * hashes.hidden_signs.to(acc))
+
+
+def tensor_sketch(cs_error: torch.Tensor, cs_hidden: torch.Tensor, seg: torch.Tensor, n_samples: int,
+                  dim: int) -> torch.Tensor:
+    """Per-sample TensorSketch from per-token CountSketches: the circular convolution, summed by sample."""
+    spec = torch.fft.rfft(cs_error, dim=1) * torch.fft.rfft(cs_hidden, dim=1)
+    total = torch.zeros(n_samples, spec.shape[1], dtype=spec.dtype, device=spec.device)
+    total.index_add_(0, seg, spec)
+    return torch.fft.irfft(total, n=dim, dim=1)
