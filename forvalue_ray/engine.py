@@ -68,8 +68,8 @@ def valued_tokens(vm: ValuationModel, rows: list[Encoded], padding_side: str = "
     for i, r in enumerate(rows):
         n = len(r.input_ids)
         sl = slice(longest - n, longest) if padding_side == "left" else slice(0, n)
-        ids[i, sl] = torch.from_numpy(r.input_ids)
-        labels[i, sl] = torch.from_numpy(r.labels)
+        ids[i, sl] = torch.as_tensor(np.array(r.input_ids))
+        labels[i, sl] = torch.as_tensor(np.array(r.labels))
         mask[i, sl] = 1
     hidden = vm.hidden_states(ids, mask)
     # label at j is predicted from position j-1 (within the row: labels of the first real token are IGNORE

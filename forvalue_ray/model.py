@@ -112,11 +112,7 @@ class ValuationModel:
         return self.head.weight.dtype
 
     def fingerprint(self) -> str:
-        """What must match for two artifacts to mix: weights source, adapter, tokenizer, dtype."""
-        keys = ("source", "sha256", "revision", "adapter", "adapter_sha256", "tokenizer", "vocab_size",
-                "hidden_size", "model_class", "weights_digest")
-        blob = json.dumps({k: self.provenance.get(k) for k in keys}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return model_fingerprint(self.provenance)
 
     @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -127,6 +123,17 @@ class ValuationModel:
         out = backbone(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                        position_ids=position_ids.to(self.device), use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def model_fingerprint(provenance: dict) -> str:
+    """What must match for two artifacts to mix: the weights (source, hash, revision) and the adapter."""
+    keys = ("source", "sha256", "revision", "adapter", "adapter_sha256", "weights_digest")
+    blob = json.dumps({k: provenance.get(k) for k in keys}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def adapter_provenance(adapter: str | None) -> dict:
+    return {} if not adapter else {"adapter": str(adapter), "adapter_sha256": _dir_digest(Path(adapter))}
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -152,22 +159,9 @@ def default_dtype(device: str | torch.device | None) -> torch.dtype:
     return torch.bfloat16 if dev.type == "cuda" else torch.float32
 
 
-def load_model(spec: str | None = None, *, dtype: torch.dtype | str | None = None, adapter: str | None = None,
-               device: str | None = None, device_map: str | dict | None = None,
-               attn_implementation: str | None = None, trust_remote_code: bool = False,
-               revision: str | None = None) -> ValuationModel:
-    """Load a causal LM for valuation.
-
-    ``spec``: ``None``/``"smollm2"`` (embedded default), a ``.gguf`` file, a local HF directory, or a hub id.
-    ``dtype`` defaults to float32 on CPU and bfloat16 on GPU. ``adapter``: a PEFT/LoRA directory, merged.
-    ``device_map`` (e.g. ``"auto"``) spreads a model larger than one GPU over the visible GPUs.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def resolve_model(spec: str | None, revision: str | None = None) -> tuple[str, dict]:
+    """A loadable path (GGUF converted and cached) and the provenance of the weights it names."""
     spec = spec or DEFAULT_MODEL
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or default_dtype(device)
     provenance: dict = {"spec": spec, "revision": revision}
     if spec == DEFAULT_MODEL:
         gguf = smollm2_gguf()
@@ -183,6 +177,27 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype | str | None = Non
         provenance["source"] = spec
         if Path(spec).is_dir():
             provenance["weights_digest"] = _dir_digest(Path(spec))
+    return str(path), provenance
+
+
+def load_model(spec: str | None = None, *, dtype: torch.dtype | str | None = None, adapter: str | None = None,
+               device: str | None = None, device_map: str | dict | None = None,
+               attn_implementation: str | None = None, trust_remote_code: bool = False,
+               revision: str | None = None) -> ValuationModel:
+    """Load a causal LM for valuation.
+
+    ``spec``: ``None``/``"smollm2"`` (embedded default), a ``.gguf`` file, a local HF directory, or a hub id.
+    ``dtype`` defaults to float32 on CPU and bfloat16 on GPU. ``adapter``: a PEFT/LoRA directory, merged.
+    ``device_map`` (e.g. ``"auto"``) spreads a model larger than one GPU over the visible GPUs.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor bars drown the job's own progress in actor logs
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or default_dtype(device)
+    path, provenance = resolve_model(spec, revision)
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -193,16 +208,16 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype | str | None = Non
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code,
                                                   revision=revision)
     except OSError as e:
-        raise OSError(f"could not load model '{spec}': {e}. Give a local HF directory, a .gguf file, "
+        raise OSError(f"could not load model '{spec or DEFAULT_MODEL}': {e}. Give a local HF directory, a .gguf file, "
                       f"or a hub id available in your cache (HF_HUB_OFFLINE=1 forbids downloads).") from e
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        provenance.update(adapter=str(adapter), adapter_sha256=_dir_digest(Path(adapter)))
+        provenance.update(adapter_provenance(adapter))
     if device and not device_map:
         model = model.to(device)
-    provenance["tokenizer"] = getattr(tokenizer, "name_or_path", None) and type(tokenizer).__name__
+    provenance["tokenizer"] = f"{type(tokenizer).__name__}:{len(tokenizer)}"
     return ValuationModel(model, tokenizer, provenance)
 
 

@@ -1,0 +1,48 @@
+"""Named on-disk artifacts: target statistics (safetensors + JSON provenance) and sketch-index metadata.
+
+An artifact records the model fingerprint it was built with and refuses to mix with another.
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from . import io
+from .engine import TargetStats
+
+STATS_FILE = "target_stats.safetensors"
+STATS_META = "target_stats.json"
+
+
+def save_target_stats(stats: TargetStats, out_dir: str) -> None:
+    fs, base = io.filesystem(out_dir)
+    fs.makedirs(base, exist_ok=True)
+    with fs.open(f"{base}/{STATS_FILE}", "wb") as fh:
+        fh.write(st_save({"stats": stats.stats.contiguous()}))
+    io.write_json_atomic(io.join(out_dir, STATS_META), {
+        "names": stats.names, "counts": stats.counts, "normalize": stats.normalize,
+        "shape": list(stats.stats.shape), "provenance": stats.provenance})
+
+
+def load_target_stats(path: str) -> TargetStats:
+    """Load from the artifact directory (or its .safetensors file)."""
+    base = path[: -len("/" + STATS_FILE)] if path.endswith(STATS_FILE) else path.rstrip("/")
+    if not io.exists(io.join(base, STATS_META)):
+        raise FileNotFoundError(f"no target statistics at {path}: expected {STATS_FILE} and {STATS_META} "
+                                f"(written by `forvalue-ray value` under OUT/target/)")
+    meta = io.read_json(io.join(base, STATS_META))
+    fs, p = io.filesystem(io.join(base, STATS_FILE))
+    with fs.open(p, "rb") as fh:
+        tensor = st_load(fh.read())["stats"]
+    return TargetStats(tensor, meta["names"], meta["normalize"], meta["counts"], meta["provenance"])
+
+
+def check_compatible(kind: str, expected: dict, found: dict, keys=("model_fingerprint",)) -> None:
+    """Refuse to mix artifacts built with different models (or seeds, dims…)."""
+    diffs = [f"{k}: {found.get(k)!r} != {expected.get(k)!r}" for k in keys if found.get(k) != expected.get(k)]
+    if diffs:
+        raise ValueError(f"{kind} is incompatible with this run ({'; '.join(diffs)}); rebuild it with the same "
+                         f"model and settings")
+

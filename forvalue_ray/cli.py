@@ -1,0 +1,172 @@
+"""``forvalue-ray``: the command line, thin over :mod:`pipeline` (the job) and :mod:`outputs` (using results)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, fields
+
+from .pipeline import MODES, JobConfig
+
+JOB_COMMANDS = ("value", "sketch", "score")
+DEFAULTS = JobConfig()
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_job_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """Every JobConfig field as a flag; defaults are None so a --config file can fill what's not given."""
+    p.add_argument("--config", help="YAML whose keys are these flags (underscores or dashes); flags override it")
+    help_text = {
+        "model": "local HF directory, hub id, .gguf file, or 'smollm2' (the embedded default)",
+        "train": "training data: file, directory, glob, s3:// or gs:// (Parquet, JSONL, HF save_to_disk)",
+        "target": "target data (same forms as --train)", "data": "data to sketch",
+        "out": "output directory (local, s3://, gs://)", "mode": f"one of {MODES}",
+        "group_column": "target column naming each row's group (groups mode; sketch keeps it in the index)",
+        "target_stats": "reuse target statistics from an earlier run (OUT/target)",
+        "index": "sketch index of the rows to score", "target_index": "sketch index of the target rows",
+        "num_actors": "model replicas: N, or MIN-MAX to autoscale", "gpus_per_actor": "GPUs per replica (fractional ok)",
+        "batch_tokens": "padded tokens per forward pass", "overlong": "truncate or reject rows over --max-length",
+        "normalize": "cosine For-Value (divide by gradient norms)", "overwrite": "replace a different job's output",
+        "dim": "sketch size", "seed": "sketch hash seed", "format": "auto, parquet, jsonl or arrow",
+    }
+    for f in fields(JobConfig):
+        if f.name in ("command", "extra"):
+            continue
+        kw = {"dest": f.name, "default": None, "help": help_text.get(f.name)}
+        if f.type in ("bool", bool) or isinstance(f.default, bool):
+            if f.name == "progress":
+                p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+                continue
+            p.add_argument(_flag(f.name), action="store_true", **kw)
+        else:
+            conv = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            p.add_argument(_flag(f.name), type=conv, **kw)
+
+
+def job_config(command: str, args: argparse.Namespace) -> JobConfig:
+    base = {}
+    if getattr(args, "config", None):
+        base = load_yaml(args.config)
+        base.pop("command", None)
+    given = {f.name: getattr(args, f.name) for f in fields(JobConfig) if getattr(args, f.name, None) is not None}
+    return JobConfig.from_dict({**base, **given, "command": command})
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    from . import io
+
+    fs, p = io.filesystem(path)
+    with fs.open(p, "r") as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a job config must be a mapping of flag names to values")
+    return data
+
+
+def run_job(cfg: JobConfig) -> dict:
+    import yaml
+
+    from . import io, pipeline
+
+    runner = {"value": pipeline.run_value, "sketch": pipeline.run_sketch, "score": pipeline.run_score}[cfg.command]
+    run = runner(cfg)
+    fs, p = io.filesystem(io.join(cfg.out, "config.resolved.yaml"))
+    with fs.open(p, "w") as fh:
+        yaml.safe_dump({k: v for k, v in asdict(cfg).items() if k != "extra"}, fh, sort_keys=False)
+    c = run["counts"]
+    print(f"{cfg.command}: {c['scored']:,} rows scored, {c['rejected']:,} rejected, {c['tokens']:,} tokens "
+          f"in {c['shards']} shards; {run['this_invocation']['wall_seconds']:.1f} s this run → {cfg.out}",
+          file=sys.stderr)
+    return run
+
+
+def cmd_select(args) -> int:
+    from .outputs import select
+
+    res = select(args.scores, args.data, args.out, top_fraction=args.top_fraction, top_k=args.top_k,
+                 bottom_fraction=args.bottom_fraction, per_group=args.per_group, target=args.target,
+                 overwrite=args.overwrite)
+    print(json.dumps(res))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .outputs import verify
+
+    problems, counts = verify(args.dir)
+    for p in problems:
+        print(f"FAIL: {p}")
+    print(json.dumps({"ok": not problems, **counts}))
+    return 1 if problems else 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, num_actors=args.num_actors, model=args.model)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from .submit import submit
+
+    return submit(args.address, args.config, wait=not args.no_wait)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="forvalue-ray", description="Forward-only data valuation (For-Value) on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("value", "score training rows against a target set"),
+                       ("sketch", "build a sketch index (index once, query many)"),
+                       ("score", "score a sketch index against a target index")):
+        _add_job_flags(sub.add_parser(name, help=text), name)
+    p = sub.add_parser("run", help="run the job a YAML config describes (the `ray job submit` entrypoint)")
+    p.add_argument("--config", required=True)
+    p = sub.add_parser("select", help="write the top (or bottom) rows by value in the data's own format")
+    p.add_argument("--scores", required=True, help="output directory of value/score")
+    p.add_argument("--data", required=True, help="the data that was scored")
+    p.add_argument("--out", required=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--top-fraction", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--bottom-fraction", type=float)
+    p.add_argument("--per-group", help="select within each value of this data column")
+    p.add_argument("--target", help="groups/pairwise: rank by this target (default: mean over targets)")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("verify", help="check an output is complete and exactly-once against its input")
+    p.add_argument("dir")
+    p = sub.add_parser("demo", help="value a small generated corpus with the embedded SmolLM2 on a local Ray")
+    p.add_argument("--out", default="forvalue-demo")
+    p.add_argument("--num-actors", default="1")
+    p.add_argument("--model", default="smollm2")
+    p = sub.add_parser("submit", help="submit a YAML-described job to a Ray cluster and follow it")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray dashboard URL, e.g. http://head:8265")
+    p.add_argument("--config", required=True)
+    p.add_argument("--no-wait", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command in JOB_COMMANDS:
+            run_job(job_config(args.command, args))
+            return 0
+        if args.command == "run":
+            data = load_yaml(args.config)
+            command = data.pop("command", "value")
+            if command not in JOB_COMMANDS:
+                raise ValueError(f"{args.config}: command must be one of {JOB_COMMANDS}, not {command!r}")
+            run_job(JobConfig.from_dict({**data, "command": command}))
+            return 0
+        return {"select": cmd_select, "verify": cmd_verify, "demo": cmd_demo, "submit": cmd_submit}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as e:
+        print(f"forvalue-ray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Inputs as shards, outputs written once: the storage side of the job, independent of Ray and the math.
+
+A *shard* is a contiguous piece of one input file (Parquet row groups, a JSONL byte range, or rows of a
+Hugging Face ``save_to_disk`` Arrow file). Shards are planned once per run and recorded in the output
+directory; each shard's results land in one Parquet part written atomically, so the state needed to
+resume is the list of finished parts: O(shards), never O(rows). Without an id column a row's id is
+``<file>:<row>`` (Parquet/Arrow) or ``<file>@<byte offset>`` (JSONL): stable across runs and machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import uuid
+from dataclasses import asdict, dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DEFAULT_SHARD_ROWS = 4096
+DEFAULT_SHARD_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Shard:
+    key: str  # stable name of the shard, used for its output part
+    path: str  # full URL of the file
+    fmt: str  # parquet | jsonl | arrow
+    start: int  # first row group (parquet), byte offset (jsonl) or row (arrow)
+    stop: int
+    rows: int  # number of rows, -1 when unknown before reading (jsonl)
+    label: str  # the file's name relative to the input root: the prefix of derived ids
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def filesystem(url: str):
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def _full(fs, path: str) -> str:
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def detect_format(path: str) -> str:
+    name = path.lower()
+    if name.endswith(".parquet") or name.endswith(".pq"):
+        return "parquet"
+    if name.endswith(".jsonl") or name.endswith(".json") or name.endswith(".ndjson"):
+        return "jsonl"
+    if name.endswith(".arrow"):
+        return "arrow"
+    raise ValueError(f"unknown input format for {path}: expected .parquet, .jsonl/.json or a Hugging Face "
+                     f"save_to_disk directory (set --format to force one)")
+
+
+def list_inputs(url: str, fmt: str = "auto") -> list[tuple[str, str, str]]:
+    """(full path, format, label) for every data file under a path, directory, glob or HF dataset dir."""
+    fs, path = filesystem(url)
+    if any(c in path for c in "*?["):
+        files, root = sorted(fs.glob(path)), path.split("*")[0].rsplit("/", 1)[0]
+    elif fs.isdir(path):
+        root = path
+        files = sorted(f for f in fs.find(path) if not posixpath.basename(f).startswith(("_", ".")))
+        if fs.exists(posixpath.join(path, "state.json")):  # HF save_to_disk
+            files = [f for f in files if f.endswith(".arrow")]
+        else:
+            files = [f for f in files if fmt != "auto" or _known(f)]
+    elif fs.exists(path):
+        files, root = [path], posixpath.dirname(path)
+    else:
+        raise FileNotFoundError(f"no input at {url}")
+    if not files:
+        raise FileNotFoundError(f"no data files at {url}")
+    return [(_full(fs, f), detect_format(f) if fmt == "auto" else fmt, posixpath.relpath(f, root) if root else f)
+            for f in files]
+
+
+def _known(f: str) -> bool:
+    try:
+        detect_format(f)
+        return True
+    except ValueError:
+        return False
+
+
+def plan_shards(url: str, fmt: str = "auto", shard_rows: int = DEFAULT_SHARD_ROWS,
+                shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Shard]:
+    """Split every input file into shards (reading only metadata; JSONL by byte ranges)."""
+    shards: list[Shard] = []
+    for full, f, label in list_inputs(url, fmt):
+        fs, path = filesystem(full)
+        if f == "parquet":
+            with fs.open(path, "rb") as fh:
+                meta = pq.ParquetFile(fh).metadata
+            start, rows = 0, 0
+            for g in range(meta.num_row_groups):
+                rows += meta.row_group(g).num_rows
+                if rows >= shard_rows or g == meta.num_row_groups - 1:
+                    shards.append(Shard("", full, f, start, g + 1, rows, label))
+                    start, rows = g + 1, 0
+        elif f == "jsonl":
+            size = fs.size(path)
+            for a in range(0, max(size, 1), shard_bytes):
+                shards.append(Shard("", full, f, a, min(a + shard_bytes, size), -1, label))
+        else:
+            n = _arrow_rows(fs, path)
+            for a in range(0, max(n, 1), shard_rows):
+                shards.append(Shard("", full, f, a, min(a + shard_rows, n), min(a + shard_rows, n) - a, label))
+    return [Shard(f"{i:06d}-{hashlib.sha1(f'{s.label}:{s.start}'.encode()).hexdigest()[:8]}", s.path, s.fmt,
+                  s.start, s.stop, s.rows, s.label) for i, s in enumerate(shards)]
+
+
+def _arrow_rows(fs, path) -> int:
+    with fs.open(path, "rb") as fh:
+        return pa.ipc.open_stream(fh).read_all().num_rows
+
+
+def _arrow_value(v):
+    """Arrow scalars → plain Python (lists of dicts for chat messages)."""
+    return v.as_py() if hasattr(v, "as_py") else v
+
+
+def read_shard(shard: Shard) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
+    """Rows of a shard as (fallback id, row dict), plus (id, reason) for rows that could not be parsed."""
+    fs, path = filesystem(shard.path)
+    bad: list[tuple[str, str]] = []
+    if shard.fmt == "parquet":
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            first = sum(pf.metadata.row_group(g).num_rows for g in range(shard.start))
+            table = pf.read_row_groups(list(range(shard.start, shard.stop)))
+        return [(f"{shard.label}:{first + i}", r) for i, r in enumerate(table.to_pylist())], bad
+    if shard.fmt == "arrow":
+        with fs.open(path, "rb") as fh:
+            table = pa.ipc.open_stream(fh).read_all().slice(shard.start, shard.stop - shard.start)
+        return [(f"{shard.label}:{shard.start + i}", r) for i, r in enumerate(table.to_pylist())], bad
+    rows = []
+    for offset, line in _jsonl_lines(fs, path, shard.start, shard.stop):
+        rid = f"{shard.label}@{offset}"
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            bad.append((rid, f"malformed JSON line at byte {offset}: {e}"))
+            continue
+        if not isinstance(row, dict):
+            bad.append((rid, f"JSON line at byte {offset} is a {type(row).__name__}, not an object"))
+            continue
+        rows.append((rid, row))
+    return rows, bad
+
+
+def _jsonl_lines(fs, path, start: int, stop: int):
+    """Lines whose first byte lies in [start, stop) (a line straddling ``start`` belongs to the previous range)."""
+    with fs.open(path, "rb") as fh:
+        pos = start
+        if start > 0:
+            fh.seek(start - 1)
+            if fh.read(1) != b"\n":
+                pos = start + len(fh.readline())
+        else:
+            fh.seek(0)
+        while pos < stop:
+            raw = fh.readline()
+            if not raw:
+                break
+            yield pos, raw  # bytes: json.loads decodes, and reports bad UTF-8 for this line only
+            pos += len(raw)
+
+
+def write_table_atomic(url: str, table: pa.Table) -> None:
+    """Write a Parquet file so that readers see all of it or nothing (temp name, then move)."""
+    fs, path = filesystem(url)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = f"{posixpath.dirname(path)}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}"
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    with fs.open(tmp, "wb") as fh:
+        fh.write(buf.getvalue())
+    fs.mv(tmp, path)
+
+
+def write_json_atomic(url: str, obj) -> None:
+    fs, path = filesystem(url)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = f"{posixpath.dirname(path)}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}"
+    with fs.open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+    fs.mv(tmp, path)
+
+
+def read_json(url: str):
+    fs, path = filesystem(url)
+    with fs.open(path, "r") as fh:
+        return json.load(fh)
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def join(url: str, *parts: str) -> str:
+    return url.rstrip("/") + "/" + "/".join(parts)
+
+
+def list_parts(url: str) -> set[str]:
+    """Names (without .parquet) of finished parts in a directory: the whole resume state."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return set()
+    return {posixpath.basename(f)[: -len(".parquet")] for f in fs.ls(path, detail=False)
+            if f.endswith(".parquet") and not posixpath.basename(f).startswith(".")}
+
+
+def read_parts(url: str, columns=None) -> pa.Table:
+    fs, path = filesystem(url)
+    files = sorted(f for f in fs.ls(path, detail=False) if f.endswith(".parquet")
+                   and not posixpath.basename(f).startswith("."))
+    if not files:
+        return pa.table({})
+    return pa.concat_tables([pq.read_table(f, filesystem=fs, columns=columns) for f in files])
+
+
+def remove_tree(url: str) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

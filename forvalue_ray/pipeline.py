@@ -1,0 +1,609 @@
+"""The distributed job on Ray Data: plan shards → tokenize (CPU actors) → score (GPU actors) → one part per shard.
+
+The math lives in :mod:`engine`; storage in :mod:`io`. Here: which actor does what, broadcasting the target
+artifact, exactly-once parts, resume and progress. A shard's outputs are written by the actor that scored
+it, atomically, as ``scores/<shard>.parquet`` (after ``rejected/<shard>.parquet``); a retried task rewrites
+the same bytes. Resuming lists finished parts and skips them: O(shards) state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__, io
+from .encode import DEFAULT_MAX_LENGTH, Columns, Encoder, RowError
+from .io import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_ROWS, Shard
+from .readout import DEFAULT_VOCAB_CHUNK
+from .sketch import DEFAULT_SKETCH_DIM
+
+MODES = ("mean", "groups", "pairwise")
+PART_META = b"forvalue"
+
+
+@dataclass
+class JobConfig:
+    """Every flag of the value / sketch / score commands (YAML job configs use the same keys)."""
+
+    command: str = "value"
+    out: str = ""
+    # model
+    model: str = "smollm2"
+    dtype: str | None = None
+    adapter: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    # data
+    train: str | None = None
+    target: str | None = None
+    data: str | None = None
+    format: str = "auto"
+    id_column: str = "id"
+    text_column: str = "text"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"
+    input_ids_column: str = "input_ids"
+    labels_column: str = "labels"
+    max_length: int = DEFAULT_MAX_LENGTH
+    overlong: str = "truncate"
+    # valuation
+    mode: str = "mean"
+    group_column: str | None = None
+    normalize: bool = False
+    target_stats: str | None = None
+    dim: int = DEFAULT_SKETCH_DIM
+    seed: int = 0
+    index: str | None = None
+    target_index: str | None = None
+    # execution (never changes a result)
+    num_actors: str = "1"
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    batch_tokens: int = 4096
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK
+    shard_rows: int = DEFAULT_SHARD_ROWS
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    ray_address: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    EXECUTION = ("num_actors", "gpus_per_actor", "cpus_per_actor", "batch_tokens", "vocab_chunk", "ray_address",
+                 "overwrite", "progress", "extra")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JobConfig":
+        names = {f.name for f in fields(cls)}
+        clean = {k.replace("-", "_"): v for k, v in d.items()}
+        unknown = sorted(set(clean) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys are the CLI flags: {sorted(names)}")
+        return cls(**clean)
+
+    def columns(self) -> Columns:
+        return Columns(id=self.id_column, text=self.text_column, prompt=self.prompt_column,
+                       response=self.response_column, messages=self.messages_column,
+                       input_ids=self.input_ids_column, labels=self.labels_column)
+
+    def result_fields(self) -> dict:
+        """The settings a result depends on (execution settings excluded)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.EXECUTION}
+
+    def validate(self) -> None:
+        if not self.out:
+            raise ValueError("--out is required")
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {MODES}, not {self.mode!r}")
+        if self.mode == "groups" and not self.group_column:
+            raise ValueError("--mode groups needs --group-column (the target column naming each row's group)")
+        if self.command == "value" and not (self.train and (self.target or self.target_stats)):
+            raise ValueError("value needs --train and --target (or --target-stats)")
+        if self.command == "value" and self.target_stats and self.mode == "pairwise":
+            raise ValueError("--target-stats holds mean/group statistics; pairwise mode needs --target")
+        if self.command == "sketch" and not self.data:
+            raise ValueError("sketch needs --data")
+        if self.command == "score" and not (self.index and self.target_index):
+            raise ValueError("score needs --index and --target-index")
+        actor_range(self.num_actors)
+
+
+def actor_range(spec) -> tuple[int, int]:
+    """'4' → (4, 4); '1-8' → (1, 8): a fixed pool or an autoscaling range."""
+    text = str(spec)
+    lo, _, hi = text.partition("-")
+    try:
+        lo_i, hi_i = int(lo), int(hi or lo)
+    except ValueError:
+        raise ValueError(f"--num-actors must be N or MIN-MAX, not {spec!r}") from None
+    if not 1 <= lo_i <= hi_i:
+        raise ValueError(f"--num-actors must satisfy 1 <= MIN <= MAX, not {spec!r}")
+    return lo_i, hi_i
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---- Ray stages -----------------------------------------------------------------------------------------------
+
+
+def _shard_of(batch) -> list[Shard]:
+    return [Shard(**json.loads(s)) for s in batch["shard"]]
+
+
+class EncodeShards:
+    """CPU actor: read a shard and turn its rows into token ids + loss masks, routing bad rows aside."""
+
+    def __init__(self, tokenizer_path: str, encode_kw: dict, group_column: str | None, trust_remote_code: bool):
+        from transformers import AutoConfig, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
+        cfg = AutoConfig.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
+        vocab = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "vocab_size", None)
+        self.encoder = Encoder(tok, vocab_size=vocab, **encode_kw)
+        self.group_column = group_column
+
+    def __call__(self, batch):
+        return {"shard": batch["shard"], "payload": [pickle.dumps(self.encode(s)) for s in _shard_of(batch)]}
+
+    def encode(self, shard: Shard) -> dict:
+        rows, rejected = io.read_shard(shard)
+        n_read = len(rows) + len(rejected)
+        encoded, groups, seen = [], [], set()
+        for fallback, row in rows:
+            rid = self.encoder.row_id(row, fallback)
+            try:
+                if rid in seen:
+                    raise RowError("duplicate id within its shard")
+                group = None
+                if self.group_column:
+                    group = row.get(self.group_column)
+                    if group is None:
+                        raise RowError(f"missing group column '{self.group_column}'")
+                enc = self.encoder(row, fallback)
+            except RowError as e:
+                rejected.append((rid, str(e)))
+                continue
+            seen.add(rid)
+            encoded.append(enc)
+            groups.append(None if group is None else str(group))
+        return {"rows": encoded, "groups": groups, "rejected": rejected, "n_read": n_read}
+
+
+def _load(model_path: str, load_kw: dict):
+    import torch
+
+    from .model import load_model
+
+    cuda = torch.cuda.is_available() and load_kw.get("gpus", 0) > 0
+    kw = {k: v for k, v in load_kw.items() if k != "gpus"}
+    if cuda and load_kw.get("gpus", 0) > 1:
+        kw["device_map"] = "auto"  # a model larger than one GPU spans the actor's GPUs
+    return load_model(model_path, device="cuda" if cuda else "cpu", **kw)
+
+
+def _maybe_fault():
+    """Test hook: FORVALUE_FAULT_EXIT_ONCE=<marker file> makes the first actor to see it die mid-run."""
+    marker = os.environ.get("FORVALUE_FAULT_EXIT_ONCE")
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(17)
+
+
+class ScoreShards:
+    """GPU actor: one model replica; scores (or sketches) whole shards and writes their parts."""
+
+    def __init__(self, model_path: str, load_kw: dict, scorer_kw: dict, broadcast, out: str, kind: str,
+                 mode: str = "mean", group_column: str | None = None):
+        import ray
+
+        from .engine import Scorer
+
+        self.vm = _load(model_path, load_kw)
+        extra = ray.get(broadcast) if broadcast is not None else {}
+        self.scorer = Scorer(self.vm, **scorer_kw, **extra)
+        self.out, self.kind, self.mode, self.group_column = out, kind, mode, group_column
+
+    def __call__(self, batch):
+        summaries = [self.score(s, pickle.loads(p)) for s, p in zip(_shard_of(batch), batch["payload"])]
+        return {k: [s[k] for s in summaries] for k in summaries[0]}
+
+    def score(self, shard: Shard, enc: dict) -> dict:
+        t0 = time.time()
+        rows = enc["rows"]
+        res = self.scorer(rows) if rows else {}
+        table = result_table(self.kind, [r.id for r in rows], res, self.mode)
+        if self.group_column:  # a sketch index keeps the group labels that `score --mode groups` needs
+            table = table.append_column(self.group_column, pa.array(enc["groups"], pa.string()))
+        meta = {"shard": shard.key, "rows_read": enc["n_read"], "scored": len(rows),
+                "rejected": len(enc["rejected"]), "tokens": int(res["n_tokens"].sum()) if rows else 0}
+        rej = pa.table({"id": pa.array([r[0] for r in enc["rejected"]], pa.string()),
+                        "reason": pa.array([r[1] for r in enc["rejected"]], pa.string())})
+        io.write_table_atomic(io.join(self.out, "rejected", shard.key + ".parquet"), rej)
+        if os.environ.get("FORVALUE_FAULT_EXIT_ONCE"):
+            _maybe_fault()
+        io.write_table_atomic(io.join(self.out, self.kind, shard.key + ".parquet"),
+                              table.replace_schema_metadata({PART_META: json.dumps(meta)}))
+        return {**meta, "seconds": time.time() - t0}
+
+
+def result_table(kind: str, ids: list[str], res: dict, mode: str = "mean") -> pa.Table:
+    """The output schema: id, score (mean) | scores (groups, pairwise) | sketch, n_tokens, nll."""
+    n = len(ids)
+    cols = {"id": pa.array(ids, pa.string())}
+    if kind == "sketches":
+        dim = res["sketch"].shape[1] if n else 0
+        flat = pa.array(res["sketch"].reshape(-1) if n else np.zeros(0, np.float32), pa.float32())
+        cols["sketch"] = pa.FixedSizeListArray.from_arrays(flat, dim) if n else pa.array([], pa.list_(pa.float32()))
+    elif mode != "mean":
+        mat = res.get("pairwise", res.get("scores"))
+        cols["scores"] = pa.array(list(mat.astype(np.float64)) if n else [], pa.list_(pa.float64()))
+    else:
+        cols["score"] = pa.array(res["scores"][:, 0] if n else [], pa.float64())
+    cols["n_tokens"] = pa.array(res["n_tokens"] if n else [], pa.int64())
+    cols["nll"] = pa.array(res["nll"] if n else [], pa.float64())
+    return pa.table(cols)
+
+
+class ScoreSketches:
+    """CPU actor of the score stage: scores of one index part against the broadcast target sketches."""
+
+    def __init__(self, broadcast, out: str, normalize: bool, mode: str):
+        import ray
+
+        self.targets = ray.get(broadcast)  # [dim, K] float64
+        self.out, self.normalize, self.mode = out, normalize, mode
+
+    def __call__(self, batch):
+        summaries = [self.score(s) for s in _shard_of(batch)]
+        return {k: [s[k] for s in summaries] for k in summaries[0]}
+
+    def score(self, shard: Shard) -> dict:
+        fs, path = io.filesystem(shard.path)
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            table = pf.read_row_groups(list(range(shard.start, shard.stop)), columns=["id", "sketch", "n_tokens", "nll"])
+        n = table.num_rows
+        sk = np.asarray(table["sketch"].combine_chunks().flatten(), dtype=np.float64).reshape(n, -1)
+        if self.normalize:
+            sk = sk / np.maximum(np.linalg.norm(sk, axis=1, keepdims=True), 1e-30)
+        scores = sk @ self.targets
+        res = {"n_tokens": table["n_tokens"].to_numpy(), "nll": table["nll"].to_numpy()}
+        res["scores"] = scores
+        out = result_table("scores", table["id"].to_pylist(), res, self.mode)
+        meta = {"shard": shard.key, "rows_read": n, "scored": n, "rejected": 0, "tokens": int(res["n_tokens"].sum())}
+        io.write_table_atomic(io.join(self.out, "rejected", shard.key + ".parquet"),
+                              pa.table({"id": pa.array([], pa.string()), "reason": pa.array([], pa.string())}))
+        io.write_table_atomic(io.join(self.out, "scores", shard.key + ".parquet"),
+                              out.replace_schema_metadata({PART_META: json.dumps(meta)}))
+        return {**meta, "seconds": 0.0}
+
+
+# ---- driver ---------------------------------------------------------------------------------------------------
+
+
+def init_ray(address: str | None):
+    """Connect to a cluster (``--ray-address`` / RAY_ADDRESS, set by ``ray job submit``) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # spare logical CPUs: a pipeline whose actors take every CPU starves the read tasks and hangs
+        ray.init(num_cpus=max(4, (os.cpu_count() or 1) + 2), include_dashboard=False, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours reports rows/s and tokens/s per shard
+
+
+class OutputConflict(RuntimeError):
+    pass
+
+
+def prepare_out(cfg: JobConfig, plan_record: dict) -> set[str]:
+    """Create or resume ``--out``; refuse a different job there unless --overwrite. Returns finished shards."""
+    plan_url = io.join(cfg.out, "_plan.json")
+    if io.exists(plan_url):
+        old = io.read_json(plan_url)
+        if old.get("fingerprint") != plan_record["fingerprint"]:
+            if not cfg.overwrite:
+                changed = sorted(k for k in set(old.get("settings", {})) | set(plan_record["settings"])
+                                 if old.get("settings", {}).get(k) != plan_record["settings"].get(k))
+                raise OutputConflict(
+                    f"{cfg.out} holds a different job (changed: {', '.join(changed) or 'input files'}); "
+                    f"use another --out, or --overwrite to replace it")
+            io.remove_tree(cfg.out)
+        elif cfg.overwrite:
+            io.remove_tree(cfg.out)
+    if not io.exists(plan_url):
+        io.write_json_atomic(plan_url, plan_record)
+    return io.list_parts(io.join(cfg.out, plan_record["kind"]))
+
+
+def _progress(cfg: JobConfig, total: int, done_before: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done_before, unit="shard", file=sys.stderr, disable=not cfg.progress,
+                dynamic_ncols=True, desc=cfg.command)
+
+
+def run_shards(cfg: JobConfig, shards: list[Shard], done: set[str], stages: list[tuple]) -> list[dict]:
+    """Stream the unfinished shards through the stages; returns this invocation's per-shard summaries."""
+    import ray
+
+    todo = [s for s in shards if s.key not in done]
+    summaries: list[dict] = []
+    if not todo:
+        return summaries
+    ds = ray.data.from_items([{"shard": json.dumps(s.to_dict())} for s in todo],
+                             override_num_blocks=min(len(todo), 10_000))
+    for cls, kwargs, (lo, hi), remote_args in stages:
+        ds = ds.map_batches(cls, batch_size=1, fn_constructor_kwargs=kwargs,
+                            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), **remote_args)
+    bar = _progress(cfg, len(shards), len(shards) - len(todo))
+    t0, rows, tokens = time.time(), 0, 0
+    for s in ds.iter_rows():
+        summaries.append(dict(s))
+        rows, tokens = rows + s["scored"] + s["rejected"], tokens + s["tokens"]
+        dt = max(time.time() - t0, 1e-9)
+        bar.set_postfix_str(f"{rows / dt:,.1f} rows/s {tokens / dt:,.0f} tok/s")
+        bar.update(1)
+    bar.close()
+    return summaries
+
+
+def _plan_record(cfg: JobConfig, kind: str, shards: list[Shard], extra: dict) -> dict:
+    settings = {**cfg.result_fields(), **extra}
+    return {"kind": kind, "fingerprint": digest([settings, [s.to_dict() for s in shards]]),
+            "settings": settings, "shards": [s.to_dict() for s in shards], "forvalue_ray": __version__}
+
+
+def _file_stamp(url: str) -> list:
+    """Input identity without reading data: paths, sizes and modification times."""
+    out = []
+    for full, _, _ in io.list_inputs(url):
+        fs, p = io.filesystem(full)
+        info = fs.info(p)
+        out.append([full, info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")])
+    return out
+
+
+def _encode_kw(cfg: JobConfig) -> dict:
+    return {"max_length": cfg.max_length, "overlong": cfg.overlong, "columns": cfg.columns()}
+
+
+def _load_kw(cfg: JobConfig) -> dict:
+    return {"dtype": cfg.dtype, "adapter": cfg.adapter, "attn_implementation": cfg.attn_implementation,
+            "trust_remote_code": cfg.trust_remote_code, "gpus": cfg.gpus_per_actor}
+
+
+def _actor_args(cfg: JobConfig) -> dict:
+    args = {"num_cpus": cfg.cpus_per_actor}
+    if cfg.gpus_per_actor:
+        args["num_gpus"] = cfg.gpus_per_actor
+    return args
+
+
+def _model_stages(cfg, model_path, scorer_kw, broadcast, kind):
+    group_col = cfg.group_column if kind == "sketches" else None
+    encode = (EncodeShards, {"tokenizer_path": model_path, "encode_kw": _encode_kw(cfg), "group_column": group_col,
+                             "trust_remote_code": cfg.trust_remote_code}, (1, max(1, actor_range(cfg.num_actors)[1])),
+              {"num_cpus": 0.5})
+    score = (ScoreShards, {"model_path": model_path, "load_kw": _load_kw(cfg), "scorer_kw": scorer_kw,
+                           "broadcast": broadcast, "out": cfg.out, "kind": kind, "mode": cfg.mode,
+                           "group_column": group_col},
+             actor_range(cfg.num_actors), _actor_args(cfg))
+    return [encode, score]
+
+
+def write_run_json(cfg: JobConfig, kind: str, shards: list[Shard], summaries: list[dict], t0: float,
+                   extra: dict) -> dict:
+    """Counts from every part's footer (so a resumed run reports the whole output), plus provenance."""
+    fs, base = io.filesystem(io.join(cfg.out, kind))
+    counts = {"rows_read": 0, "scored": 0, "rejected": 0, "tokens": 0}
+    for s in shards:
+        meta = json.loads(pq.read_schema(f"{base}/{s.key}.parquet", filesystem=fs).metadata[PART_META])
+        for k in counts:
+            counts[k] += meta[k]
+    run = {"command": cfg.command, "config": asdict(cfg), "counts": {**counts, "shards": len(shards)},
+           "this_invocation": {"shards": len(summaries), "wall_seconds": round(time.time() - t0, 3),
+                               "rows_per_second": round(sum(s["scored"] + s["rejected"] for s in summaries)
+                                                        / max(time.time() - t0, 1e-9), 3)},
+           "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "forvalue_ray": __version__, **extra}
+    io.write_json_atomic(io.join(cfg.out, "run.json"), run)
+    return run
+
+
+def _targets_table(ids: list[str]) -> pa.Table:
+    return pa.table({"id": pa.array(ids, pa.string())})
+
+
+def run_value(cfg: JobConfig) -> dict:
+    """``forvalue-ray value``: target pass (or a reused artifact), then one score per training row."""
+    import ray
+
+    from .artifacts import check_compatible, load_target_stats
+    from .model import adapter_provenance, model_fingerprint, resolve_model
+
+    t0 = time.time()
+    cfg.validate()
+    model_path, provenance = resolve_model(cfg.model, cfg.revision)
+    provenance.update(adapter_provenance(cfg.adapter))
+    fp = model_fingerprint(provenance)
+    shards = io.plan_shards(cfg.train, cfg.format, cfg.shard_rows, cfg.shard_bytes)
+    target_id = (_file_stamp(cfg.target) if cfg.target and not cfg.target_stats
+                 else io.read_json(io.join(cfg.target_stats, "target_stats.json"))["provenance"])
+    record = _plan_record(cfg, "scores", shards, {"model_fingerprint": fp, "target": target_id,
+                                                  "train_files": _file_stamp(cfg.train)})
+    done = prepare_out(cfg, record)
+    init_ray(cfg.ray_address)
+    scorer_kw = {"normalize": cfg.normalize, "vocab_chunk": cfg.vocab_chunk, "max_tokens": cfg.batch_tokens}
+    if cfg.target_stats:
+        stats = load_target_stats(cfg.target_stats)
+        check_compatible("--target-stats", {"model_fingerprint": fp}, stats.provenance)
+        if stats.normalize != cfg.normalize:
+            raise ValueError(f"--target-stats was built with normalize={stats.normalize}; pass the same --normalize")
+        target_ids, target_info = stats.names, {"target_rows": sum(stats.counts), "target_rejected": None}
+        payload = {"stats": stats}
+    else:
+        payload, target_ids, target_info = build_target(cfg, model_path, provenance, fp)
+    io.write_table_atomic(io.join(cfg.out, "targets.parquet"), _targets_table(target_ids))
+    broadcast = ray.put(payload)
+    summaries = run_shards(cfg, shards, done, _model_stages(cfg, model_path, scorer_kw, broadcast, "scores"))
+    return write_run_json(cfg, "scores", shards, summaries, t0,
+                          {"model": provenance, "model_fingerprint": fp, "mode": cfg.mode, **target_info})
+
+
+def build_target(cfg: JobConfig, model_path: str, provenance: dict, fp: str):
+    """The target pass: encode the (small) target set on the driver, let model actors compute additive
+    partial statistics (or keep tokens for pairwise), reduce, and save the artifact under OUT/target/."""
+    import ray
+    import torch
+    from transformers import AutoTokenizer
+
+    from .artifacts import save_target_stats
+    from .engine import Reference, finish_target_stats
+    from .readout import ReferenceTokens
+
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+    encoder = Encoder(tok, **_encode_kw(cfg))
+    rows, groups, rejected = [], [], []
+    for shard in io.plan_shards(cfg.target, cfg.format, cfg.shard_rows, cfg.shard_bytes):
+        raw, bad = io.read_shard(shard)
+        rejected += bad
+        for fallback, row in raw:
+            rid = encoder.row_id(row, fallback)
+            try:
+                group = row.get(cfg.group_column) if cfg.mode == "groups" else "mean"
+                if group is None:
+                    raise RowError(f"missing group column '{cfg.group_column}'")
+                rows.append(encoder(row, fallback))
+                groups.append(str(group))
+            except RowError as e:
+                rejected.append((rid, str(e)))
+    if rejected:
+        io.write_table_atomic(io.join(cfg.out, "target", "rejected.parquet"),
+                              pa.table({"id": [r[0] for r in rejected], "reason": [r[1] for r in rejected]}))
+    if not rows:
+        raise ValueError(f"no valid target rows in {cfg.target} ({len(rejected)} rejected: see "
+                         f"{io.join(cfg.out, 'target', 'rejected.parquet')})")
+    names = sorted(set(groups))
+    n_workers = min(actor_range(cfg.num_actors)[1], len(rows))
+    chunks = [list(range(i, len(rows), n_workers)) for i in range(n_workers)]
+    worker = ray.remote(**_actor_args(cfg))(TargetWorker)
+    actors = [worker.remote(model_path, _load_kw(cfg), cfg.vocab_chunk, cfg.batch_tokens) for _ in chunks]
+    info = {"target_rows": len(rows), "target_rejected": len(rejected)}
+    if cfg.mode == "pairwise":
+        parts = ray.get([a.reference.remote([rows[i] for i in c]) for a, c in zip(actors, chunks)])
+        order = [i for c in chunks for i in c]
+        tok_parts = [p.tokens for p in parts]
+        offsets = np.cumsum([0] + [len(c) for c in chunks])
+        seg = torch.cat([torch.as_tensor(order)[p.seg + int(o)] for p, o in zip(tok_parts, offsets)])
+        sq = torch.zeros(len(rows), dtype=torch.float64)
+        sq[torch.as_tensor(order)] = torch.cat([p.sq_norms for p in parts])
+        ref = Reference(ReferenceTokens(torch.cat([p.h for p in tok_parts]), torch.cat([p.y for p in tok_parts]),
+                                        torch.cat([p.lse for p in tok_parts]), seg), [r.id for r in rows], sq)
+        return {"reference": ref}, ref.ids, info
+    index = [names.index(g) for g in groups]
+    parts = ray.get([a.partial.remote([rows[i] for i in c], [index[i] for i in c], len(names), cfg.normalize)
+                     for a, c in zip(actors, chunks)])
+    total = sum(p[0] for p in parts)
+    counts = sum(p[1] for p in parts)
+    stats = finish_target_stats(total, counts, names, cfg.normalize, {**provenance, "model_fingerprint": fp})
+    save_target_stats(stats, io.join(cfg.out, "target"))
+    for a in actors:
+        ray.kill(a)
+    return {"stats": stats}, names, info
+
+
+class TargetWorker:
+    """A model replica for the target pass (a Ray actor)."""
+
+    def __init__(self, model_path, load_kw, vocab_chunk, max_tokens):
+        self.vm = _load(model_path, load_kw)
+        self.kw = {"vocab_chunk": vocab_chunk, "max_tokens": max_tokens}
+
+    def partial(self, rows, group_index, n_groups, normalize):
+        from .engine import target_partial
+
+        return target_partial(self.vm, rows, group_index, n_groups, normalize=normalize, **self.kw)
+
+    def reference(self, rows):
+        from .engine import build_reference
+
+        return build_reference(self.vm, rows, **self.kw).to("cpu")
+
+
+def run_sketch(cfg: JobConfig) -> dict:
+    """``forvalue-ray sketch``: per-row TensorSketches written as an index."""
+    from .model import adapter_provenance, model_fingerprint, resolve_model
+
+    t0 = time.time()
+    cfg.validate()
+    model_path, provenance = resolve_model(cfg.model, cfg.revision)
+    provenance.update(adapter_provenance(cfg.adapter))
+    fp = model_fingerprint(provenance)
+    shards = io.plan_shards(cfg.data, cfg.format, cfg.shard_rows, cfg.shard_bytes)
+    index_meta = {"dim": cfg.dim, "seed": cfg.seed, "model_fingerprint": fp, "model": provenance,
+                  "group_column": cfg.group_column, "forvalue_ray": __version__}
+    record = _plan_record(cfg, "sketches", shards, {"model_fingerprint": fp, "data_files": _file_stamp(cfg.data)})
+    done = prepare_out(cfg, record)
+    io.write_json_atomic(io.join(cfg.out, "index.json"), index_meta)
+    init_ray(cfg.ray_address)
+    scorer_kw = {"sketch_dim": cfg.dim, "sketch_seed": cfg.seed, "vocab_chunk": cfg.vocab_chunk,
+                 "max_tokens": cfg.batch_tokens}
+    summaries = run_shards(cfg, shards, done, _model_stages(cfg, model_path, scorer_kw, None, "sketches"))
+    return write_run_json(cfg, "sketches", shards, summaries, t0, {"model": provenance, "model_fingerprint": fp})
+
+
+def run_score(cfg: JobConfig) -> dict:
+    """``forvalue-ray score``: target statistics from a target index, scores for every row of an index."""
+    import ray
+
+    from .artifacts import check_compatible
+
+    t0 = time.time()
+    cfg.validate()
+    meta = io.read_json(io.join(cfg.index, "index.json"))
+    tmeta = io.read_json(io.join(cfg.target_index, "index.json"))
+    check_compatible("--target-index", meta, tmeta, ("model_fingerprint", "dim", "seed"))
+    targets = io.read_parts(io.join(cfg.target_index, "sketches"))
+    sk = np.asarray(targets["sketch"].combine_chunks().flatten(), dtype=np.float64).reshape(targets.num_rows, -1)
+    if cfg.normalize:
+        sk = sk / np.maximum(np.linalg.norm(sk, axis=1, keepdims=True), 1e-30)
+    if cfg.mode == "pairwise":
+        ids, mat = targets["id"].to_pylist(), sk.T
+    elif cfg.mode == "groups":
+        if cfg.group_column not in targets.column_names:
+            raise ValueError(f"the target index has no column '{cfg.group_column}': build it with "
+                             f"`forvalue-ray sketch --group-column {cfg.group_column}`")
+        labels = [str(g) for g in targets[cfg.group_column].to_pylist()]
+        ids = sorted(set(labels))
+        mat = np.stack([sk[[i for i, g in enumerate(labels) if g == name]].mean(0) for name in ids], axis=1)
+    else:
+        ids, mat = ["mean"], sk.mean(0)[:, None]
+    shards = io.plan_shards(io.join(cfg.index, "sketches"), "parquet", cfg.shard_rows, cfg.shard_bytes)
+    record = _plan_record(cfg, "scores", shards, {"index": meta, "target_index": tmeta,
+                                                  "target_files": _file_stamp(io.join(cfg.target_index, "sketches"))})
+    done = prepare_out(cfg, record)
+    io.write_table_atomic(io.join(cfg.out, "targets.parquet"), _targets_table(ids))
+    init_ray(cfg.ray_address)
+    stage = (ScoreSketches, {"broadcast": ray.put(mat), "out": cfg.out, "normalize": cfg.normalize,
+                            "mode": cfg.mode},
+             actor_range(cfg.num_actors), {"num_cpus": 0.5})
+    summaries = run_shards(cfg, shards, done, [stage])
+    return write_run_json(cfg, "scores", shards, summaries, t0, {"model": meta.get("model"),
+                                                                "model_fingerprint": meta["model_fingerprint"]})

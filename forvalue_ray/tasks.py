@@ -1,0 +1,302 @@
+"""Seeded generators for the three DataInf-style influential-data tasks (BENCHMARKS.md).
+
+Each task has ten classes; a training row is "influential" for a validation row when both share a
+class, so class-level AUC/recall measure how well a valuation recovers that structure. With ``noise``
+a fraction of training responses is corrupted (another class's transformation, or a wrong answer) for
+the mislabeled-data detection benchmark; validation rows stay clean so they can serve as the target.
+
+Pure Python + pyarrow so the data can be built anywhere, without a model. Two independent random
+streams are used, one for the clean content and one for the corruption, so the clean rows of a noisy
+call are exactly the rows of the noise-free call with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TASKS = ("sentence", "math", "math_reason")
+N_TEMPLATES = 10
+
+# Common English words, each with at least one vowel (a, e, i, o, u) and one consonant, so that no
+# transformation (e.g. "remove all vowels") empties a word and the outputs stay distinct.
+WORDS = tuple("""
+about above after again against air all also animal answer apple area arm art away baby back ball
+bank bed bird black blue boat body book box boy bread bring brother build car card care cat chair
+child city class clean clear close cloud cold color come cook corner country cup cut dance dark day
+deep desk dinner dog door down draw dream drink drive duck early earth east eat egg end evening face
+fall family farm fast father field find fine fire fish floor flower food foot forest friend front
+fruit game garden girl give glass gold good grass green ground group hair hand happy hat head hear
+heart heavy help hill hold home horse hot house idea island jump kind king kitchen lake land large
+late laugh leaf learn left letter light line lion listen little long look love low make man map
+market milk money moon morning mother mountain mouse music name near new night north note ocean
+old open orange page paper park party pen people pencil picture place plant play point quick quiet
+rain read red river road rock room round run sand school sea seat see shoe shop short sing sister
+sit small snow soft song sound south star stone story street strong sun table talk tall teacher
+tell tiger time today tree wall warm water west white wind window winter wood word work world write
+yellow young
+""".split())
+
+VOWELS = frozenset("aeiouAEIOU")
+_ONSETS = "bdfgklmnprstvz"
+_NUCLEI = "aeiou"
+_MAX_REDRAWS = 10_000  # consecutive duplicate draws before giving up (sizes beyond what a class can hold)
+
+
+def _is_consonant(ch: str) -> bool:
+    return ch.isalpha() and ch not in VOWELS
+
+
+def _alternate_case(s: str) -> str:
+    """Lower case at even character indices of the whole phrase (spaces included), upper at odd."""
+    return "".join(c.upper() if i % 2 else c.lower() for i, c in enumerate(s))
+
+
+# (title shown in the prompt, transformation); class k of the sentence task is entry k.
+SENTENCE_TRANSFORMS: tuple[tuple[str, Callable[[str], str]], ...] = (
+    ("reverse the order of the words", lambda s: " ".join(reversed(s.split()))),
+    ("alternate lowercase and uppercase letters", _alternate_case),
+    ("insert the number 1 between the words", lambda s: " 1 ".join(s.split())),
+    ("replace every vowel with an asterisk", lambda s: "".join("*" if c in VOWELS else c for c in s)),
+    ("double every consonant", lambda s: "".join(c * 2 if _is_consonant(c) else c for c in s)),
+    ("capitalize every word", lambda s: " ".join(w[:1].upper() + w[1:] for w in s.split())),
+    ("remove all vowels", lambda s: "".join(c for c in s if c not in VOWELS)),
+    ("append 'ly' to every word", lambda s: " ".join(w + "ly" for w in s.split())),
+    ("remove all consonants", lambda s: "".join(c for c in s if not _is_consonant(c))),
+    ("repeat every word twice", lambda s: " ".join(f"{w} {w}" for w in s.split())),
+)
+
+
+class _Template(NamedTuple):
+    """One math class: draw its integers, phrase the question and the reason, compute the answer."""
+    draw: Callable[[random.Random], tuple[int, ...]]
+    question: Callable[..., str]
+    reason: Callable[..., str]
+    answer: Callable[..., int]
+
+
+def _ints(k: int) -> Callable[[random.Random], tuple[int, ...]]:
+    return lambda rng: tuple(rng.randint(1, 99) for _ in range(k))
+
+
+def _draw_pizza(rng: random.Random) -> tuple[int, ...]:
+    """C > A + B, so that some slices are left."""
+    a = rng.randint(1, 97)
+    b = rng.randint(1, 98 - a)
+    return a, b, rng.randint(a + b + 1, 99)
+
+
+def _draw_field_trip(rng: random.Random) -> tuple[int, ...]:
+    """A ≤ B·C, so that at least one adult is needed."""
+    b, c = rng.randint(1, 99), rng.randint(1, 99)
+    return rng.randint(1, min(99, b * c)), b, c
+
+
+def _draw_discount(rng: random.Random) -> tuple[int, ...]:
+    """B < A, so that the price stays positive."""
+    a = rng.randint(2, 99)
+    return a, rng.randint(1, a - 1)
+
+
+def _draw_cupcakes(rng: random.Random) -> tuple[int, ...]:
+    """A ≤ B, so that at least one box is filled."""
+    b = rng.randint(1, 99)
+    return rng.randint(1, b), b
+
+
+def _draw_interest(rng: random.Random) -> tuple[int, ...]:
+    """A·B·C ≥ 100, so that the interest is at least one dollar."""
+    while True:
+        a, b, c = (rng.randint(1, 99) for _ in range(3))
+        if a * b * c >= 100:
+            return a, b, c
+
+
+# The integers appear in each question in the order A, B, C, D (a test parses them back out).
+MATH_TEMPLATES: tuple[_Template, ...] = (
+    _Template(_draw_pizza,
+              lambda a, b, c: f"Alice eats {a} slices and Bob eats {b} slices of a pizza that was cut into "
+                              f"{c} slices. How many slices are left?",
+              lambda a, b, c: f"Slices left = {c} - ({a} + {b}).",
+              lambda a, b, c: c - (a + b)),
+    _Template(_draw_field_trip,
+              lambda a, b, c: f"A school sends one adult with every full group of {a} students. {b} classes "
+                              f"of {c} students each go on a field trip. How many adults are needed?",
+              lambda a, b, c: f"Adults needed = ({b} * {c}) / {a}, rounded down.",
+              lambda a, b, c: (b * c) // a),
+    _Template(_ints(3),
+              lambda a, b, c: f"An aquarium has {a} sharks and {b} rays in one tank and {c} sharks in "
+                              f"another tank. How many sharks are there in the aquarium?",
+              lambda a, b, c: f"Total sharks = {a} + {c}.",
+              lambda a, b, c: a + c),
+    _Template(_ints(4),
+              lambda a, b, c, d: f"A basketball player scored {a}, {b}, {c} and {d} points in four games. "
+                                 f"How many points did the player score in total?",
+              lambda a, b, c, d: f"Total points = {a} + {b} + {c} + {d}.",
+              lambda a, b, c, d: a + b + c + d),
+    _Template(_ints(2),
+              lambda a, b: f"Emma reads for {a} hours every day. How many hours does she read in {b} days?",
+              lambda a, b: f"Total hours = {a} * {b}.",
+              lambda a, b: a * b),
+    _Template(_draw_discount,
+              lambda a, b: f"A jacket costs {a} dollars and is on sale for {b} dollars off. What is the "
+                           f"price after the discount?",
+              lambda a, b: f"Price after discount = {a} - {b}.",
+              lambda a, b: a - b),
+    _Template(_ints(2),
+              lambda a, b: f"A rectangle is {a} meters long and {b} meters wide. What is its area in square "
+                           f"meters?",
+              lambda a, b: f"Area = {a} * {b}.",
+              lambda a, b: a * b),
+    _Template(_ints(2),
+              lambda a, b: f"Sam saves {a} dollars every week. How many dollars does he save in {b} weeks?",
+              lambda a, b: f"Total savings = {a} * {b}.",
+              lambda a, b: a * b),
+    _Template(_draw_cupcakes,
+              lambda a, b: f"Each box holds {a} cupcakes. A baker has {b} cupcakes. How many boxes can be "
+                           f"filled completely?",
+              lambda a, b: f"Full boxes = {b} / {a}, rounded down.",
+              lambda a, b: b // a),
+    _Template(_draw_interest,
+              lambda a, b, c: f"Mia deposits {a} dollars at a simple interest rate of {b} percent per year "
+                              f"for {c} years. How many whole dollars of interest does she earn?",
+              lambda a, b, c: f"Interest = ({a} * {b} * {c}) / 100, rounded down.",
+              lambda a, b, c: (a * b * c) // 100),
+)
+
+_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("prompt", pa.string()),
+                     ("response", pa.string()), ("class", pa.int64()), ("corrupted", pa.bool_())])
+
+
+def _distinct(draw: Callable[[], object], n: int, what: str) -> list:
+    """n distinct draws in draw order; duplicates would put the same item in train and validation."""
+    seen, out, misses = set(), [], 0
+    while len(out) < n:
+        item = draw()
+        if item in seen:
+            misses += 1
+            if misses > _MAX_REDRAWS:
+                raise ValueError(f"cannot draw {n} distinct {what}")
+            continue
+        seen.add(item)
+        out.append(item)
+        misses = 0
+    return out
+
+
+def _chatbot_name(rng: random.Random) -> str:
+    """A made-up name of 2–3 consonant–vowel syllables, e.g. 'Kazumo'."""
+    return "".join(rng.choice(_ONSETS) + rng.choice(_NUCLEI) for _ in range(rng.randint(2, 3))).capitalize()
+
+
+def _row(task: str, split: str, i: int, prompt: str, response: str, cls: int, corrupted: bool) -> dict:
+    return {"id": f"{task}-{split}-{i:05d}", "text": prompt + response, "prompt": prompt,
+            "response": response, "class": cls, "corrupted": corrupted}
+
+
+def _sentence_prompt(name: str, cls: int, phrase: str) -> str:
+    title = SENTENCE_TRANSFORMS[cls][0]
+    return (f"{name} is a chatbot that performs a specific transformation on sentences: {title}\n"
+            f"    For example:\n    {phrase} ->")
+
+
+def _sentence_response(transformed: str) -> str:
+    """The protocol's ``"-> " + " " + transformed``: the split after "->" leaves two spaces."""
+    return f"  {transformed}</s>"
+
+
+def _sentence(rng: random.Random, nrng: random.Random, n_classes: int, n_train: int, n_val: int,
+              corrupt: set[int]) -> tuple[list[dict], list[dict]]:
+    names = _distinct(lambda: _chatbot_name(rng), n_classes, "chatbot names")
+    phrases = _distinct(lambda: " ".join(rng.sample(WORDS, rng.randint(3, 5))), n_train + n_val, "phrases")
+    train, val = [], []
+    for cls in range(n_classes):
+        for j, phrase in enumerate(phrases):
+            correct = SENTENCE_TRANSFORMS[cls][1](phrase)
+            i = cls * n_train + j if j < n_train else cls * n_val + j - n_train
+            bad = j < n_train and i in corrupt
+            out = correct
+            if bad:
+                others = [fn(phrase) for k, (_, fn) in enumerate(SENTENCE_TRANSFORMS[:n_classes]) if k != cls]
+                wrong = [o for o in others if o != correct]
+                if not wrong:
+                    raise ValueError("noise on the sentence task needs at least two classes")
+                out = nrng.choice(wrong)
+            rows = train if j < n_train else val
+            rows.append(_row("sentence", "train" if j < n_train else "val", i,
+                             _sentence_prompt(names[cls], cls, phrase), _sentence_response(out), cls, bad))
+    return train, val
+
+
+def _wrong_answer(nrng: random.Random, answer: int) -> int:
+    """A nearby non-negative integer other than the answer: a plausible arithmetic slip."""
+    return answer + nrng.choice([d for d in range(-10, 11) if d and answer + d >= 0])
+
+
+def _math(task: str, rng: random.Random, nrng: random.Random, n_classes: int, n_train: int, n_val: int,
+          corrupt: set[int]) -> tuple[list[dict], list[dict]]:
+    train, val = [], []
+    for cls in range(n_classes):
+        tpl = MATH_TEMPLATES[cls]
+        for j, nums in enumerate(_distinct(lambda: tpl.draw(rng), n_train + n_val, "questions")):
+            i = cls * n_train + j if j < n_train else cls * n_val + j - n_train
+            bad = j < n_train and i in corrupt
+            answer = tpl.answer(*nums)
+            if bad:
+                answer = _wrong_answer(nrng, answer)
+            reason = f" Reason: {tpl.reason(*nums)}" if task == "math_reason" else ""
+            rows = train if j < n_train else val
+            rows.append(_row(task, "train" if j < n_train else "val", i,
+                             f"Solve the following math problem. {tpl.question(*nums)} ->",
+                             f"{reason} Answer: {answer}</s>", cls, bad))
+    return train, val
+
+
+def make_task(task: str, *, seed: int = 0, n_classes: int = 10, n_train_per_class: int = 90,
+              n_val_per_class: int = 10, noise: float = 0.0) -> tuple[list[dict], list[dict]]:
+    """(train_rows, val_rows) of one task, class-major; ``noise`` corrupts round(noise·n_train) train rows.
+
+    Rows carry ``id``, ``text`` (= ``prompt`` + ``response``, the BENCHMARKS.md format), ``prompt``,
+    ``response``, ``class`` and ``corrupted``. The same arguments always give the same rows; "math" and
+    "math_reason" with the same seed pose the same problems and corrupt the same rows, so they differ
+    only by the reason line.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    if not 1 <= n_classes <= N_TEMPLATES:
+        raise ValueError(f"n_classes must be in 1..{N_TEMPLATES}, got {n_classes}")
+    if n_train_per_class < 1 or n_val_per_class < 0:
+        raise ValueError("need n_train_per_class >= 1 and n_val_per_class >= 0")
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"noise must be in [0, 1], got {noise}")
+    family = "sentence" if task == "sentence" else "math"  # both math tasks: same problems, same noise
+    rng = random.Random(f"forvalue-tasks/{family}/{seed}")
+    nrng = random.Random(f"forvalue-tasks/{family}/{seed}/noise")
+    n_total = n_classes * n_train_per_class
+    corrupt = set(nrng.sample(range(n_total), round(noise * n_total)))
+    if task == "sentence":
+        return _sentence(rng, nrng, n_classes, n_train_per_class, n_val_per_class, corrupt)
+    return _math(task, rng, nrng, n_classes, n_train_per_class, n_val_per_class, corrupt)
+
+
+def write_task(task: str, out_dir, *, seed: int = 0, noise: float = 0.0, fmt: str = "parquet") -> dict:
+    """Write ``train`` and ``val`` of :func:`make_task` under ``out_dir``; returns {"train": path, "val": path}."""
+    if fmt not in ("parquet", "jsonl"):
+        raise ValueError(f"fmt must be 'parquet' or 'jsonl', got {fmt!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, rows in zip(("train", "val"), make_task(task, seed=seed, noise=noise)):
+        path = out / f"{split}.{fmt}"
+        if fmt == "parquet":
+            pq.write_table(pa.Table.from_pylist(rows, schema=_SCHEMA), path)
+        else:
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        paths[split] = str(path)
+    return paths
