@@ -14,10 +14,10 @@ from .sketch import DEFAULT_SKETCH_DIM
 
 
 def encode_rows(vm: ValuationModel, rows: Iterable, *, max_length: int = DEFAULT_MAX_LENGTH,
-                overlong: str = "truncate", columns: Columns = Columns()) -> list[Encoded]:
+                overlong: str = "truncate", columns: Columns = Columns(), form: str = "auto") -> list[Encoded]:
     """Encode rows (dicts, or already :class:`Encoded`); a bad row raises with its index and reason."""
     enc = Encoder(vm.tokenizer, max_length=max_length, overlong=overlong, columns=columns,
-                  vocab_size=vm.head.vocab_size)
+                  vocab_size=vm.head.vocab_size, form=form)
     out = []
     for i, row in enumerate(rows):
         if isinstance(row, Encoded):

@@ -32,7 +32,7 @@ def _add_job_flags(p: argparse.ArgumentParser, command: str) -> None:
         "num_actors": "model replicas: N, or MIN-MAX to autoscale", "gpus_per_actor": "GPUs per replica (fractional ok)",
         "batch_tokens": "padded tokens per forward pass", "overlong": "truncate or reject rows over --max-length",
         "normalize": "cosine For-Value (divide by gradient norms)", "overwrite": "replace a different job's output",
-        "dim": "sketch size", "seed": "sketch hash seed", "format": "auto, parquet, jsonl or arrow",
+        "dim": "sketch size", "form": "auto, text, prompt_response, messages or input_ids (auto: first present)", "seed": "sketch hash seed", "format": "auto, parquet, jsonl or arrow",
     }
     for f in fields(JobConfig):
         if f.name in ("command", "extra"):

@@ -61,6 +61,18 @@ def _string(row: dict, key: str) -> str:
     return value
 
 
+def _int_list(values, name: str) -> list[int]:
+    """Token ids must be integers: floats and strings are rejected, not silently converted."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise RowError(f"'{name}' must be a list of integers, got {type(values).__name__}")
+    out = []
+    for t in values:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise RowError(f"'{name}' must be a list of integers, found {t!r} ({type(t).__name__})")
+        out.append(int(t))
+    return out
+
+
 def _ids(tokenizer, text: str, special: bool) -> list[int]:
     try:
         return list(tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -68,13 +80,23 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
         raise RowError(f"tokenizer failed: {type(e).__name__}: {e}") from e
 
 
+FORMS = ("auto", "input_ids", "messages", "prompt_response", "text")
+
+
 class Encoder:
-    """Turns rows into :class:`Encoded` with a loss mask; ``overlong`` is ``truncate`` or ``reject``."""
+    """Turns rows into :class:`Encoded` with a loss mask; ``overlong`` is ``truncate`` or ``reject``.
+
+    ``form="auto"`` takes the first form present in the order input_ids, messages, prompt+response, text
+    (a row carrying both prompt/response and text is valued on its response); name a form to force it.
+    """
 
     def __init__(self, tokenizer, *, max_length: int = DEFAULT_MAX_LENGTH, overlong: str = "truncate",
-                 columns: Columns = Columns(), vocab_size: int | None = None):
+                 columns: Columns = Columns(), vocab_size: int | None = None, form: str = "auto"):
         if overlong not in ("truncate", "reject"):
             raise ValueError(f"overlong must be 'truncate' or 'reject', not {overlong!r}")
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, not {form!r}")
+        self.form = form
         self.tokenizer, self.max_length, self.overlong = tokenizer, max_length, overlong
         self.columns, self.vocab_size = columns, vocab_size
 
@@ -99,6 +121,13 @@ class Encoder:
 
     def _tokens(self, row: dict) -> tuple[list[int], list[int]]:
         c = self.columns
+        if self.form != "auto":
+            needed = {"input_ids": [c.input_ids], "messages": [c.messages], "text": [c.text],
+                      "prompt_response": [c.prompt, c.response]}[self.form]
+            missing = [k for k in needed if not _present(row, k)]
+            if missing:
+                raise RowError(f"form '{self.form}' needs column(s) {missing}")
+            row = {k: row[k] for k in needed + ([c.labels] if self.form == "input_ids" and c.labels in row else [])}
         if _present(row, c.input_ids):
             return self._from_ids(row)
         if _present(row, c.messages):
@@ -117,15 +146,15 @@ class Encoder:
 
     def _from_ids(self, row: dict) -> tuple[list[int], list[int]]:
         c = self.columns
-        try:
-            ids = [int(t) for t in row[c.input_ids]]
-            labels = [int(t) for t in row[c.labels]] if _present(row, c.labels) else [IGNORE] + ids[1:]
-        except (TypeError, ValueError) as e:
-            raise RowError(f"'{c.input_ids}'/'{c.labels}' must be lists of integers: {e}") from e
+        ids = _int_list(row[c.input_ids], c.input_ids)
+        labels = _int_list(row[c.labels], c.labels) if _present(row, c.labels) else [IGNORE] + ids[1:]
         if not ids:
             raise RowError(f"column '{c.input_ids}' is empty")
         if len(labels) != len(ids):
             raise RowError(f"'{c.labels}' has {len(labels)} entries, '{c.input_ids}' {len(ids)}")
+        bad = [t for t in labels if t != IGNORE and (t < 0 or (self.vocab_size is not None and t >= self.vocab_size))]
+        if bad:
+            raise RowError(f"label {bad[0]} out of range: must be {IGNORE} or a token id in [0, {self.vocab_size})")
         return ids, labels
 
     def _render(self, messages, generation_prompt: bool) -> list[int]:
@@ -153,9 +182,15 @@ class Encoder:
         for i, m in enumerate(clean):
             if m["role"] != "assistant":
                 continue
-            start = len(self._render(clean[:i], generation_prompt=True)) if i else 0
             end_ids = self._render(clean[: i + 1], generation_prompt=False)
-            if full[: len(end_ids)] != end_ids:
+            if i:
+                before = self._render(clean[:i], generation_prompt=True)  # ends with the assistant header
+            else:  # templates refuse an empty conversation: the header is what an empty reply shares
+                empty = self._render([{"role": "assistant", "content": ""}], generation_prompt=False)
+                before = end_ids[: next((k for k, (a, b) in enumerate(zip(empty, end_ids)) if a != b),
+                                        min(len(empty), len(end_ids)))]
+            start = len(before)
+            if full[: len(end_ids)] != end_ids or end_ids[:start] != before:
                 raise RowError("the chat template is not prefix-stable; pass input_ids + labels instead")
             labels[start:len(end_ids)] = full[start:len(end_ids)]
         return full, labels

@@ -48,6 +48,7 @@ class JobConfig:
     target: str | None = None
     data: str | None = None
     format: str = "auto"
+    form: str = "auto"
     id_column: str = "id"
     text_column: str = "text"
     prompt_column: str = "prompt"
@@ -382,7 +383,7 @@ def _file_stamp(url: str) -> list:
 
 
 def _encode_kw(cfg: JobConfig) -> dict:
-    return {"max_length": cfg.max_length, "overlong": cfg.overlong, "columns": cfg.columns()}
+    return {"max_length": cfg.max_length, "overlong": cfg.overlong, "columns": cfg.columns(), "form": cfg.form}
 
 
 def _load_kw(cfg: JobConfig) -> dict:

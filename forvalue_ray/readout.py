@@ -237,18 +237,20 @@ def segment_sum(x: torch.Tensor, seg: torch.Tensor, n: int, dim: int = 0) -> tor
 
 def gradient_sq_norms(head: LMHead, h, y, lse, seg, n_samples: int,
                       chunk: int = DEFAULT_VOCAB_CHUNK) -> torch.Tensor:
-    """‖G(z)‖²_F = Σ_{t,s∈z} (α_t·α_s)(h_t·h_s) per sample (the cosine variant's denominator)."""
+    """‖G(z)‖²_F = Σ_{t,s∈z} (α_t·α_s)(h_t·h_s) per sample (the cosine variant's denominator).
+
+    A second vocabulary pass (α needs each token's final log-sum-exp): one batched logits product per
+    chunk, then each sample's own [T, T] Gram of errors."""
     acc = accumulation_dtype(h.dtype)
+    members = [(seg == i).nonzero().squeeze(1) for i in range(n_samples)]
+    gram_a = [torch.zeros(len(m), len(m), dtype=acc, device=h.device) for m in members]
+    for v0 in range(0, head.vocab_size, chunk):
+        v1 = min(v0 + chunk, head.vocab_size)
+        a = error_chunk(head, h, y, lse, v0, v1, acc)
+        for g, m in zip(gram_a, members):
+            g += a[m] @ a[m].T
     out = torch.zeros(n_samples, dtype=acc, device=h.device)
-    for i in range(n_samples):
-        sel = (seg == i).nonzero().squeeze(1)
-        if len(sel) == 0:
-            continue
-        hs = h[sel].to(acc)
-        gram_a = torch.zeros(len(sel), len(sel), dtype=acc, device=h.device)
-        for v0 in range(0, head.vocab_size, chunk):
-            v1 = min(v0 + chunk, head.vocab_size)
-            a = error_chunk(head, h[sel], y[sel], lse[sel], v0, v1, acc)
-            gram_a += a @ a.T
-        out[i] = (gram_a * (hs @ hs.T)).sum()
+    for i, (g, m) in enumerate(zip(gram_a, members)):
+        hs = h[m].to(acc)
+        out[i] = (g * (hs @ hs.T)).sum()
     return out

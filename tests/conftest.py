@@ -4,3 +4,8 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+
+# Two shared cores: intra-op threads fight each other (11 s vs 127 s for the invariance tests).
+torch.set_num_threads(1)

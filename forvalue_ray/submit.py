@@ -1,0 +1,56 @@
+"""``forvalue-ray submit``: send a YAML-described job to a Ray cluster through its Job API and follow it."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def submit(address: str | None, config_path: str, *, wait: bool = True, poll_s: float = 2.0) -> int:
+    """Ship the package and the config as the job's working_dir; entrypoint ``python -m forvalue_ray.cli run``.
+    Returns 0 when the job succeeded (or was submitted, with ``wait=False``)."""
+    from ray.job_submission import JobSubmissionClient
+
+    from .cli import load_yaml
+    from .pipeline import JobConfig
+
+    if not address:
+        raise ValueError("--address is required (the cluster's dashboard URL, e.g. http://127.0.0.1:8265), "
+                         "or set RAY_ADDRESS")
+    config = load_yaml(config_path)
+    JobConfig.from_dict({**config, "command": config.get("command", "value")}).validate()
+    package = Path(__file__).resolve().parent
+    work = Path(tempfile.mkdtemp(prefix="forvalue-submit-"))
+    try:
+        shutil.copytree(package, work / "forvalue_ray", ignore=shutil.ignore_patterns("__pycache__"))
+        (work / "job.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        client = JobSubmissionClient(address)
+        job_id = client.submit_job(entrypoint="python -m forvalue_ray.cli run --config job.yaml",
+                                   runtime_env={"working_dir": str(work)},
+                                   metadata={"forvalue_command": str(config.get("command", "value")),
+                                             "forvalue_out": str(config.get("out", ""))})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"submitted {job_id} to {address}", file=sys.stderr)
+    if not wait:
+        print(job_id)
+        return 0
+    shown = 0
+    while True:
+        status = str(client.get_job_status(job_id)).rsplit(".", 1)[-1]
+        logs = client.get_job_logs(job_id)
+        sys.stdout.write(logs[shown:])
+        sys.stdout.flush()
+        shown = len(logs)
+        if status in TERMINAL:
+            break
+        time.sleep(poll_s)
+    print(f"job {job_id}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1

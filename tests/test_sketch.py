@@ -1,0 +1,146 @@
+"""TensorSketch (DESIGN.md §2.3): ⟨sketch(z), sketch(z')⟩ estimates For-Value(z, z') without bias over the
+random hashes; sketches are deterministic per seed and depend on the row only."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from forvalue_ray import encode_rows, pairwise_scores, sketches, value_scores
+from forvalue_ray.engine import Scorer
+from forvalue_ray.sketch import SketchHashes
+from tiny import VOCAB, tiny_model
+
+# tiny models: one thread is fastest, and far faster when the 2 cores are shared (spinning OpenMP threads)
+
+TRAIN = [{"text": "the cat sat on the mat"}, {"prompt": "Q: 2+2?", "response": " A: 4"},
+         {"text": "zebra!"}, {"messages": [{"role": "user", "content": "hi"},
+                                           {"role": "assistant", "content": "hello there"}]}]
+TARGET = [{"text": "a cat on a mat"}, {"prompt": "Q: 3+3?", "response": " A: 6"}, {"text": "zebras and cats"}]
+
+CORR_TRAIN = [{"text": t} for t in [
+    "the cat sat on the mat", "a dog ran in the park", "cats and dogs are pets", "2 + 2 = 4 and 3 + 3 = 6",
+    "12 * 12 = 144", "the sun is hot today", "rain falls on the green hills", "def f(x): return x + 1",
+    "print('hello, world')", "zebras run fast!", "THE QUICK BROWN FOX", "numbers: 1, 2, 3, 4, 5"]]
+CORR_TARGET = [{"text": t} for t in [
+    "a cat on a mat", "7 + 5 = 12", "the dog in the park", "return x * 2", "HELLO THERE", "sunny hills"]]
+
+
+@pytest.fixture(scope="module")
+def vm():
+    return tiny_model("llama")  # float64
+
+
+@pytest.fixture(scope="module")
+def encoded(vm):
+    return encode_rows(vm, TRAIN), encode_rows(vm, TARGET)
+
+
+def sketch_rows(vm, rows, dim, seed):
+    return Scorer(vm, sketch_dim=dim, sketch_seed=seed)(rows)["sketch"].astype(np.float64)
+
+
+def test_unbiased_over_seeds(vm, encoded):
+    """The mean over 200 seeds of ⟨sketch(z), sketch(z')⟩ converges to the exact pairwise score."""
+    train, target = encoded
+    exact = pairwise_scores(vm, TRAIN, TARGET)
+    exact_mean = value_scores(vm, TRAIN, TARGET)
+    n_seeds, dim = 200, 64
+    est, est_mean = [], []
+    for seed in range(n_seeds):
+        sk = sketch_rows(vm, train + target, dim, seed)
+        s_train, s_target = sk[: len(train)], sk[len(train):]
+        est.append(s_train @ s_target.T)
+        est_mean.append(s_train @ s_target.mean(0))  # sketches are linear in G: the mean target sketch
+    est, est_mean = np.stack(est), np.stack(est_mean)
+
+    for e, x, what in ((est, exact, "pairwise"), (est_mean, exact_mean, "mean")):
+        mean, se = e.mean(0), e.std(0, ddof=1) / np.sqrt(n_seeds)
+        z = (mean - x) / se
+        assert np.all(np.abs(z) < 5), f"{what}: z-scores {z}"
+        assert np.sqrt(np.mean(z ** 2)) < 2.0, f"{what}: z-scores {z}"
+
+        def rel(n):
+            return np.linalg.norm(e[:n].mean(0) - x) / np.linalg.norm(x)
+
+        # the error of the mean shrinks like 1/sqrt(n): the mean of all 200 seeds vs the means of 10 disjoint
+        # blocks of 20 seeds, expected ratio 1/sqrt(10) = 0.32. Errors in units of each pair's own spread
+        # (the largest pair would dominate otherwise) and RMS over blocks, so one lucky block does not decide.
+        sd = e.std(0, ddof=1)
+        blocks = e.reshape(10, n_seeds // 10, *e.shape[1:]).mean(1)
+        err_20 = np.sqrt(np.mean((blocks - x) ** 2 / sd ** 2))
+        err_all = np.sqrt(np.mean((mean - x) ** 2 / sd ** 2))
+        print(f"\n{what}: error of the mean / spread of one estimate: 20 seeds {err_20:.4f}, {n_seeds} seeds "
+              f"{err_all:.4f}; relative error at {n_seeds} seeds {rel(n_seeds):.4f}; max |z| {np.abs(z).max():.2f}",
+              end="")
+        assert err_all < 0.6 * err_20, (what, err_20, err_all)
+        assert rel(n_seeds) < 0.15, (what, rel(n_seeds))
+        # one sketch is a noisy estimate at dim 64: the test would be vacuous if it were exact
+        assert np.linalg.norm(e[0] - x) / np.linalg.norm(x) > 3 * rel(n_seeds)
+
+
+def test_same_seed_identical_different_seed_different(vm, encoded):
+    rows = encoded[0]
+    a = sketch_rows(vm, rows, 128, seed=5)
+    b = sketch_rows(vm, rows, 128, seed=5)
+    c = sketch_rows(vm, rows, 128, seed=6)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (len(rows), 128)
+    assert np.all(np.abs(a - c).max(1) > 1e-3 * np.abs(a).max(1))  # every row differs
+    np.testing.assert_array_equal(sketches(vm, TRAIN, dim=128, seed=5), a)
+    assert sketches(vm, TRAIN, dim=128).dtype == np.float32
+
+
+def test_hashes_deterministic_and_valid():
+    a, b = SketchHashes.make(64, 3, VOCAB, 32), SketchHashes.make(64, 3, VOCAB, 32)
+    c = SketchHashes.make(64, 4, VOCAB, 32)
+    for name in ("vocab_buckets", "vocab_signs", "hidden_buckets", "hidden_signs"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert not torch.equal(a.vocab_buckets, c.vocab_buckets)
+    assert a.vocab_buckets.shape == (VOCAB,) and a.hidden_buckets.shape == (32,)
+    assert int(a.vocab_buckets.min()) >= 0 and int(a.vocab_buckets.max()) < 64
+    assert set(a.vocab_signs.tolist()) == {-1.0, 1.0}
+    with pytest.raises(ValueError, match="at least 2"):
+        SketchHashes.make(1, 0, VOCAB, 32)
+
+
+def test_two_row_batch_equals_rows_one_at_a_time(vm, encoded):
+    train, _ = encoded
+    for pair in ([0, 1], [2, 3], [3, 0]):
+        both = sketch_rows(vm, [train[i] for i in pair], 256, 1)
+        for k, i in enumerate(pair):
+            one = sketch_rows(vm, [train[i]], 256, 1)[0]
+            np.testing.assert_allclose(both[k], one, rtol=1e-6, atol=1e-6 * np.abs(one).max())
+
+
+def test_odd_dim(vm, encoded):
+    """An odd sketch size (rfft/irfft round trip with n=dim) is unbiased too: a quick check on the mean."""
+    train, target = encoded
+    exact = pairwise_scores(vm, TRAIN[:1], TARGET[:1])[0, 0]
+    est = [(lambda s: s[0] @ s[1])(sketch_rows(vm, [train[0], target[0]], 33, seed)) for seed in range(60)]
+    se = np.std(est, ddof=1) / np.sqrt(len(est))
+    assert abs(np.mean(est) - exact) < 5 * se
+
+
+def test_correlation_with_exact_grows_with_dim(vm):
+    """Sketch inner products vs exact pairwise scores at dims 1024 / 4096 / 16384 (printed; run pytest -s)."""
+    train, target = encode_rows(vm, CORR_TRAIN), encode_rows(vm, CORR_TARGET)
+    exact = pairwise_scores(vm, train, target)
+    seeds = (0, 1, 2)
+    corr = {}
+    for dim in (1024, 4096, 16384):
+        pear, spear, per_target = [], [], []
+        for seed in seeds:
+            sk = sketch_rows(vm, train + target, dim, seed)
+            est = sk[: len(train)] @ sk[len(train):].T
+            pear.append(sps.pearsonr(est.ravel(), exact.ravel())[0])
+            spear.append(sps.spearmanr(est.ravel(), exact.ravel())[0])
+            per_target.append(np.mean([sps.spearmanr(est[:, j], exact[:, j])[0] for j in range(len(target))]))
+        corr[dim] = (np.mean(pear), np.mean(spear), np.mean(per_target))
+        print(f"\nsketch dim {dim:6d}: Pearson {corr[dim][0]:.4f}  Spearman {corr[dim][1]:.4f}  "
+              f"per-target Spearman {corr[dim][2]:.4f}  (all {len(train)}x{len(target)} pairs, "
+              f"mean of seeds {seeds})", end="")
+    print()
+    for k in range(3):
+        assert corr[16384][k] >= corr[1024][k] - 0.02, corr
+        assert corr[16384][k] > 0.9, corr
