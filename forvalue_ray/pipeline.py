@@ -224,6 +224,14 @@ class ScoreShards:
         t0 = time.time()
         rows = enc["rows"]
         res = self.scorer(rows) if rows else {}
+        if rows:  # a row whose numbers overflowed is rejected, never written as NaN
+            finite = np.all([np.isfinite(v.reshape(len(rows), -1)).all(1) for v in res.values()], axis=0)
+            if not finite.all():
+                enc["rejected"] += [(r.id, "non-finite result: numerical overflow in the model (try float32, "
+                                    "bfloat16 or another --attn-implementation)") for r, ok in zip(rows, finite)
+                                   if not ok]
+                rows = [r for r, ok in zip(rows, finite) if ok]
+                res = {k: v[finite] for k, v in res.items()}
         table = result_table(self.kind, [r.id for r in rows], res, self.mode)
         if self.group_column:  # a sketch index keeps the group labels that `score --mode groups` needs
             table = table.append_column(self.group_column, pa.array(enc["groups"], pa.string()))
