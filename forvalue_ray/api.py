@@ -16,8 +16,13 @@ from .sketch import DEFAULT_SKETCH_DIM
 def encode_rows(vm: ValuationModel, rows: Iterable, *, max_length: int = DEFAULT_MAX_LENGTH,
                 overlong: str = "truncate", columns: Columns = Columns(), form: str = "auto") -> list[Encoded]:
     """Encode rows (dicts, or already :class:`Encoded`); a bad row raises with its index and reason."""
-    enc = Encoder(vm.tokenizer, max_length=max_length, overlong=overlong, columns=columns,
-                  vocab_size=vm.head.vocab_size, form=form)
+    kw = dict(max_length=max_length, overlong=overlong, columns=columns, vocab_size=vm.head.vocab_size, form=form)
+    if getattr(vm, "processor", None) is not None:
+        from .vision import VisionEncoder
+
+        enc = VisionEncoder(vm.processor, **kw)
+    else:
+        enc = Encoder(vm.tokenizer, **kw)
     out = []
     for i, row in enumerate(rows):
         if isinstance(row, Encoded):

@@ -42,6 +42,7 @@ class Encoded:
     id: str
     input_ids: np.ndarray  # int64 [T]
     labels: np.ndarray  # int64 [T], IGNORE where not valued
+    vision: dict | None = None  # processor outputs for image rows (pixel_values, image_grid_thw, …)
 
     @property
     def n_valued(self) -> int:

@@ -61,6 +61,8 @@ class ValuedTokens:
 def valued_tokens(vm: ValuationModel, rows: list[Encoded], padding_side: str = "right") -> ValuedTokens:
     """Run the model on a padded batch and keep the hidden state before each valued label."""
     longest = max(len(r.input_ids) for r in rows)
+    if vm.is_vision:
+        padding_side = "right"  # image-text models derive positions from the mask: keep real tokens first
     pad_id = 0
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), longest), dtype=torch.long)
@@ -71,7 +73,12 @@ def valued_tokens(vm: ValuationModel, rows: list[Encoded], padding_side: str = "
         ids[i, sl] = torch.as_tensor(np.array(r.input_ids))
         labels[i, sl] = torch.as_tensor(np.array(r.labels))
         mask[i, sl] = 1
-    hidden = vm.hidden_states(ids, mask)
+    vision = {}
+    if any(r.vision for r in rows):
+        from .vision import collate_vision
+
+        vision = collate_vision([r.vision for r in rows])
+    hidden = vm.hidden_states(ids, mask, **vision)
     # label at j is predicted from position j-1 (within the row: labels of the first real token are IGNORE
     # for text rows, and a left-padded row's first real position has no real predecessor)
     target = labels[:, 1:]

@@ -93,6 +93,7 @@ class ValuationModel:
     model: torch.nn.Module
     tokenizer: object
     provenance: dict = field(default_factory=dict)
+    processor: object = None  # image-text models: the HF processor (its tokenizer is ``tokenizer``)
 
     def __post_init__(self):
         self.model.eval()
@@ -114,14 +115,27 @@ class ValuationModel:
     def fingerprint(self) -> str:
         return model_fingerprint(self.provenance)
 
+    @property
+    def is_vision(self) -> bool:
+        return hasattr(self.model.config, "vision_config")
+
     @torch.no_grad()
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (after the final norm) [B, T, d], with explicit position ids so that
-        left and right padding give the same result."""
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
-        out = backbone(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                       position_ids=position_ids.to(self.device), use_cache=False)
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **vision) -> torch.Tensor:
+        """The language model's final hidden states (after the final norm) [B, T, d].
+
+        Text models get explicit position ids, so left and right padding give the same result. Image-text
+        models are always right-padded (the engine does so) and derive their own positions (Qwen2-VL's
+        multimodal RoPE) from the attention mask and image grids."""
+        dev = self.device
+        if self.is_vision:
+            extra = {k: v.to(dev, self.dtype if v.is_floating_point() else v.dtype) for k, v in vision.items()}
+            out = self.model.model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
+                                   use_cache=False, **extra)
+        else:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+            out = backbone(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
+                           position_ids=position_ids.to(dev), use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
@@ -148,10 +162,12 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def from_hf(model, tokenizer, **provenance) -> ValuationModel:
-    """Wrap an already-built HF model (e.g. a tiny random config) for valuation."""
+    """Wrap an already-built HF model (e.g. a tiny random config) for valuation; ``tokenizer`` may be an
+    image-text processor."""
     provenance.setdefault("source", "in-memory")
     provenance.setdefault("weights_digest", weights_digest(model))
-    return ValuationModel(model, tokenizer, provenance)
+    processor = tokenizer if hasattr(tokenizer, "image_processor") else None
+    return ValuationModel(model, processor.tokenizer if processor else tokenizer, provenance, processor)
 
 
 def default_dtype(device: str | torch.device | None) -> torch.dtype:
@@ -204,9 +220,19 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype | str | None = Non
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code,
-                                                  revision=revision)
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, revision=revision)
+        processor = None
+        if hasattr(config, "vision_config"):
+            model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
+            processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                                      revision=revision)
+            tokenizer = processor.tokenizer
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                                      revision=revision)
     except OSError as e:
         raise OSError(f"could not load model '{spec or DEFAULT_MODEL}': {e}. Give a local HF directory, a .gguf file, "
                       f"or a hub id available in your cache (HF_HUB_OFFLINE=1 forbids downloads).") from e
@@ -218,7 +244,7 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype | str | None = Non
     if device and not device_map:
         model = model.to(device)
     provenance["tokenizer"] = f"{type(tokenizer).__name__}:{len(tokenizer)}"
-    return ValuationModel(model, tokenizer, provenance)
+    return ValuationModel(model, tokenizer, provenance, processor)
 
 
 def _dir_digest(path: Path, block: int = 1 << 16, samples: int = 32) -> str | None:

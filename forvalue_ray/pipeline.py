@@ -143,16 +143,26 @@ def _shard_of(batch) -> list[Shard]:
     return [Shard(**json.loads(s)) for s in batch["shard"]]
 
 
+def make_encoder(model_path: str, encode_kw: dict, trust_remote_code: bool = False) -> Encoder:
+    """The row encoder for a model directory: its tokenizer, or its processor for image-text models."""
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    vocab = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "vocab_size", None)
+    if hasattr(cfg, "vision_config"):
+        from .vision import VisionEncoder
+
+        processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        return VisionEncoder(processor, vocab_size=vocab, **encode_kw)
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    return Encoder(tok, vocab_size=vocab, **encode_kw)
+
+
 class EncodeShards:
     """CPU actor: read a shard and turn its rows into token ids + loss masks, routing bad rows aside."""
 
     def __init__(self, tokenizer_path: str, encode_kw: dict, group_column: str | None, trust_remote_code: bool):
-        from transformers import AutoConfig, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
-        cfg = AutoConfig.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
-        vocab = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "vocab_size", None)
-        self.encoder = Encoder(tok, vocab_size=vocab, **encode_kw)
+        self.encoder = make_encoder(tokenizer_path, encode_kw, trust_remote_code)
         self.group_column = group_column
 
     def __call__(self, batch):
@@ -481,14 +491,12 @@ def build_target(cfg: JobConfig, model_path: str, provenance: dict, fp: str):
     partial statistics (or keep tokens for pairwise), reduce, and save the artifact under OUT/target/."""
     import ray
     import torch
-    from transformers import AutoTokenizer
 
     from .artifacts import save_target_stats
     from .engine import Reference, finish_target_stats
     from .readout import ReferenceTokens
 
-    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
-    encoder = Encoder(tok, **_encode_kw(cfg))
+    encoder = make_encoder(model_path, _encode_kw(cfg), cfg.trust_remote_code)
     rows, groups, rejected = [], [], []
     for shard in io.plan_shards(cfg.target, cfg.format, cfg.shard_rows, cfg.shard_bytes):
         raw, bad = io.read_shard(shard)
