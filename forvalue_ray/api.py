@@ -14,13 +14,14 @@ from .sketch import DEFAULT_SKETCH_DIM
 
 
 def encode_rows(vm: ValuationModel, rows: Iterable, *, max_length: int = DEFAULT_MAX_LENGTH,
-                overlong: str = "truncate", columns: Columns = Columns(), form: str = "auto") -> list[Encoded]:
+                overlong: str = "truncate", columns: Columns = Columns(), form: str = "auto",
+                image_column: str = "images") -> list[Encoded]:
     """Encode rows (dicts, or already :class:`Encoded`); a bad row raises with its index and reason."""
     kw = dict(max_length=max_length, overlong=overlong, columns=columns, vocab_size=vm.head.vocab_size, form=form)
     if getattr(vm, "processor", None) is not None:
         from .vision import VisionEncoder
 
-        enc = VisionEncoder(vm.processor, **kw)
+        enc = VisionEncoder(vm.processor, image_column=image_column, **kw)
     else:
         enc = Encoder(vm.tokenizer, **kw)
     out = []

@@ -77,7 +77,7 @@ def valued_tokens(vm: ValuationModel, rows: list[Encoded], padding_side: str = "
     if any(r.vision for r in rows):
         from .vision import collate_vision
 
-        vision = collate_vision([r.vision for r in rows])
+        vision = collate_vision([r.vision for r in rows], longest)
     hidden = vm.hidden_states(ids, mask, **vision)
     # label at j is predicted from position j-1 (within the row: labels of the first real token are IGNORE
     # for text rows, and a left-padded row's first real position has no real predecessor)

@@ -54,6 +54,7 @@ class JobConfig:
     prompt_column: str = "prompt"
     response_column: str = "response"
     messages_column: str = "messages"
+    images_column: str = "images"
     input_ids_column: str = "input_ids"
     labels_column: str = "labels"
     max_length: int = DEFAULT_MAX_LENGTH
@@ -155,7 +156,7 @@ def make_encoder(model_path: str, encode_kw: dict, trust_remote_code: bool = Fal
         processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         return VisionEncoder(processor, vocab_size=vocab, **encode_kw)
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    return Encoder(tok, vocab_size=vocab, **encode_kw)
+    return Encoder(tok, vocab_size=vocab, **{k: v for k, v in encode_kw.items() if k != "image_column"})
 
 
 class EncodeShards:
@@ -401,7 +402,8 @@ def _file_stamp(url: str) -> list:
 
 
 def _encode_kw(cfg: JobConfig) -> dict:
-    return {"max_length": cfg.max_length, "overlong": cfg.overlong, "columns": cfg.columns(), "form": cfg.form}
+    return {"max_length": cfg.max_length, "overlong": cfg.overlong, "columns": cfg.columns(), "form": cfg.form,
+            "image_column": cfg.images_column}
 
 
 def _load_kw(cfg: JobConfig) -> dict:

@@ -137,17 +137,26 @@ class VisionEncoder(Encoder):
         return ids, labels, vision
 
 
-def collate_vision(rows: list[dict | None]) -> dict:
-    """Batch per-row processor outputs. Per-image tensors with a leading row axis ([1, n_images, …], Idefics3)
-    are padded with zero images (which the model skips) and stacked; flat ones (Qwen2-VL patches, grids)
-    are concatenated in row order."""
+TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")  # one value per token, padded like input_ids
+
+
+def collate_vision(rows: list[dict | None], longest: int) -> dict:
+    """Batch per-row processor outputs for a right-padded batch of ``longest`` tokens. Per-token arrays are
+    zero-padded; per-image tensors with a leading row axis ([1, n_images, …], Idefics3) are padded with zero
+    images (which the model skips) and stacked; flat ones (Qwen2-VL patches, grids) are concatenated."""
     import torch
 
     keys = sorted({k for r in rows if r for k in r})
     out = {}
     for k in keys:
         arrays = [r[k] for r in rows if r and k in r]
-        if arrays[0].ndim >= 4 and arrays[0].shape[0] == 1:
+        if k in TOKEN_KEYS:
+            batch = np.zeros((len(rows), longest), arrays[0].dtype)
+            for i, r in enumerate(rows):
+                if r and k in r:
+                    batch[i, : r[k].shape[1]] = r[k][0]
+            out[k] = torch.as_tensor(batch)
+        elif arrays[0].ndim >= 4 and arrays[0].shape[0] == 1:
             n = max(a.shape[1] for a in arrays)
             shape = arrays[0].shape[2:]
             padded = []
