@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return {"select": cmd_select, "verify": cmd_verify, "demo": cmd_demo, "submit": cmd_submit}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as e:
-        print(f"forvalue-ray {args.command}: error: {e}", file=sys.stderr)
+        bare_path = isinstance(e, FileNotFoundError) and " " not in str(e)  # fsspec raises with just the path
+        what = f"not found: {e}" if bare_path else e
+        print(f"forvalue-ray {args.command}: error: {what}", file=sys.stderr)
         return 2
 
 

@@ -39,7 +39,8 @@ class Shard:
 
 
 def filesystem(url: str):
-    fs, path = fsspec.core.url_to_fs(url)
+    # no listings cache: actors add parts while the driver reads, and a cached listing hides them
+    fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False)
     return fs, path
 
 
@@ -228,6 +229,17 @@ def read_parts(url: str, columns=None) -> pa.Table:
     if not files:
         return pa.table({})
     return pa.concat_tables([pq.read_table(f, filesystem=fs, columns=columns) for f in files])
+
+
+def remove_temporaries(url: str) -> int:
+    """Delete ``.tmp-*`` files a killed writer left under ``url``; returns how many."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return 0
+    stale = [f for f in fs.find(path) if posixpath.basename(f).startswith(".tmp-")]
+    for f in stale:
+        fs.rm(f)
+    return len(stale)
 
 
 def remove_tree(url: str) -> None:

@@ -61,12 +61,12 @@ def verify(out: str) -> tuple[list[str], dict]:
                 values = part[col] if col == "score" else pc.list_flatten(part[col])
                 if len(values) and not pc.all(pc.is_finite(values)).as_py():
                     problems.append(f"shard {s.key}: non-finite {col}")
-        ids += [part["id"], rej["id"]]
+        ids.append(part["id"])  # a rejected row may repeat a scored id: that is why it was rejected
     if ids:
-        all_ids = pa.chunked_array([c for t in ids for c in t.chunks], pa.string())
+        all_ids = pa.chunked_array([c for col in ids for c in col.chunks], pa.string())
         distinct = pc.count_distinct(all_ids).as_py()
         if distinct != len(all_ids):
-            problems.append(f"{len(all_ids) - distinct} ids appear more than once across scored and rejected rows")
+            problems.append(f"{len(all_ids) - distinct} ids are scored more than once")
     if not missing and io.exists(io.join(out, "run.json")):
         counts = io.read_json(io.join(out, "run.json"))["counts"]
         if any(counts.get(k) != v for k, v in totals.items()):
@@ -135,10 +135,15 @@ def select(scores_dir: str, data: str, out: str, *, top_fraction=None, top_k=Non
         groups = {enc.row_id(row, fb): row.get(per_group) for s in shards for fb, row in io.read_shard(s)[0]}
     chosen = selected_ids(scores, top_fraction=top_fraction, top_k=top_k, bottom_fraction=bottom_fraction,
                           groups=groups, target=target_index)
-    written = 0
+    written, written_ids = 0, set()
     for s in shards:
         rows, _ = io.read_shard(s)
-        keep = [row for fb, row in rows if enc.row_id(row, fb) in chosen]
+        keep = []
+        for fb, row in rows:
+            rid = enc.row_id(row, fb)
+            if rid in chosen and rid not in written_ids:  # a repeated id was rejected by the job: skip it too
+                written_ids.add(rid)
+                keep.append(row)
         if not keep:
             continue
         written += len(keep)

@@ -317,14 +317,15 @@ def init_ray(address: str | None):
     """Connect to a cluster (``--ray-address`` / RAY_ADDRESS, set by ``ray job submit``) or start a local one."""
     import ray
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # spare logical CPUs: a pipeline whose actors take every CPU starves the read tasks and hangs
-        ray.init(num_cpus=max(4, (os.cpu_count() or 1) + 2), include_dashboard=False, log_to_driver=True)
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # address="local": never attach to another `ray start` cluster on this machine by accident;
+            # spare logical CPUs: a pipeline whose actors take every CPU starves the read tasks and hangs
+            ray.init(address="local", num_cpus=max(4, (os.cpu_count() or 1) + 2), include_dashboard=False,
+                     log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours reports rows/s and tokens/s per shard
 
@@ -350,6 +351,8 @@ def prepare_out(cfg: JobConfig, plan_record: dict) -> set[str]:
             io.remove_tree(cfg.out)
     if not io.exists(plan_url):
         io.write_json_atomic(plan_url, plan_record)
+    else:
+        io.remove_temporaries(cfg.out)  # a writer killed mid-write; its shard is redone below
     return io.list_parts(io.join(cfg.out, plan_record["kind"]))
 
 
@@ -448,6 +451,15 @@ def write_run_json(cfg: JobConfig, kind: str, shards: list[Shard], summaries: li
     return run
 
 
+def _model_identity(cfg: JobConfig) -> tuple[str, dict, str]:
+    """The loadable model path (GGUF converted once, here on the driver), its provenance and fingerprint."""
+    from .model import adapter_provenance, model_fingerprint, resolve_model
+
+    model_path, provenance = resolve_model(cfg.model, cfg.revision)
+    provenance.update(adapter_provenance(cfg.adapter))
+    return model_path, provenance, model_fingerprint(provenance)
+
+
 def _targets_table(ids: list[str]) -> pa.Table:
     return pa.table({"id": pa.array(ids, pa.string())})
 
@@ -457,19 +469,21 @@ def run_value(cfg: JobConfig) -> dict:
     import ray
 
     from .artifacts import check_compatible, load_target_stats
-    from .model import adapter_provenance, model_fingerprint, resolve_model
 
     t0 = time.time()
     cfg.validate()
-    model_path, provenance = resolve_model(cfg.model, cfg.revision)
-    provenance.update(adapter_provenance(cfg.adapter))
-    fp = model_fingerprint(provenance)
+    model_path, provenance, fp = _model_identity(cfg)
     shards = io.plan_shards(cfg.train, cfg.format, cfg.shard_rows, cfg.shard_bytes)
     target_id = (_file_stamp(cfg.target) if cfg.target and not cfg.target_stats
                  else io.read_json(io.join(cfg.target_stats, "target_stats.json"))["provenance"])
     record = _plan_record(cfg, "scores", shards, {"model_fingerprint": fp, "target": target_id,
                                                   "train_files": _file_stamp(cfg.train)})
     done = prepare_out(cfg, record)
+    info = {"model": provenance, "model_fingerprint": fp, "mode": cfg.mode}
+    if done >= {s.key for s in shards} and io.exists(io.join(cfg.out, "run.json")):
+        prev = io.read_json(io.join(cfg.out, "run.json"))  # finished: no target pass, no actors
+        return write_run_json(cfg, "scores", shards, [], t0,
+                              {**info, **{k: prev.get(k) for k in ("target_rows", "target_rejected")}})
     init_ray(cfg.ray_address)
     scorer_kw = {"normalize": cfg.normalize, "vocab_chunk": cfg.vocab_chunk, "max_tokens": cfg.batch_tokens}
     if cfg.target_stats:
@@ -484,8 +498,7 @@ def run_value(cfg: JobConfig) -> dict:
     io.write_table_atomic(io.join(cfg.out, "targets.parquet"), _targets_table(target_ids))
     broadcast = ray.put(payload)
     summaries = run_shards(cfg, shards, done, _model_stages(cfg, model_path, scorer_kw, broadcast, "scores"))
-    return write_run_json(cfg, "scores", shards, summaries, t0,
-                          {"model": provenance, "model_fingerprint": fp, "mode": cfg.mode, **target_info})
+    return write_run_json(cfg, "scores", shards, summaries, t0, {**info, **target_info})
 
 
 def build_target(cfg: JobConfig, model_path: str, provenance: dict, fp: str):
@@ -568,13 +581,9 @@ class TargetWorker:
 
 def run_sketch(cfg: JobConfig) -> dict:
     """``forvalue-ray sketch``: per-row TensorSketches written as an index."""
-    from .model import adapter_provenance, model_fingerprint, resolve_model
-
     t0 = time.time()
     cfg.validate()
-    model_path, provenance = resolve_model(cfg.model, cfg.revision)
-    provenance.update(adapter_provenance(cfg.adapter))
-    fp = model_fingerprint(provenance)
+    model_path, provenance, fp = _model_identity(cfg)
     shards = io.plan_shards(cfg.data, cfg.format, cfg.shard_rows, cfg.shard_bytes)
     index_meta = {"dim": cfg.dim, "seed": cfg.seed, "model_fingerprint": fp, "model": provenance,
                   "group_column": cfg.group_column, "forvalue_ray": __version__}

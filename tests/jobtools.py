@@ -1,0 +1,111 @@
+"""Helpers shared by the tests of the distributed job (test_pipeline, test_s3, test_zz_submit)."""
+
+from __future__ import annotations
+
+import contextlib
+import io as _io
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from forvalue_ray import io as fio
+from forvalue_ray.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def save_tiny_model(path: Path) -> Path:
+    """The tiny random llama (fp32) + char tokenizer as a local HF directory."""
+    from tiny import tiny_model
+
+    vm = tiny_model("llama", dtype=torch.float32)
+    vm.model.save_pretrained(path)
+    vm.tokenizer.save_pretrained(path)
+    return path
+
+
+def write_parquet(rows: list[dict], path: Path, row_group_size: int | None = None) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+    return path
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """``forvalue-ray ARGS`` in-process: (exit code, stdout, stderr)."""
+    out, err = _io.StringIO(), _io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def run_ok(*args: str) -> str:
+    rc, out, err = cli(*args)
+    assert rc == 0, f"forvalue-ray {' '.join(map(str, args))} exited {rc}:\n{err[-3000:]}\n{out[-2000:]}"
+    return err
+
+
+def read_scores(out: str | Path) -> dict:
+    """id → score (float) or scores (np.ndarray), from every part under OUT/scores."""
+    table = fio.read_parts(fio.join(str(out), "scores"))
+    col = "score" if "score" in table.column_names else "scores"
+    values = table[col].to_pylist()
+    ids = table["id"].to_pylist()
+    assert len(ids) == len(set(ids)), "an id was scored twice"
+    return {i: (v if col == "score" else np.asarray(v)) for i, v in zip(ids, values)}
+
+
+def read_column(out: str | Path, kind: str, column: str) -> dict:
+    table = fio.read_parts(fio.join(str(out), kind))
+    return dict(zip(table["id"].to_pylist(), table[column].to_pylist()))
+
+
+def target_ids(out: str | Path) -> list[str]:
+    fs, path = fio.filesystem(fio.join(str(out), "targets.parquet"))
+    with fs.open(path, "rb") as fh:
+        return pq.read_table(fh)["id"].to_pylist()
+
+
+def as_matrix(scores: dict, ids: list[str]) -> np.ndarray:
+    return np.stack([np.atleast_1d(np.asarray(scores[i], dtype=np.float64)) for i in ids])
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def child_env(**extra: str) -> dict:
+    """Environment for a CLI subprocess: no inherited Ray address or fault hook, offline hub, repo importable."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "FORVALUE_FAULT_EXIT_ONCE")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    env.update(extra)
+    return env

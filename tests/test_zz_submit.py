@@ -1,0 +1,150 @@
+"""Submitting the job to a real Ray cluster through its Job API (named to run last: it starts a `ray start`
+head). The head listens on loopback with its own ports and its own short --temp-dir, so no other Ray on this
+machine finds it (ray.init() without an address looks for <temp dir>/ray_current_cluster), and it is stopped
+by its own process group, never by `ray stop` (which would stop every Ray on the machine).
+
+(a) `forvalue-ray submit --address http://127.0.0.1:PORT --config cfg.yaml` — ships the package + config;
+(b) `ray job submit --working-dir REPO -- python jobs/run.py --config CFG` — the documented entrypoint.
+Both run at the same time on the head; each output must pass `verify`, and they must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import psutil
+import pytest
+import yaml
+
+from forvalue_ray.tasks import make_task
+from jobtools import REPO, child_env, cli, free_port, read_scores, save_tiny_model, wait_for, write_parquet
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+def _ray_cli() -> list[str]:
+    exe = shutil.which("ray")
+    return [exe] if exe else [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    root = tmp_path_factory.mktemp("submit")
+    temp_dir = tempfile.mkdtemp(prefix="fvz", dir="/tmp")  # short: Ray's unix sockets live under it
+    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
+                                              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                              "runtime-env-agent-port", "metrics-export-port")}
+    # no token auth (DESIGN.md §4); on SIGTERM stop at once instead of draining the node for 30 s
+    env = child_env(RAY_AUTH_MODE="disabled", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    cmd = [*_ray_cli(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+           "--num-cpus=6", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+           *[f"--{k}={v}" for k, v in ports.items()]]
+    log = open(root / "head.log", "w")
+    old_auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the client side of a cluster without token auth
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        def up():
+            assert proc.poll() is None, \
+                f"`ray start` exited {proc.returncode}:\n{(root / 'head.log').read_text()[-4000:]}"
+            try:
+                JobSubmissionClient(address).list_jobs()
+                return True
+            except Exception:
+                return False
+
+        wait_for(up, 150, f"the Ray head's job server at {address}", interval=1.0)
+        yield {"address": address, "root": root, "env": env, "log": root / "head.log"}
+    finally:
+        if old_auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = old_auth
+        family = []
+        if proc.poll() is None:
+            try:
+                family = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+            proc.send_signal(signal.SIGTERM)  # `ray start --block` drains the node and stops what it started
+        deadline = time.time() + 45
+        while time.time() < deadline and (proc.poll() is None or any(
+                p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family)):
+            time.sleep(0.5)
+        for p in family:  # ours: whatever did not stop
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def job_inputs(head):
+    root = head["root"]
+    train, target = make_task("sentence", n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=2)
+    model = save_tiny_model(root / "model")
+    paths = {"train": write_parquet(train, root / "train.parquet", row_group_size=8),
+             "target": write_parquet(target, root / "target.parquet")}
+
+    def config(name: str):
+        cfg = {"command": "value", "model": str(model), "train": str(paths["train"]), "target": str(paths["target"]),
+               "out": str(root / f"out-{name}"), "shard_rows": 8, "num_actors": "1", "progress": False}
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path, root / f"out-{name}"
+
+    return {"config": config, "n": len(train)}
+
+
+def _verify(out):
+    rc, stdout, _ = cli("verify", out)
+    assert rc == 0, stdout
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_submit_and_ray_job_submit_both_succeed(head, job_inputs):
+    cfg_a, out_a = job_inputs["config"]("forvalue-submit")
+    cfg_b, out_b = job_inputs["config"]("ray-job-submit")
+    # (b) in the background: the `ray job submit` CLI follows the job and exits 1 if it fails
+    log_b = open(head["root"] / "ray-job-submit.log", "w")
+    proc_b = subprocess.Popen([*_ray_cli(), "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
+                               "--", "python", "jobs/run.py", "--config", str(cfg_b)],
+                              cwd=REPO, env=head["env"], stdout=log_b, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # (a) in this process, at the same time
+        rc_a, stdout_a, stderr_a = cli("submit", "--address", head["address"], "--config", cfg_a)
+        assert rc_a == 0, f"forvalue-ray submit exited {rc_a}:\n{stderr_a[-3000:]}\n{stdout_a[-5000:]}"
+        assert "SUCCEEDED" in stderr_a
+        rc_b = proc_b.wait(timeout=360)
+    finally:
+        if proc_b.poll() is None:
+            os.killpg(proc_b.pid, signal.SIGKILL)
+            proc_b.wait()
+        log_b.close()
+    log_text = (head["root"] / "ray-job-submit.log").read_text()
+    assert rc_b == 0, f"ray job submit exited {rc_b}:\n{log_text[-5000:]}"
+    assert "succeeded" in log_text.lower()
+
+    for out in (out_a, out_b):
+        counts = _verify(out)
+        assert counts["scored"] == job_inputs["n"] and counts["shards"] == 3
+        assert (out / "config.resolved.yaml").exists()
+    a, b = read_scores(out_a), read_scores(out_b)
+    assert sorted(a) == sorted(b)
+    np.testing.assert_allclose([a[i] for i in sorted(a)], [b[i] for i in sorted(a)], rtol=1e-12, atol=0)
