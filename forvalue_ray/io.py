@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 import uuid
 from dataclasses import asdict, dataclass
 
@@ -65,11 +66,15 @@ def list_inputs(url: str, fmt: str = "auto") -> list[tuple[str, str, str]]:
     """(full path, format, label) for every data file under a path, directory, glob or HF dataset dir."""
     fs, path = filesystem(url)
     if any(c in path for c in "*?["):
-        files, root = sorted(fs.glob(path)), path.split("*")[0].rsplit("/", 1)[0]
+        root = re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0]
+        files = sorted(f for f in fs.glob(path) if not _hidden(f, root) and fs.isfile(f))
     elif fs.isdir(path):
         root = path
-        files = sorted(f for f in fs.find(path) if not posixpath.basename(f).startswith(("_", ".")))
-        if fs.exists(posixpath.join(path, "state.json")):  # HF save_to_disk
+        if fs.exists(posixpath.join(path, "dataset_dict.json")):
+            splits = sorted(posixpath.basename(d) for d in fs.ls(path, detail=False) if fs.isdir(d))
+            raise ValueError(f"{url} is a Hugging Face DatasetDict: point at one split folder ({', '.join(splits)})")
+        files = sorted(f for f in fs.find(path) if not _hidden(f, root))
+        if any(posixpath.basename(f) == "state.json" for f in files):  # HF save_to_disk: data is in .arrow
             files = [f for f in files if f.endswith(".arrow")]
         else:
             files = [f for f in files if fmt != "auto" or _known(f)]
@@ -81,6 +86,11 @@ def list_inputs(url: str, fmt: str = "auto") -> list[tuple[str, str, str]]:
         raise FileNotFoundError(f"no data files at {url}")
     return [(_full(fs, f), detect_format(f) if fmt == "auto" else fmt, posixpath.relpath(f, root) if root else f)
             for f in files]
+
+
+def _hidden(f: str, root: str) -> bool:
+    """Names starting with _ or . anywhere below the root (_SUCCESS, .tmp-* parts, hidden folders) are not data."""
+    return any(part.startswith(("_", ".")) for part in posixpath.relpath(f, root).split("/"))
 
 
 def _known(f: str) -> bool:

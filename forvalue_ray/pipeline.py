@@ -98,9 +98,15 @@ class JobConfig:
                        response=self.response_column, messages=self.messages_column,
                        input_ids=self.input_ids_column, labels=self.labels_column)
 
+    UNUSED = {"value": ("data", "dim", "seed", "index", "target_index"),
+              "sketch": ("train", "target", "mode", "normalize", "target_stats", "index", "target_index"),
+              "score": ("train", "target", "data", "dim", "seed", "target_stats", "model", "dtype", "adapter",
+                        "revision", "format", "form", "max_length", "overlong")}
+
     def result_fields(self) -> dict:
-        """The settings a result depends on (execution settings excluded)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.EXECUTION}
+        """The settings this command's result depends on (execution settings and other commands' flags excluded)."""
+        skip = set(self.EXECUTION) | set(self.UNUSED.get(self.command, ()))
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
     def validate(self) -> None:
         if not self.out:
