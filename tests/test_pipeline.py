@@ -484,7 +484,7 @@ def test_verify_reports_missing_and_extra_parts(run_a, tmp_path):
 
     shutil.copy(parts[0], parts[1])  # shard 0's rows under shard 1's name: shard 0's ids twice
     rc, stdout, _ = cli("verify", work)
-    assert rc == 1 and f"{SHARD_ROWS} ids appear more than once" in stdout, stdout
+    assert rc == 1 and f"{SHARD_ROWS} ids are scored more than once" in stdout, stdout
 
 
 # ---- select ---------------------------------------------------------------------------------------------------
