@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("forward_logits", "value_mean", "sketch_4096", "pairwise_100")
+METHODS = ("forward_logits", "value_mean", "sketch_4096", "sketch_16384", "pairwise_100")
 
 
 def rss_mib() -> float:
@@ -58,8 +58,8 @@ def run_one(args) -> dict:
             targets = rows(8, 64, 32)
             total, counts = target_partial(vm, targets, [0] * len(targets), 1)
             scorer = Scorer(vm, stats=finish_target_stats(total, counts, ["mean"], False), **kw)
-        elif args.method == "sketch_4096":
-            scorer = Scorer(vm, sketch_dim=4096, **kw)
+        elif args.method.startswith("sketch_"):
+            scorer = Scorer(vm, sketch_dim=int(args.method.split("_")[1]), **kw)
         else:
             scorer = Scorer(vm, reference=build_reference(vm, rows(100, 64, 32)), **kw)
         base_rss = rss_mib()

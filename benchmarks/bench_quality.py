@@ -159,8 +159,7 @@ def run_rows(vm, rows, cfg, timer, ref=None, ref_alpha=None):
                 timer.add("exact_pairwise", t0)
             else:
                 D, s = name
-                cs_h = sketch.count_sketch_hidden(vt.h, hashes[name], acc)
-                ts = sketch.tensor_sketch(val, cs_h, seg, len(idx), D)
+                ts = sketch.tensor_sketch(val, vt.h, hashes[name], seg, len(idx))
                 for i, r in zip(idx, ts):
                     out[f"ts_{D}_s{s}"][i] = r.double().numpy()
                 timer.add(f"tensorsketch_{D}", t0)

@@ -23,7 +23,7 @@ from .encode import IGNORE, Encoded
 from .model import ValuationModel
 from .readout import (DEFAULT_VOCAB_CHUNK, CountSketchOfError, ReferenceTokens, TargetStatDot, TokenKernel,
                       accumulation_dtype, gradient_sq_norms, segment_sum, vocab_pass, weighted_gradient_sum)
-from .sketch import SketchHashes, count_sketch_hidden, tensor_sketch
+from .sketch import SketchHashes, tensor_sketch
 
 DEFAULT_MAX_TOKENS = 4096  # padded tokens per forward
 DEFAULT_MAX_ROWS = 64
@@ -175,8 +175,7 @@ class Scorer:
                 per_pair = per_pair * inv_norm[:, None] * ref.sq_norms.to(acc).rsqrt()[None, :]
             out["pairwise"] = per_pair.double().cpu().numpy()
         if self.hashes is not None:
-            cs_h = count_sketch_hidden(vt.h, self.hashes, acc)
-            out["sketch"] = tensor_sketch(next(values), cs_h, vt.seg, n, self.hashes.dim).float().cpu().numpy()
+            out["sketch"] = tensor_sketch(next(values), vt.h, self.hashes, vt.seg, n).float().cpu().numpy()
         return out
 
 

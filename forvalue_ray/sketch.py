@@ -44,10 +44,17 @@ def count_sketch_hidden(h: torch.Tensor, hashes: SketchHashes, acc) -> torch.Ten
     return out.index_add_(1, hashes.hidden_buckets, h.to(acc) * hashes.hidden_signs.to(acc))
 
 
-def tensor_sketch(cs_error: torch.Tensor, cs_hidden: torch.Tensor, seg: torch.Tensor, n_samples: int,
-                  dim: int) -> torch.Tensor:
-    """Per-sample TensorSketch from per-token CountSketches: the circular convolution, summed by sample."""
-    spec = torch.fft.rfft(cs_error, dim=1) * torch.fft.rfft(cs_hidden, dim=1)
-    total = torch.zeros(n_samples, spec.shape[1], dtype=spec.dtype, device=spec.device)
-    total.index_add_(0, seg, spec)
-    return torch.fft.irfft(total, n=dim, dim=1)
+def tensor_sketch(cs_error: torch.Tensor, h: torch.Tensor, hashes: SketchHashes, seg: torch.Tensor,
+                  n_samples: int, token_block: int = 512) -> torch.Tensor:
+    """Per-sample TensorSketch from the per-token error CountSketches and hidden states: the circular
+    convolution, summed by sample in the frequency domain. Tokens go in blocks so the [tokens, dim] spectra
+    stay small (the sketch must not cost more memory than the forward pass)."""
+    total = None
+    for t0 in range(0, cs_error.shape[0], token_block):
+        block = slice(t0, t0 + token_block)
+        cs_h = count_sketch_hidden(h[block], hashes, cs_error.dtype)
+        spec = torch.fft.rfft(cs_error[block], dim=1) * torch.fft.rfft(cs_h, dim=1)
+        if total is None:
+            total = torch.zeros(n_samples, spec.shape[1], dtype=spec.dtype, device=spec.device)
+        total.index_add_(0, seg[block], spec)
+    return torch.fft.irfft(total, n=hashes.dim, dim=1)
