@@ -554,6 +554,8 @@ def build_target(cfg: JobConfig, model_path: str, provenance: dict, fp: str):
         sq[torch.as_tensor(order)] = torch.cat([p.sq_norms for p in parts])
         ref = Reference(ReferenceTokens(torch.cat([p.h for p in tok_parts]), torch.cat([p.y for p in tok_parts]),
                                         torch.cat([p.lse for p in tok_parts]), seg), [r.id for r in rows], sq)
+        for a in actors:  # free their model replicas before the value pass starts its own
+            ray.kill(a)
         return {"reference": ref}, ref.ids, info
     index = [names.index(g) for g in groups]
     parts = ray.get([a.partial.remote([rows[i] for i in c], [index[i] for i in c], len(names), cfg.normalize)
@@ -562,7 +564,7 @@ def build_target(cfg: JobConfig, model_path: str, provenance: dict, fp: str):
     counts = sum(p[1] for p in parts)
     stats = finish_target_stats(total, counts, names, cfg.normalize, {**provenance, "model_fingerprint": fp})
     save_target_stats(stats, io.join(cfg.out, "target"))
-    for a in actors:
+    for a in actors:  # free their model replicas before the value pass starts its own
         ray.kill(a)
     return {"stats": stats}, names, info
 
