@@ -133,11 +133,6 @@ def _arrow_rows(fs, path) -> int:
         return pa.ipc.open_stream(fh).read_all().num_rows
 
 
-def _arrow_value(v):
-    """Arrow scalars → plain Python (lists of dicts for chat messages)."""
-    return v.as_py() if hasattr(v, "as_py") else v
-
-
 def read_shard(shard: Shard) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
     """Rows of a shard as (fallback id, row dict), plus (id, reason) for rows that could not be parsed."""
     fs, path = filesystem(shard.path)

@@ -257,8 +257,7 @@ class ScoreShards:
         rej = pa.table({"id": pa.array([r[0] for r in enc["rejected"]], pa.string()),
                         "reason": pa.array([r[1] for r in enc["rejected"]], pa.string())})
         io.write_table_atomic(io.join(self.out, "rejected", shard.key + ".parquet"), rej)
-        if os.environ.get("FORVALUE_FAULT_EXIT_ONCE"):
-            _maybe_fault()
+        _maybe_fault()
         io.write_table_atomic(io.join(self.out, self.kind, shard.key + ".parquet"),
                               table.replace_schema_metadata({PART_META: json.dumps(meta)}))
         return {**meta, "seconds": time.time() - t0}
@@ -517,21 +516,15 @@ def build_target(cfg: JobConfig, model_path: str, provenance: dict, fp: str):
     from .engine import Reference, finish_target_stats
     from .readout import ReferenceTokens
 
-    encoder = make_encoder(model_path, _encode_kw(cfg), cfg.trust_remote_code)
+    # the same reading, encoding and row routing as the training rows', on the driver
+    encoder = EncodeShards(model_path, _encode_kw(cfg), cfg.group_column if cfg.mode == "groups" else None,
+                           cfg.trust_remote_code)
     rows, groups, rejected = [], [], []
     for shard in io.plan_shards(cfg.target, cfg.format, cfg.shard_rows, cfg.shard_bytes):
-        raw, bad = io.read_shard(shard)
-        rejected += bad
-        for fallback, row in raw:
-            rid = encoder.row_id(row, fallback)
-            try:
-                group = row.get(cfg.group_column) if cfg.mode == "groups" else "mean"
-                if group is None:
-                    raise RowError(f"missing group column '{cfg.group_column}'")
-                rows.append(encoder(row, fallback))
-                groups.append(str(group))
-            except RowError as e:
-                rejected.append((rid, str(e)))
+        enc = encoder.encode(shard)
+        rows += enc["rows"]
+        groups += [g or "mean" for g in enc["groups"]]
+        rejected += enc["rejected"]
     if rejected:
         io.write_table_atomic(io.join(cfg.out, "target", "rejected.parquet"),
                               pa.table({"id": [r[0] for r in rejected], "reason": [r[1] for r in rejected]}))
