@@ -1,5 +1,8 @@
-"""The DataInf-style task generators follow BENCHMARKS.md exactly: formats, classes, answers, noise."""
+"""The DataInf-style task generators follow BENCHMARKS.md exactly: formats, classes, answers, noise; the
+reasoning-style task and the paper's span corruption on hand-checked cases."""
 
+import math
+import random
 import re
 from collections import Counter
 
@@ -7,7 +10,8 @@ import pyarrow.json as pj
 import pyarrow.parquet as pq
 import pytest
 
-from forvalue_ray.tasks import SENTENCE_TRANSFORMS, TASKS, WORDS, make_task, write_task
+from forvalue_ray.tasks import (INSERTED_WORDS, SENTENCE_TRANSFORMS, STEPS_TASK, TASKS, WORDS, corrupt_spans,
+                                delete_spans, insert_spans, make_task, write_task)
 
 PHRASE = "the big red dog"
 EXPECTED = [  # hand-computed, in the order BENCHMARKS.md lists the transformations
@@ -172,3 +176,119 @@ def test_write_task_round_trip(tmp_path, task, fmt):
     read = pq.read_table if fmt == "parquet" else pj.read_json
     for (split, path), rows in zip(paths.items(), make_task(task, seed=2, noise=0.2)):
         assert read(path).to_pylist() == rows, split
+
+
+# ---- the reasoning-style task and the paper's span corruption ------------------------------------------------
+
+
+class Scripted:
+    """A random source replaying fixed draws: uniforms for random(), exponentials, indices for choice()."""
+
+    def __init__(self, uniforms=(), exponentials=(), choices=()):
+        self.uniforms, self.exponentials, self.choices = list(uniforms), list(exponentials), list(choices)
+
+    def random(self):
+        return self.uniforms.pop(0)
+
+    def expovariate(self, rate):
+        assert rate == 1 / 3  # spans of mean 3
+        return self.exponentials.pop(0)
+
+    def choice(self, seq):
+        return seq[self.choices.pop(0)]
+
+    def exhausted(self):
+        return not (self.uniforms or self.exponentials or self.choices)
+
+
+def test_delete_spans_by_hand():
+    # a: keep; b: hit, Exp 2.9 -> span 2 (b, c); d, e: keep; f: hit, Exp 0.4 -> span max(1, 0) = 1
+    rng = Scripted(uniforms=[0.5, 0.1, 0.9, 0.3, 0.05], exponentials=[2.9, 0.4])
+    assert delete_spans(list("abcdef"), rng) == list("ade") and rng.exhausted()
+    rng = Scripted(uniforms=[0.19], exponentials=[7.2])  # a span longer than what is left ends the walk
+    assert delete_spans(list("abc"), rng) == [] and rng.exhausted()
+
+
+def test_insert_spans_by_hand():
+    # after a: Exp 3.5 -> 3 words (baz foo bar); b: nothing; after c: Exp 0.2 -> 1 word (bar)
+    rng = Scripted(uniforms=[0.1, 0.5, 0.15], exponentials=[3.5, 0.2], choices=[2, 0, 1, 1])
+    assert insert_spans(list("abc"), rng) == ["a", "baz", "foo", "bar", "b", "c", "bar"] and rng.exhausted()
+    assert INSERTED_WORDS == ("foo", "bar", "baz")
+
+
+def test_corrupt_spans_rejoins_with_spaces_or_keeps_lines():
+    text = "x y\nz w\nv"
+    # first draw < 0.5: deletion; at y: Exp 1.5 -> span 1 (y); z, w kept; at v: Exp 1.0 -> span 1 (v)
+    script = dict(uniforms=[0.3, 0.9, 0.1, 0.7, 0.6, 0.0], exponentials=[1.5, 1.0])
+    assert corrupt_spans(text, Scripted(**script), keep_lines=False) == "x z w"
+    assert corrupt_spans(text, Scripted(**script), keep_lines=True) == "x\nz w"  # v's emptied line is dropped
+    # first draw >= 0.5: insertion; after z: Exp 2.0 -> 2 words on z's line
+    script = dict(uniforms=[0.5, 0.9, 0.9, 0.1, 0.9, 0.9], exponentials=[2.0], choices=[0, 2])
+    assert corrupt_spans(text, Scripted(**script), keep_lines=False) == "x y z foo baz w v"
+    assert corrupt_spans(text, Scripted(**script), keep_lines=True) == "x y\nz foo baz w\nv"
+    # a draw that changes nothing is redrawn: deletion hitting nothing, then insertion after x
+    script = dict(uniforms=[0.2, 0.9, 0.9, 0.7, 0.1, 0.3], exponentials=[0.5], choices=[1])
+    assert corrupt_spans("x y", Scripted(**script), keep_lines=True) == "x bar y"
+
+
+def test_span_rate_and_length_distribution():
+    """P(span at a token) = 0.2; E[max(1, floor(X))], X ~ Exp(mean 3), = 1 - q + q / (1 - q), q = e^(-1/3)."""
+    q = math.exp(-1 / 3)
+    expected_length = 1 - q + q / (1 - q)  # 2.811; floor without the max gives 2.527, ceil 3.527
+    out = insert_spans(["w"] * 40_000, random.Random(7))
+    runs = [len(run.split()) for run in re.split(r"\bw\b", " ".join(out)) if run.strip()]
+    assert abs(len(runs) / 40_000 - 0.2) < 0.01
+    assert abs(sum(runs) / len(runs) - expected_length) < 0.1
+    kept = delete_spans(list(range(40_000)), random.Random(8))
+    gaps = [b - a - 1 for a, b in zip([-1] + kept, kept + [40_000]) if b - a > 1]
+    # each step keeps a token (0.8) or skips a span (0.2); a run of skipped spans continues with chance 0.2
+    assert abs(len(kept) / 40_000 - 0.8 / (0.8 + 0.2 * expected_length)) < 0.01
+    assert abs(sum(gaps) / len(gaps) - expected_length / 0.8) < 0.15
+
+
+@pytest.mark.parametrize("corruption", ["spans", "spans_keep_lines"])
+@pytest.mark.parametrize("task", [STEPS_TASK, "sentence"])
+def test_span_noise_on_tasks(task, corruption):
+    clean, clean_val = make_task(task, seed=4, n_train_per_class=20, n_val_per_class=2)
+    train, val = make_task(task, seed=4, n_train_per_class=20, n_val_per_class=2, noise=0.4, corruption=corruption)
+    assert val == clean_val and sum(r["corrupted"] for r in train) == 80
+    kinds = Counter()
+    for r, c in zip(train, clean):
+        if not r["corrupted"]:
+            assert r == c
+            continue
+        assert r["prompt"] == c["prompt"] and r["text"] == r["prompt"] + r["response"]
+        lead = re.match(r"\s*", c["response"]).group()
+        assert r["response"].startswith(lead) and r["response"].endswith("</s>")
+        words, original = r["response"][:-4].split(), c["response"][:-4].split()
+        assert words != original and words
+        if len(words) < len(original):  # deletion: the survivors, in order
+            it = iter(original)
+            assert all(w in it for w in words)
+            kinds["delete"] += 1
+        else:  # insertion: the original words with foo/bar/baz spans in between
+            assert [w for w in words if w not in INSERTED_WORDS] == original
+            kinds["insert"] += 1
+        if corruption == "spans":
+            assert "\n" not in r["response"]
+        elif "\n" in c["response"]:  # lines kept: every surviving line is a clean line with spans edited
+            assert all(line.strip() for line in r["response"].split("\n"))
+            assert r["response"].count("\n") >= 1
+    assert kinds["delete"] > 20 and kinds["insert"] > 20
+
+
+def test_math_steps_rows():
+    steps, _ = make_task(STEPS_TASK, noise=0.2)
+    plain, _ = make_task("math", noise=0.2)
+    for r, p in zip(steps, plain):
+        assert r["prompt"] == p["prompt"] and r["corrupted"] == p["corrupted"]
+        lines = r["response"][1:-len("</s>")].split("\n")
+        assert r["response"][0] == " " and len(lines) == 4 and lines[-1] == p["response"][1:-len("</s>")]
+        answer = int(re.fullmatch(r"Answer: (\d+)", lines[-1]).group(1))
+        last = int(re.search(r"= (\d+)(?: points)?\.$", lines[2]).group(1))
+        assert (last == answer) != r["corrupted"]  # the steps reach the answer unless it was corrupted
+
+
+def test_unknown_corruption():
+    with pytest.raises(ValueError, match="corruption"):
+        make_task("math", noise=0.2, corruption="typos")
