@@ -21,3 +21,23 @@ test: install
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -rs tests; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 .PHONY: install demo test
+
+# The Airflow DAG run by a real Airflow (tests/test_airflow_dag.py; `make test` skips it). Airflow gets its own
+# venv, so its pins never touch .venv; the DAG's tasks run .venv's forvalue-ray through FORVALUE_CLI.
+AIRFLOW_VENV        ?= .venv-airflow
+AIRFLOW             ?= apache-airflow==3.3.2 apache-airflow-providers-amazon==9.39.0
+AIRFLOW_CONSTRAINTS ?= jobs/airflow/constraints.txt   # every transitive version, as resolved from PyPI
+
+$(AIRFLOW_VENV)/bin/airflow: $(AIRFLOW_CONSTRAINTS)
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install -q --upgrade pip
+	$(AIRFLOW_VENV)/bin/pip install -q $(if $(strip $(AIRFLOW_CONSTRAINTS)),-c $(AIRFLOW_CONSTRAINTS)) $(AIRFLOW)
+	touch $@
+
+airflow-env: $(AIRFLOW_VENV)/bin/airflow
+
+test-airflow: install airflow-env
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled FORVALUE_AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) \
+		$(BIN)/python -m pytest -q -rs tests/test_airflow_dag.py
+
+.PHONY: airflow-env test-airflow

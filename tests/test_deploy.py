@@ -634,7 +634,7 @@ def test_hadolint():
 
 
 # --------------------------------------------------------------------------------------------------
-# (e) Airflow DAG (parsed, not imported: no Airflow needed)
+# (e) Airflow DAG (parsed, not imported: no Airflow needed; tests/test_airflow_dag.py runs it in Airflow)
 
 
 def _dag_tree() -> ast.Module:
@@ -656,22 +656,30 @@ def test_airflow_dag_parses_and_is_a_dag():
     assert {"dag_id", "schedule", "start_date"} <= set(kwargs)
 
 
+def _cli_argvs(tree: ast.AST) -> dict[str, list]:
+    """The DAG's forvalue-ray command lines: [forvalue_cli(), "<command>", ...] by command."""
+    argvs = {}
+    for n in ast.walk(tree):
+        if (isinstance(n, ast.List) and len(n.elts) > 1 and isinstance(n.elts[0], ast.Call)
+                and getattr(n.elts[0].func, "id", None) == "forvalue_cli" and isinstance(n.elts[1], ast.Constant)):
+            argvs[n.elts[1].value] = [e.value if isinstance(e, ast.Constant) else None for e in n.elts]
+    return argvs
+
+
 def test_airflow_dag_submits_then_verifies():
     tree = _dag_tree()
     strings = _strings(tree)
-    # submit: an argv ["forvalue-ray", "submit", "--address", ..., "--config", ...]
-    argvs = [
-        [e.value if isinstance(e, ast.Constant) else None for e in n.elts]
-        for n in ast.walk(tree)
-        if isinstance(n, ast.List) and n.elts and isinstance(n.elts[0], ast.Constant) and n.elts[0].value == "forvalue-ray"
-    ]
-    submit = [a for a in argvs if a[1:2] == ["submit"]]
-    assert submit and "--address" in submit[0] and "--config" in submit[0], argvs
+    # the CLI is $FORVALUE_CLI on the worker (Airflow's own environment need not hold torch), else forvalue-ray
+    cli_fn = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "forvalue_cli"]
+    assert cli_fn and {"FORVALUE_CLI", "forvalue-ray"} <= set(_strings(cli_fn[0]))
+    argvs = _cli_argvs(tree)
+    # submit: [forvalue_cli(), "submit", "--address", ..., "--config", ...]; verify: [forvalue_cli(), "verify", out]
+    assert "submit" in argvs and "--address" in argvs["submit"] and "--config" in argvs["submit"], argvs
+    assert "verify" in argvs and len(argvs["verify"]) == 3, argvs
     assert "{{ var.value.ray_address }}" in strings
-    # the base config it renders from is the example config the repo ships
-    assert any("jobs/configs/llama8b-gpu.yaml" in s for s in strings)
-    # verify: a shell command running `forvalue-ray verify`
-    assert any(re.search(r"\bforvalue-ray verify\b", s) for s in strings)
+    # the base config it renders from is the example config the repo ships, unless a Variable names another
+    assert "jobs/configs/llama8b-gpu.yaml" in strings and (ROOT / "jobs/configs/llama8b-gpu.yaml").is_file()
+    assert any("var.value.get('forvalue_base_config'" in s for s in strings)
     # order: sensor >> submit >> verify
     chains = [n for n in ast.walk(tree) if isinstance(n, ast.BinOp) and isinstance(n.op, ast.RShift)]
     names = []
@@ -682,7 +690,22 @@ def test_airflow_dag_submits_then_verifies():
             node = node.left
         seq.insert(0, node)
         names.append([getattr(x, "id", None) for x in seq])
-    assert ["wait_for_data", "submitted", "verify"] in names, names
+    assert ["wait_for_data", "submitted", "verified"] in names, names
+
+
+def test_airflow_dag_recognises_the_jobs_own_errors(capsys):
+    """The submit task fails without retries when the job's CLI reported an error a person must fix: the
+    DAG's pattern has to match what `forvalue-ray run` prints for one."""
+    from forvalue_ray.cli import main
+
+    assigns = {t.id: n.value for n in ast.walk(_dag_tree()) if isinstance(n, ast.Assign)
+               for t in n.targets if isinstance(t, ast.Name)}
+    call = assigns["JOB_USER_ERROR"]
+    assert isinstance(call, ast.Call) and call.func.attr == "compile"
+    pattern = re.compile(call.args[0].value)
+    assert main(["run", "--config", str(ROOT / "no-such-config.yaml")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert any(pattern.match(line) for line in lines), lines
 
 
 def test_airflow_dag_has_no_credentials():
