@@ -159,7 +159,7 @@ def run_rows(vm, rows, cfg, timer, ref=None, ref_alpha=None):
                 timer.add("exact_pairwise", t0)
             else:
                 D, s = name
-                ts = sketch.tensor_sketch(val, vt.h, hashes[name], seg, len(idx))
+                ts = sketch.spectrum_to_sketch(sketch.sketch_spectrum(val, vt.h, hashes[name], seg, len(idx)), hashes[name])
                 for i, r in zip(idx, ts):
                     out[f"ts_{D}_s{s}"][i] = r.double().numpy()
                 timer.add(f"tensorsketch_{D}", t0)

@@ -7,17 +7,21 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .encode import DEFAULT_MAX_LENGTH, Columns, Encoded, Encoder, RowError
-from .engine import DEFAULT_MAX_TOKENS, Scorer, TargetStats, build_reference, finish_target_stats, target_partial
+from .engine import (DEFAULT_MAX_TOKENS, Scorer, TargetStats, build_reference, finish_target_stats, target_form,
+                     target_partial)
 from .model import ValuationModel
 from .readout import DEFAULT_VOCAB_CHUNK
 from .sketch import DEFAULT_SKETCH_DIM
 
 
-def encode_rows(vm: ValuationModel, rows: Iterable, *, max_length: int = DEFAULT_MAX_LENGTH,
+def encode_rows(vm: ValuationModel, rows: Iterable, *, max_length: int | None = None,
                 overlong: str = "truncate", columns: Columns = Columns(), form: str = "auto",
-                image_column: str = "images") -> list[Encoded]:
-    """Encode rows (dicts, or already :class:`Encoded`); a bad row raises with its index and reason."""
-    kw = dict(max_length=max_length, overlong=overlong, columns=columns, vocab_size=vm.head.vocab_size, form=form)
+                image_column: str = "images", response_eos: bool = True) -> list[Encoded]:
+    """Encode rows (dicts, or already :class:`Encoded`); a bad row raises with its index and reason.
+    ``max_length`` defaults to the model's context length; ``response_eos=False`` leaves the end-of-sequence
+    token out of prompt/response rows."""
+    kw = dict(max_length=max_length or vm.context_length, overlong=overlong, columns=columns,
+              vocab_size=vm.head.vocab_size, form=form, response_eos=response_eos)
     if getattr(vm, "processor", None) is not None:
         from .vision import VisionEncoder
 
@@ -39,30 +43,80 @@ def encode_rows(vm: ValuationModel, rows: Iterable, *, max_length: int = DEFAULT
 
 
 def target_statistics(vm: ValuationModel, target_rows, *, groups: Sequence | None = None,
-                      normalize: bool = False, vocab_chunk: int = DEFAULT_VOCAB_CHUNK, **encode_kw) -> TargetStats:
-    """Ḡ over the target rows (one per group when ``groups`` labels each target row)."""
+                      normalize: bool = False, center=None, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+                      stats_form: str | None = None, **encode_kw) -> TargetStats:
+    """Ḡ over the target rows (one per group when ``groups`` labels each target row).
+
+    ``stats_form``: "dense" or "factored" (:func:`~forvalue_ray.engine.target_form`; the same scores); by default
+    the cheaper one for this many target tokens, dense when centering.
+
+    ``center``: rows of a random sample of the training corpus, or their statistics (``target_statistics``
+    of them, or a saved ``OUT/center`` artifact): returns Ḡ_k − μ, μ the sample's mean gradient (see
+    :func:`center_target_stats`).
+    """
+    if center is not None and normalize:
+        raise ValueError(CENTER_NORMALIZE_ERROR)
     rows = encode_rows(vm, target_rows, **encode_kw)
     labels = ["all"] * len(rows) if groups is None else [str(g) for g in groups]
     if len(labels) != len(rows):
         raise ValueError(f"{len(labels)} group labels for {len(rows)} target rows")
     names = sorted(set(labels))
     index = [names.index(g) for g in labels]
-    total, counts = target_partial(vm, rows, index, len(names), normalize=normalize, vocab_chunk=vocab_chunk)
-    return finish_target_stats(total, counts, names, normalize, vm.provenance)
+    if stats_form is None:
+        stats_form = "dense" if center is not None else target_form(sum(r.n_valued for r in rows), len(names),
+                                                                    *vm.head.weight.shape)
+    total, counts = target_partial(vm, rows, index, len(names), normalize=normalize, vocab_chunk=vocab_chunk,
+                                   stats_form=stats_form)
+    stats = finish_target_stats(total, counts, names, normalize, vm.provenance)
+    if center is None:
+        return stats
+    if not isinstance(center, TargetStats):
+        center = target_statistics(vm, center, vocab_chunk=vocab_chunk, stats_form="dense", **encode_kw)
+    return center_target_stats(stats, center)
 
 
-def value_scores(vm: ValuationModel, train_rows, target_rows, *, normalize: bool = False,
+CENTER_NORMALIZE_ERROR = ("centering is defined for the plain For-Value inner product only: drop normalize "
+                          "(--normalize) or the centering sample (center= / --center)")
+
+
+def center_target_stats(stats: TargetStats, center: TargetStats) -> TargetStats:
+    """Ḡ_k − μ for every group k, μ the mean gradient of a sample of the training corpus (one group).
+
+    A row's score against it, ⟨G, Ḡ_k − μ⟩ = value against the targets − value against the sample, differs
+    from the centered inner product ⟨G − μ, Ḡ_k − μ⟩ by ⟨μ, Ḡ_k − μ⟩, the same for every row: the ranking
+    of the centered score. What every row shares (a prompt template, the corpus's common style) drops out.
+    """
+    if stats.normalize or center.normalize:
+        raise ValueError(CENTER_NORMALIZE_ERROR)
+    if len(center.names) != 1:
+        raise ValueError(f"centering statistics must have one group, got {len(center.names)} ({center.names[:5]})")
+    if "factored" in (stats.form, center.form):
+        raise ValueError("centering needs dense statistics: build both with target_statistics(..., "
+                         "stats_form='dense')")
+    if center.stats.shape[1:] != stats.stats.shape[1:]:
+        raise ValueError(f"centering statistics of shape {tuple(center.stats.shape[1:])} do not match the target "
+                         f"statistics' {tuple(stats.stats.shape[1:])}: build both with the same model")
+    return TargetStats(stats.stats - center.stats[0], stats.names, False, stats.counts,
+                       {**stats.provenance, "centered_on": {"rows": center.counts[0], **center.provenance}})
+
+
+def value_scores(vm: ValuationModel, train_rows, target_rows, *, normalize: bool = False, center=None,
                  vocab_chunk: int = DEFAULT_VOCAB_CHUNK, **encode_kw) -> np.ndarray:
-    """Mean over target rows of For-Value(train, target) (cosine For-Value if ``normalize``): [n_train]."""
-    stats = target_statistics(vm, target_rows, normalize=normalize, vocab_chunk=vocab_chunk, **encode_kw)
+    """Mean over target rows of For-Value(train, target) (cosine For-Value if ``normalize``): [n_train].
+
+    ``center``: a random sample of the training rows (or its statistics): the centered score, i.e. this
+    value minus the value against the sample (:func:`center_target_stats`)."""
+    stats = target_statistics(vm, target_rows, normalize=normalize, center=center, vocab_chunk=vocab_chunk,
+                              **encode_kw)
     return score_against(vm, train_rows, stats, vocab_chunk=vocab_chunk, **encode_kw)[:, 0]
 
 
 def group_scores(vm: ValuationModel, train_rows, target_rows, groups: Sequence, *, normalize: bool = False,
-                 vocab_chunk: int = DEFAULT_VOCAB_CHUNK, **encode_kw) -> tuple[list[str], np.ndarray]:
-    """Mean For-Value against each group of target rows: (sorted group names, [n_train, K])."""
-    stats = target_statistics(vm, target_rows, groups=groups, normalize=normalize, vocab_chunk=vocab_chunk,
-                              **encode_kw)
+                 center=None, vocab_chunk: int = DEFAULT_VOCAB_CHUNK, **encode_kw) -> tuple[list[str], np.ndarray]:
+    """Mean For-Value against each group of target rows: (sorted group names, [n_train, K]); ``center`` as
+    in :func:`value_scores`, for every group."""
+    stats = target_statistics(vm, target_rows, groups=groups, normalize=normalize, center=center,
+                              vocab_chunk=vocab_chunk, **encode_kw)
     return stats.names, score_against(vm, train_rows, stats, vocab_chunk=vocab_chunk, **encode_kw)
 
 

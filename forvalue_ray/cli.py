@@ -9,6 +9,7 @@ import sys
 from dataclasses import asdict, fields
 
 from .pipeline import MODES, JobConfig
+from .report import DEFAULT_SAMPLE, DEFAULT_TOP
 
 JOB_COMMANDS = ("value", "sketch", "score")
 DEFAULTS = JobConfig()
@@ -28,19 +29,23 @@ def _add_job_flags(p: argparse.ArgumentParser, command: str) -> None:
         "out": "output directory (local, s3://, gs://)", "mode": f"one of {MODES}",
         "group_column": "target column naming each row's group (groups mode; sketch keeps it in the index)",
         "target_stats": "reuse target statistics from an earlier run (OUT/target)",
+        "center": "center the scores on a seeded random sample of this many training rows: their mean gradient "
+                  "is subtracted from the target statistics (mean/groups modes); saved under OUT/center",
+        "center_seed": "seed of the centering sample", "center_stats": "reuse an earlier run's OUT/center",
         "index": "sketch index of the rows to score", "target_index": "sketch index of the target rows",
         "num_actors": "model replicas: N, or MIN-MAX to autoscale", "gpus_per_actor": "GPUs per replica (fractional ok)",
         "batch_tokens": "padded tokens per forward pass", "overlong": "truncate or reject rows over --max-length",
         "normalize": "cosine For-Value (divide by gradient norms)", "overwrite": "replace a different job's output",
-        "dim": "sketch size", "form": "auto, text, prompt_response, messages or input_ids (auto: first present)", "seed": "sketch hash seed", "format": "auto, parquet, jsonl or arrow",
+        "dim": "sketch size", "max_length": "truncate rows to this many tokens (default: the model's context length)",
+        "response_eos": "value the end-of-sequence token after each response (prompt/response rows)", "form": "auto, text, prompt_response, messages or input_ids (auto: first present)", "seed": "sketch hash seed", "format": "auto, parquet, jsonl or arrow",
     }
     for f in fields(JobConfig):
         if f.name in ("command", "extra"):
             continue
         kw = {"dest": f.name, "default": None, "help": help_text.get(f.name)}
         if f.type in ("bool", bool) or isinstance(f.default, bool):
-            if f.name == "progress":
-                p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+            if f.default is True:  # on by default: the flag turns it off
+                p.add_argument(_flag("no_" + f.name), action="store_false", **kw)
                 continue
             p.add_argument(_flag(f.name), action="store_true", **kw)
         else:
@@ -84,6 +89,9 @@ def run_job(cfg: JobConfig) -> dict:
     print(f"{cfg.command}: {c['scored']:,} rows scored, {c['rejected']:,} rejected, {c['tokens']:,} tokens "
           f"in {c['shards']} shards; {run['this_invocation']['wall_seconds']:.1f} s this run → {cfg.out}",
           file=sys.stderr)
+    if c.get("truncated_rows"):
+        print(f"{cfg.command}: {c['truncated_rows']:,} rows truncated at max_length, {c['truncated_tokens']:,} tokens "
+              f"dropped (--max-length, or --overlong reject)", file=sys.stderr)
     return run
 
 
@@ -107,6 +115,13 @@ def cmd_verify(args) -> int:
     return 1 if problems else 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(write_report(args.dir, top=args.top, sample=args.sample))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -117,7 +132,7 @@ def cmd_demo(args) -> int:
 def cmd_submit(args) -> int:
     from .submit import submit
 
-    return submit(args.address, args.config, wait=not args.no_wait)
+    return submit(args.address, args.config, wait=not args.no_wait, python=args.python, runtime_env=args.runtime_env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("verify", help="check an output is complete and exactly-once against its input")
     p.add_argument("dir")
+    p = sub.add_parser("report", help="an HTML page about a value/score/select output: OUT/report/index.html")
+    p.add_argument("dir", help="the output directory (local, s3://, gs://)")
+    p.add_argument("--top", type=int, default=DEFAULT_TOP, help="rows shown at the top and at the bottom")
+    p.add_argument("--sample", type=int, default=DEFAULT_SAMPLE, help="rows sampled (uniformly) for the plots")
     p = sub.add_parser("demo", help="value a small generated corpus with the embedded SmolLM2 on a local Ray")
     p.add_argument("--out", default="forvalue-demo")
     p.add_argument("--num-actors", default="1")
@@ -150,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray dashboard URL, e.g. http://head:8265")
     p.add_argument("--config", required=True)
     p.add_argument("--no-wait", action="store_true")
+    p.add_argument("--python", default="python",
+                   help="the cluster's interpreter with forvalue-ray's dependencies (default: `python` on the head's PATH)")
+    p.add_argument("--runtime-env", help="YAML of Ray runtime_env keys for the job (image_uri, pip, env_vars, ...)")
     args = parser.parse_args(argv)
     try:
         if args.command in JOB_COMMANDS:
@@ -162,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"{args.config}: command must be one of {JOB_COMMANDS}, not {command!r}")
             run_job(JobConfig.from_dict({**data, "command": command}))
             return 0
-        return {"select": cmd_select, "verify": cmd_verify, "demo": cmd_demo, "submit": cmd_submit}[args.command](args)
+        return {"select": cmd_select, "verify": cmd_verify, "report": cmd_report, "demo": cmd_demo,
+                "submit": cmd_submit}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as e:
         bare_path = isinstance(e, FileNotFoundError) and " " not in str(e)  # fsspec raises with just the path
         what = f"not found: {e}" if bare_path else e

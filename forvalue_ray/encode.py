@@ -5,7 +5,9 @@ A row is a dict in one of four forms (each with an optional id):
 - ``input_ids`` (+ optional ``labels``, Hugging Face convention: ``labels[j] = -100`` is not valued,
   otherwise token j is predicted from position j−1);
 - ``text``: every predicted token is valued;
-- ``prompt`` + ``response``: ids(prompt, with special tokens) + ids(response, without); response valued;
+- ``prompt`` + ``response``: ids(prompt, with special tokens) + ids(response, without) + the tokenizer's
+  end-of-sequence token (as SFT trainers append it; ``response_eos=False`` leaves it out); response and
+  end-of-sequence token valued;
 - ``messages``: rendered with the tokenizer's chat template; assistant turns valued.
 
 The output keeps the HF ``labels`` convention. A row that cannot be valued raises :class:`RowError`
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 IGNORE = -100
-DEFAULT_MAX_LENGTH = 2048
+DEFAULT_MAX_LENGTH = 2048  # when the model states no context length
 
 
 class RowError(ValueError):
@@ -43,6 +45,7 @@ class Encoded:
     input_ids: np.ndarray  # int64 [T]
     labels: np.ndarray  # int64 [T], IGNORE where not valued
     vision: dict | None = None  # processor outputs for image rows (pixel_values, image_grid_thw, …)
+    truncated: int = 0  # tokens dropped at max_length
 
     @property
     def n_valued(self) -> int:
@@ -74,6 +77,10 @@ def _int_list(values, name: str) -> list[int]:
     return out
 
 
+def common_prefix_length(a: list, b: list) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def _ids(tokenizer, text: str, special: bool) -> list[int]:
     try:
         return list(tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -89,10 +96,12 @@ class Encoder:
 
     ``form="auto"`` takes the first form present in the order input_ids, messages, prompt+response, text
     (a row carrying both prompt/response and text is valued on its response); name a form to force it.
+    ``max_length`` is the model's context length in the API and the job (``DEFAULT_MAX_LENGTH`` here).
     """
 
     def __init__(self, tokenizer, *, max_length: int = DEFAULT_MAX_LENGTH, overlong: str = "truncate",
-                 columns: Columns = Columns(), vocab_size: int | None = None, form: str = "auto"):
+                 columns: Columns = Columns(), vocab_size: int | None = None, form: str = "auto",
+                 response_eos: bool = True):
         if overlong not in ("truncate", "reject"):
             raise ValueError(f"overlong must be 'truncate' or 'reject', not {overlong!r}")
         if form not in FORMS:
@@ -100,6 +109,7 @@ class Encoder:
         self.form = form
         self.tokenizer, self.max_length, self.overlong = tokenizer, max_length, overlong
         self.columns, self.vocab_size = columns, vocab_size
+        self.response_eos = response_eos
 
     def row_id(self, row: dict, fallback: str) -> str:
         value = row.get(self.columns.id)
@@ -108,13 +118,14 @@ class Encoder:
     def __call__(self, row: dict, fallback_id: str = "") -> Encoded:
         ids, labels = self._tokens(row)
         ids, labels = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
-        if len(ids) > self.max_length:
+        truncated = max(0, len(ids) - self.max_length)
+        if truncated:
             if self.overlong == "reject":
                 raise RowError(f"over-long: {len(ids)} tokens > max_length {self.max_length}")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         if self.vocab_size is not None and len(ids) and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise RowError(f"token id out of range [0, {self.vocab_size})")
-        out = Encoded(self.row_id(row, fallback_id), ids, labels)
+        out = Encoded(self.row_id(row, fallback_id), ids, labels, truncated=truncated)
         if out.n_valued == 0:
             where = f" within max_length {self.max_length}" if len(ids) == self.max_length else ""
             raise RowError(f"no valued token{where}")
@@ -137,13 +148,20 @@ class Encoder:
             if not (_present(row, c.prompt) and _present(row, c.response)):
                 raise RowError(f"a prompt/response row needs both '{c.prompt}' and '{c.response}'")
             prompt = _ids(self.tokenizer, _string(row, c.prompt), special=True)
-            response = _ids(self.tokenizer, _string(row, c.response), special=False)
+            response = self.with_eos(_ids(self.tokenizer, _string(row, c.response), special=False))
             return prompt + response, [IGNORE] * len(prompt) + response
         if _present(row, c.text):
             ids = _ids(self.tokenizer, _string(row, c.text), special=True)
             return ids, [IGNORE] + ids[1:]
         raise RowError(f"row has none of the columns '{c.input_ids}', '{c.messages}', "
                        f"'{c.prompt}'+'{c.response}', '{c.text}' (set them with --*-column)")
+
+    def with_eos(self, response: list[int]) -> list[int]:
+        """The response followed by the end-of-sequence token (once), unless ``response_eos`` is off."""
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if not self.response_eos or eos is None or (response and response[-1] == eos):
+            return response
+        return response + [eos]
 
     def _from_ids(self, row: dict) -> tuple[list[int], list[int]]:
         c = self.columns
@@ -188,8 +206,7 @@ class Encoder:
                 before = self._render(clean[:i], generation_prompt=True)  # ends with the assistant header
             else:  # templates refuse an empty conversation: the header is what an empty reply shares
                 empty = self._render([{"role": "assistant", "content": ""}], generation_prompt=False)
-                before = end_ids[: next((k for k, (a, b) in enumerate(zip(empty, end_ids)) if a != b),
-                                        min(len(empty), len(end_ids)))]
+                before = end_ids[:common_prefix_length(empty, end_ids)]
             start = len(before)
             if full[: len(end_ids)] != end_ids or end_ids[:start] != before:
                 raise RowError("the chat template is not prefix-stable; pass input_ids + labels instead")

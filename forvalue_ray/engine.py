@@ -22,8 +22,9 @@ import torch
 from .encode import IGNORE, Encoded
 from .model import ValuationModel
 from .readout import (DEFAULT_VOCAB_CHUNK, CountSketchOfError, ReferenceTokens, TargetStatDot, TokenKernel,
-                      accumulation_dtype, gradient_sq_norms, segment_sum, vocab_pass, weighted_gradient_sum)
-from .sketch import SketchHashes, tensor_sketch
+                      accumulation_dtype, block_sizes, gradient_sq_norms, product_dtype, segment_sum, vocab_pass,
+                      weighted_gradient_sum)
+from .sketch import SketchHashes, sketch_spectrum, spectrum_to_sketch
 
 DEFAULT_MAX_TOKENS = 4096  # padded tokens per forward
 DEFAULT_MAX_ROWS = 64
@@ -89,14 +90,66 @@ def valued_tokens(vm: ValuationModel, rows: list[Encoded], padding_side: str = "
 
 
 @dataclass
-class TargetStats:
-    """Target statistics Ḡ [K, V, d] (fp32) with group names; ``normalize`` marks the cosine variant."""
+class TargetTokens:
+    """Valued target tokens (h', y', lse'; ``seg`` = the group of each token's row) with the weight w_s each
+    carries in Ḡ: Ḡ_k = Σ_{s∈k} w_s α'_s h'_sᵀ. Partials of a target pass add by concatenation."""
 
-    stats: torch.Tensor
+    tokens: ReferenceTokens
+    weights: torch.Tensor  # [S]
+
+    def __add__(self, other: "TargetTokens") -> "TargetTokens":
+        a, b = self.tokens, other.tokens
+        return TargetTokens(ReferenceTokens(*(torch.cat([getattr(a, f), getattr(b, f)]) for f in ("h", "y", "lse", "seg"))),
+                            torch.cat([self.weights, other.weights]))
+
+    def cpu(self) -> "TargetTokens":
+        t = self.tokens
+        return TargetTokens(ReferenceTokens(t.h.cpu(), t.y.cpu(), t.lse.cpu(), t.seg.cpu()), self.weights.cpu())
+
+
+def target_form(n_tokens: int, n_groups: int, vocab_size: int, hidden_size: int) -> str:
+    """How to keep K target statistics built from S valued target tokens. Ḡ_k = Σ_{s∈k} w_s α'_s h'_sᵀ has rank
+    ≤ S, so Ḡ h = A (Bᵀ h) with A = α' [V, S], B = w h' [d, S]: per scored token 2·S·(V + d) FLOPs and S·(V + d)
+    values kept, against 2·K·V·d and K·V·d dense — one inequality decides both."""
+    return "factored" if n_tokens * (vocab_size + hidden_size) < n_groups * vocab_size * hidden_size else "dense"
+
+
+@dataclass
+class TargetStats:
+    """K target statistics Ḡ_k with group names (``normalize`` marks the cosine variant), in one of two exact
+    forms (:func:`target_form`): ``stats`` [K, V, d] fp32 (dense), or ``tokens`` (factored: the target's valued
+    tokens and their weights, 1/(rows in the group) and 1/‖G(z')‖ for cosine)."""
+
+    stats: torch.Tensor | None
     names: list[str]
     normalize: bool
     counts: list[int]
     provenance: dict = field(default_factory=dict)
+    tokens: TargetTokens | None = None
+
+    @property
+    def form(self) -> str:
+        return "dense" if self.stats is not None else "factored"
+
+
+@dataclass
+class TokenSet:
+    """Target tokens on the scoring device for Σ_{t∈row} Σ_{s∈owner} (α_t·α'_s)(h_t·b_s): the pairwise
+    reference (b = h', owner = target row) and factored statistics (b = w h', owner = group; α' materialised
+    once, ``errors``)."""
+
+    tokens: ReferenceTokens
+    b: torch.Tensor  # [S, d] in the product dtype
+    n_owners: int
+    errors: torch.Tensor | None = None  # α' [S, V], or None: recomputed chunk by chunk
+
+    def kernel(self, head, n: int, acc) -> TokenKernel:
+        return TokenKernel(head, self.tokens, n, acc, self.errors)
+
+    def reduce(self, kernel: torch.Tensor, h: torch.Tensor, seg: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """[n_rows, n_owners] from the [tokens, S] kernel α_t·α'_s of a token block."""
+        hb = (h.to(self.b.dtype) @ self.b.T).to(kernel.dtype)
+        return segment_sum(segment_sum(kernel * hb, seg, n_rows, 0), self.tokens.seg, self.n_owners, 1)
 
 
 @dataclass
@@ -122,12 +175,23 @@ class Scorer:
                  padding_side: str = "right"):
         self.vm, self.normalize, self.vocab_chunk = vm, normalize, vocab_chunk
         self.max_tokens, self.padding_side = max_tokens, padding_side
-        dev = vm.device
-        self.stats = None if stats is None else stats.stats.to(dev)
+        dev, cd = vm.device, product_dtype(vm.dtype)
         if stats is not None and stats.normalize != normalize:
             raise ValueError("the target statistics were built with normalize="
                              f"{stats.normalize}; score with the same setting")
+        self.target_form = None if stats is None else stats.form
+        self.stats = self.factored = self.pairs = None
+        if self.target_form == "dense":
+            self.stats = stats.stats.to(dev, cd)  # cast once here, not per chunk
+        elif self.target_form == "factored":
+            t = stats.tokens.tokens
+            tokens = ReferenceTokens(t.h.to(dev), t.y.to(dev), t.lse.to(dev), t.seg.to(dev))
+            b = (tokens.h.to(accumulation_dtype(vm.dtype)) * stats.tokens.weights.to(dev)[:, None]).to(cd)
+            self.factored = TokenSet(tokens, b, len(stats.names), tokens.errors(vm.head, cd, vocab_chunk))
         self.reference = None if reference is None else reference.to(dev)
+        if self.reference is not None:
+            t = self.reference.tokens
+            self.pairs = TokenSet(t, t.h.to(cd), len(self.reference.ids))
         self.hashes = None if sketch_dim is None else SketchHashes.make(
             sketch_dim, sketch_seed, vm.head.vocab_size, vm.head.weight.shape[1], dev)
 
@@ -145,38 +209,65 @@ class Scorer:
         return out
 
     def _batch(self, rows: list[Encoded]) -> dict[str, np.ndarray]:
+        """One forward, then the readout over token blocks: every quantity is per token and reduced per
+        row, so blocks change nothing but the peak memory (bounded whatever the row length)."""
         head = self.vm.head
         vt = valued_tokens(self.vm, rows, self.padding_side)
         n, acc = vt.n_rows, accumulation_dtype(vt.h.dtype)
-        accs = []
-        if self.stats is not None:
-            accs.append(TargetStatDot(self.stats, len(vt.y), acc))
-        if self.reference is not None:
-            accs.append(TokenKernel(head, self.reference.tokens, len(vt.y), acc))
-        if self.hashes is not None:
-            accs.append(CountSketchOfError(self.hashes.vocab_buckets, self.hashes.vocab_signs,
-                                           self.hashes.dim, len(vt.y), acc))
-        res = vocab_pass(head, vt.h, vt.y, accs, self.vocab_chunk)
+        ref = self.reference
+        token_sets = [t for t in (self.factored, self.pairs) if t is not None]
+        block, chunk = block_sizes(self.vocab_chunk, n_groups=0 if self.stats is None else self.stats.shape[0],
+                                   n_reference=sum(len(t.tokens.y) for t in token_sets),
+                                   sketch_dim=0 if self.hashes is None else self.hashes.dim)
+        nll = torch.zeros(n, dtype=acc, device=vt.h.device)
+        scores = pairwise = spectrum = None
+        lse = []
+        for t0 in range(0, len(vt.y), block):
+            h, y, seg = vt.h[t0:t0 + block], vt.y[t0:t0 + block], vt.seg[t0:t0 + block]
+            accs = []
+            if self.stats is not None:
+                accs.append(TargetStatDot(self.stats, len(y), acc))
+            accs += [t.kernel(head, len(y), acc) for t in token_sets]
+            if self.hashes is not None:
+                accs.append(CountSketchOfError(self.hashes.vocab_buckets, self.hashes.vocab_signs,
+                                               self.hashes.dim, len(y), acc))
+            res = vocab_pass(head, h, y, accs, chunk)
+            lse.append(res.lse)
+            nll += segment_sum(res.nll, seg, n)
+            values = iter(res.values)
+            if self.stats is not None:
+                scores = _add(scores, segment_sum(next(values), seg, n))
+            if self.factored is not None:
+                scores = _add(scores, self.factored.reduce(next(values), h, seg, n))
+            if self.pairs is not None:
+                pairwise = _add(pairwise, self.pairs.reduce(next(values), h, seg, n))
+            if self.hashes is not None:
+                spectrum = _add(spectrum, sketch_spectrum(next(values), h, self.hashes, seg, n))
         counts = vt.n_tokens
-        out = {"n_tokens": counts.astype(np.int64),
-               "nll": (segment_sum(res.nll, vt.seg, n).cpu().double().numpy() / np.maximum(counts, 1))}
+        out = {"n_tokens": counts.astype(np.int64), "nll": nll.cpu().double().numpy() / np.maximum(counts, 1)}
         inv_norm = None
-        if self.normalize and (self.stats is not None or self.reference is not None):
-            inv_norm = gradient_sq_norms(head, vt.h, vt.y, res.lse, vt.seg, n, self.vocab_chunk).rsqrt()
-        values = iter(res.values)
-        if self.stats is not None:
-            s = segment_sum(next(values), vt.seg, n)
-            out["scores"] = (s if inv_norm is None else s * inv_norm[:, None]).double().cpu().numpy()
-        if self.reference is not None:
-            ref = self.reference
-            kernel = next(values) * (vt.h.to(acc) @ ref.tokens.h.to(acc).T)  # (α_t·α'_s)(h_t·h'_s)
-            per_pair = segment_sum(segment_sum(kernel, vt.seg, n, 0), ref.tokens.seg, len(ref.ids), 1)
+        if self.normalize and (self.target_form is not None or ref is not None):
+            inv_norm = gradient_sq_norms(head, vt.h, vt.y, torch.cat(lse), vt.seg, n, self.vocab_chunk).rsqrt()
+        if self.target_form is not None:
+            out["scores"] = (scores if inv_norm is None else scores * inv_norm[:, None]).double().cpu().numpy()
+        if ref is not None:
             if inv_norm is not None:
-                per_pair = per_pair * inv_norm[:, None] * ref.sq_norms.to(acc).rsqrt()[None, :]
-            out["pairwise"] = per_pair.double().cpu().numpy()
+                pairwise = pairwise * inv_norm[:, None] * ref.sq_norms.to(acc).rsqrt()[None, :]
+            out["pairwise"] = pairwise.double().cpu().numpy()
         if self.hashes is not None:
-            out["sketch"] = tensor_sketch(next(values), vt.h, self.hashes, vt.seg, n).float().cpu().numpy()
+            out["sketch"] = spectrum_to_sketch(spectrum, self.hashes).float().cpu().numpy()
         return out
+
+
+def _add(total, x):
+    return x if total is None else total + x
+
+
+def log_sum_exp(vm: ValuationModel, vt: ValuedTokens, vocab_chunk: int) -> torch.Tensor:
+    """Each valued token's log-sum-exp of the logits, token block by token block (bounded memory)."""
+    block, chunk = block_sizes(vocab_chunk)
+    return torch.cat([vocab_pass(vm.head, vt.h[t0:t0 + block], vt.y[t0:t0 + block], (), chunk).lse
+                      for t0 in range(0, len(vt.y), block)])
 
 
 # ---- target side: additive partials so any number of workers can contribute -------------------------------
@@ -185,30 +276,40 @@ class Scorer:
 @torch.no_grad()
 def target_partial(vm: ValuationModel, rows: list[Encoded], group_index: list[int], n_groups: int, *,
                    normalize: bool = False, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-                   max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[torch.Tensor, np.ndarray]:
-    """Σ over these rows of G(z') (÷‖G(z')‖ if normalize), per group: [K, V, d] and row counts [K]."""
+                   max_tokens: int = DEFAULT_MAX_TOKENS, stats_form: str = "dense"):
+    """Σ over these rows of G(z') (÷‖G(z')‖ if normalize), per group, and row counts [K]. ``stats_form`` "dense":
+    [K, V, d] float64 (batches summed in float64 in a fixed order, so partials reduce to the same bits however
+    they are distributed); "factored": the rows' :class:`TargetTokens` (see :func:`target_form`)."""
     head = vm.head
     total = None
     counts = np.bincount(np.asarray(group_index, dtype=np.int64), minlength=n_groups)
     for idx in plan_batches([len(r.input_ids) for r in rows], max_tokens):
         vt = valued_tokens(vm, [rows[i] for i in idx])
-        lse = vocab_pass(head, vt.h, vt.y, (), vocab_chunk).lse
+        lse = log_sum_exp(vm, vt, vocab_chunk)
         weights = torch.ones(vt.n_rows, dtype=lse.dtype, device=lse.device)
         if normalize:
             weights = gradient_sq_norms(head, vt.h, vt.y, lse, vt.seg, vt.n_rows, vocab_chunk).rsqrt()
         groups = torch.tensor([group_index[i] for i in idx], device=lse.device)
-        part = weighted_gradient_sum(head, vt.h, vt.y, lse, weights[vt.seg], n_groups, groups[vt.seg], vocab_chunk)
+        if stats_form == "factored":
+            part = TargetTokens(ReferenceTokens(vt.h, vt.y, lse, groups[vt.seg]), weights[vt.seg])
+        else:
+            part = weighted_gradient_sum(head, vt.h, vt.y, lse, weights[vt.seg], n_groups, groups[vt.seg],
+                                         vocab_chunk).double()
         total = part if total is None else total + part
-    return total.float().cpu(), counts
+    return total.cpu(), counts
 
 
-def finish_target_stats(total: torch.Tensor, counts: np.ndarray, names: list[str], normalize: bool,
+def finish_target_stats(total, counts: np.ndarray, names: list[str], normalize: bool,
                         provenance: dict | None = None) -> TargetStats:
+    """Ḡ_k = the summed partials of group k ÷ its row count, in the partials' form."""
     if (counts == 0).any():
         empty = [names[i] for i in np.flatnonzero(counts == 0)]
         raise ValueError(f"no valid target rows in group(s) {empty}")
-    stats = total / torch.as_tensor(counts, dtype=total.dtype)[:, None, None]
-    return TargetStats(stats, list(names), normalize, [int(c) for c in counts], dict(provenance or {}))
+    meta = (list(names), normalize, [int(c) for c in counts], dict(provenance or {}))
+    if isinstance(total, TargetTokens):
+        w = total.weights / torch.as_tensor(counts, dtype=total.weights.dtype)[total.tokens.seg]
+        return TargetStats(None, *meta, tokens=TargetTokens(total.tokens, w))
+    return TargetStats((total / torch.as_tensor(counts, dtype=total.dtype)[:, None, None]).float(), *meta)
 
 
 @torch.no_grad()
@@ -220,9 +321,19 @@ def build_reference(vm: ValuationModel, rows: list[Encoded], *, vocab_chunk: int
     sq = torch.zeros(len(rows), dtype=torch.float64)
     for idx in plan_batches([len(r.input_ids) for r in rows], max_tokens):
         vt = valued_tokens(vm, [rows[i] for i in idx])
-        lse = vocab_pass(head, vt.h, vt.y, (), vocab_chunk).lse
+        lse = log_sum_exp(vm, vt, vocab_chunk)
         sq[idx] = gradient_sq_norms(head, vt.h, vt.y, lse, vt.seg, vt.n_rows, vocab_chunk).double().cpu()
         hs.append(vt.h), ys.append(vt.y), lses.append(lse)
         segs.append(torch.as_tensor(idx, device=vt.seg.device)[vt.seg])
     tokens = ReferenceTokens(torch.cat(hs), torch.cat(ys), torch.cat(lses), torch.cat(segs))
     return Reference(tokens, [r.id for r in rows], sq)
+
+
+def join_references(parts) -> Reference:
+    """One reference from per-block references, each given with the index of its first row, in block order."""
+    refs = [p for p, _ in parts]
+    seg = torch.cat([r.tokens.seg + int(first) for r, first in parts])
+    t = [r.tokens for r in refs]
+    return Reference(ReferenceTokens(torch.cat([x.h for x in t]), torch.cat([x.y for x in t]),
+                                     torch.cat([x.lse for x in t]), seg),
+                     [i for r in refs for i in r.ids], torch.cat([r.sq_norms for r in refs]))

@@ -182,25 +182,24 @@ def _jsonl_lines(fs, path, start: int, stop: int):
             pos += len(raw)
 
 
-def write_table_atomic(url: str, table: pa.Table) -> None:
-    """Write a Parquet file so that readers see all of it or nothing (temp name, then move)."""
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write a file so that readers see all of it or nothing (temp name, then move)."""
     fs, path = filesystem(url)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     tmp = f"{posixpath.dirname(path)}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}"
+    with fs.open(tmp, "wb") as fh:
+        fh.write(data)
+    fs.mv(tmp, path)
+
+
+def write_table_atomic(url: str, table: pa.Table) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    with fs.open(tmp, "wb") as fh:
-        fh.write(buf.getvalue())
-    fs.mv(tmp, path)
+    write_bytes_atomic(url, buf.getvalue())
 
 
 def write_json_atomic(url: str, obj) -> None:
-    fs, path = filesystem(url)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    tmp = f"{posixpath.dirname(path)}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}"
-    with fs.open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-    fs.mv(tmp, path)
+    write_bytes_atomic(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
 
 def read_json(url: str):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .encode import DEFAULT_MAX_LENGTH
 from .readout import LMHead
 
 DEFAULT_MODEL = "smollm2"
@@ -72,18 +73,89 @@ def gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
     return out, digest
 
 
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def context_length(config) -> int:
+    """The longest sequence the model was built for: the default truncation length (rows are never cut
+    shorter than the model can read; the readout's memory is bounded whatever the length)."""
+    cfg = _text_config(config)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_MAX_LENGTH
+
+
+def _family(model) -> str:
+    cfg = model.config
+    return "/".join(dict.fromkeys(filter(None, (getattr(cfg, "model_type", None),
+                                                getattr(_text_config(cfg), "model_type", None)))))
+
+
 def lm_head_of(model) -> LMHead:
-    """The model's own logit function, including bias, logit scaling and final soft-capping."""
+    """The model's own logit function: bias (folded into the weight as a last column), logit scaling and
+    final soft-capping, for every family in transformers known to transform its logits. Anything else is
+    caught by :func:`check_head`."""
     head = model.get_output_embeddings()
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = _text_config(model.config)
+    family = _family(model)
     scale = 1.0
-    if getattr(cfg, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+    if getattr(cfg, "logit_scale", None) is not None:  # Cohere, Cohere2: logits * logit_scale
         scale *= float(cfg.logit_scale)
-    if getattr(cfg, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
-        scale /= float(cfg.logits_scaling)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    return LMHead(weight=head.weight.detach(), bias=None if head.bias is None else head.bias.detach(),
-                  scale=scale, softcap=float(softcap) if softcap else None)
+    if getattr(cfg, "logits_scaling", None) is not None:
+        if "hyperclovax" in family:  # HyperCLOVAX: logits * logits_scaling
+            scale *= float(cfg.logits_scaling)
+        else:  # Granite family: logits / logits_scaling
+            scale /= float(cfg.logits_scaling)
+    multiplier = getattr(getattr(model, "model", None), "lm_head_multiplier", None)  # FalconH1
+    if multiplier is None:
+        multiplier = getattr(cfg, "lm_head_multiplier", None)
+    if multiplier is not None:
+        scale *= float(multiplier)
+    softcap = next((getattr(cfg, k) for k in ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+                    if getattr(cfg, k, None)), None)
+    weight = head.weight.detach()
+    if getattr(head, "bias", None) is not None:  # ∂/∂b = Σ_t α_t: the gradient of a column of ones
+        weight = torch.cat([weight, head.bias.detach().to(weight.dtype)[:, None]], dim=1)
+    return LMHead(weight=weight, scale=scale, softcap=float(softcap) if softcap else None)
+
+
+HEAD_CHECK_IDS = (1, 17, 5, 42, 7, 99, 3, 11)
+
+
+def head_tolerance(dtype: torch.dtype) -> float:
+    """Largest |z_model − z_readout| / max |z_model| accepted: rounding of the model's own dtype."""
+    return {torch.float64: 1e-6, torch.float32: 1e-3}.get(dtype, 3e-2)
+
+
+@torch.no_grad()
+def check_head(vm: "ValuationModel") -> float:
+    """Refuse a model whose logits the readout does not reproduce (an unmodelled scaling, cap or head).
+
+    One short forward of the model's own ``forward`` on a few tokens, compared with the readout's
+    :class:`LMHead` on the same hidden states; returns the relative mismatch, raises ``ValueError`` if it
+    exceeds the dtype's rounding (never silently wrong scores)."""
+    vocab = vm.head.vocab_size
+    ids = torch.tensor([[i % vocab for i in HEAD_CHECK_IDS]])
+    mask = torch.ones_like(ids)
+    ours = vm.head.logits(vm.hidden_states(ids, mask)[0], acc=torch.float64)[0]
+    out = vm.model(input_ids=ids.to(vm.device), attention_mask=mask.to(vm.device), use_cache=False)
+    theirs = out.logits[0].to(torch.float64)[:, :vocab]
+    finite = torch.isfinite(theirs)  # masked vocabulary entries (−inf) must be masked in both
+    if not torch.equal(finite, torch.isfinite(ours)):
+        mismatch = float("inf")
+    else:
+        mismatch = float((ours - theirs)[finite].abs().max() / theirs[finite].abs().max().clamp(min=1e-30))
+    if not mismatch <= head_tolerance(vm.dtype):
+        raise ValueError(
+            f"the readout does not reproduce the logits of this model ({type(vm.model).__name__}, family "
+            f"'{_family(vm.model)}'): relative mismatch {mismatch:.3g} > {head_tolerance(vm.dtype):g} for "
+            f"{str(vm.dtype).replace('torch.', '')}. Its forward transforms the LM head's output in a way "
+            f"forvalue-ray does not model (a logit scaling, multiplier or cap), so its scores would be wrong; "
+            f"please report the model family.")
+    return mismatch
 
 
 @dataclass
@@ -98,6 +170,7 @@ class ValuationModel:
     def __post_init__(self):
         self.model.eval()
         self.head = lm_head_of(self.model)
+        self.head_mismatch = check_head(self)
         self.provenance.setdefault("model_class", type(self.model).__name__)
         self.provenance.setdefault("vocab_size", self.head.vocab_size)
         self.provenance.setdefault("hidden_size", self.head.weight.shape[1])
@@ -114,6 +187,10 @@ class ValuationModel:
 
     def fingerprint(self) -> str:
         return model_fingerprint(self.provenance)
+
+    @property
+    def context_length(self) -> int:
+        return context_length(self.model.config)
 
     @property
     def is_vision(self) -> bool:
@@ -136,12 +213,16 @@ class ValuationModel:
             backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
             out = backbone(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
                            position_ids=position_ids.to(dev), use_cache=False)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if self.head.weight.shape[1] == hidden.shape[-1] + 1:  # a folded head bias: h̃ = [h; 1]
+            hidden = torch.cat([hidden, hidden.new_ones(hidden.shape[:-1] + (1,))], dim=-1)
+        return hidden
 
 
 def model_fingerprint(provenance: dict) -> str:
-    """What must match for two artifacts to mix: the weights (source, hash, revision) and the adapter."""
-    keys = ("source", "sha256", "revision", "adapter", "adapter_sha256", "weights_digest")
+    """What must match for two artifacts to mix: the weights (source, hash, revision), the adapter and the
+    dtype the model ran in (a bfloat16 index must not mix with a float32 one)."""
+    keys = ("source", "sha256", "revision", "adapter", "adapter_sha256", "weights_digest", "dtype")
     blob = json.dumps({k: provenance.get(k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -12,16 +12,17 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import __version__, io
-from .encode import DEFAULT_MAX_LENGTH, Columns, Encoder, RowError
+from .encode import Columns, Encoder, RowError
 from .io import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_ROWS, Shard
 from .readout import DEFAULT_VOCAB_CHUNK
 from .sketch import DEFAULT_SKETCH_DIM
@@ -57,13 +58,17 @@ class JobConfig:
     images_column: str = "images"
     input_ids_column: str = "input_ids"
     labels_column: str = "labels"
-    max_length: int = DEFAULT_MAX_LENGTH
+    max_length: int | None = None  # None: the model's context length
     overlong: str = "truncate"
+    response_eos: bool = True
     # valuation
     mode: str = "mean"
     group_column: str | None = None
     normalize: bool = False
     target_stats: str | None = None
+    center: int = 0  # centering sample size (training rows); 0: not centered
+    center_seed: int = 0
+    center_stats: str | None = None
     dim: int = DEFAULT_SKETCH_DIM
     seed: int = 0
     index: str | None = None
@@ -99,9 +104,11 @@ class JobConfig:
                        input_ids=self.input_ids_column, labels=self.labels_column)
 
     UNUSED = {"value": ("data", "dim", "seed", "index", "target_index"),
-              "sketch": ("train", "target", "mode", "normalize", "target_stats", "index", "target_index"),
-              "score": ("train", "target", "data", "dim", "seed", "target_stats", "model", "dtype", "adapter",
-                        "revision", "format", "form", "max_length", "overlong")}
+              "sketch": ("train", "target", "mode", "normalize", "target_stats", "index", "target_index", "center",
+                         "center_seed", "center_stats"),
+              "score": ("train", "target", "data", "dim", "seed", "target_stats", "center", "center_seed",
+                        "center_stats", "model", "dtype", "adapter",
+                        "revision", "format", "form", "max_length", "overlong", "response_eos")}
 
     def result_fields(self) -> dict:
         """The settings this command's result depends on (execution settings and other commands' flags excluded)."""
@@ -119,6 +126,16 @@ class JobConfig:
             raise ValueError("value needs --train and --target (or --target-stats)")
         if self.command == "value" and self.target_stats and self.mode == "pairwise":
             raise ValueError("--target-stats holds mean/group statistics; pairwise mode needs --target")
+        if self.command == "value" and (self.center or self.center_stats):
+            if self.center < 0 or (self.center and self.center_stats):
+                raise ValueError("centering: give --center N (a sample of N training rows, N > 0) or --center-stats "
+                                 "DIR (an earlier run's OUT/center), not both")
+            if self.normalize:
+                raise ValueError("--center is defined for the plain For-Value inner product only: drop --normalize "
+                                 "or --center")
+            if self.mode == "pairwise":
+                raise ValueError("--center subtracts the sample's mean gradient from the target statistics of mean "
+                                 "or groups mode; pairwise mode keeps no statistics: use --mode mean or groups")
         if self.command == "sketch" and not self.data:
             raise ValueError("sketch needs --data")
         if self.command == "score" and not (self.index and self.target_index):
@@ -154,8 +171,11 @@ def make_encoder(model_path: str, encode_kw: dict, trust_remote_code: bool = Fal
     """The row encoder for a model directory: its tokenizer, or its processor for image-text models."""
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
+    from .model import context_length
+
     cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     vocab = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "vocab_size", None)
+    encode_kw = {**encode_kw, "max_length": encode_kw.get("max_length") or context_length(cfg)}
     if hasattr(cfg, "vision_config"):
         from .vision import VisionEncoder
 
@@ -163,6 +183,12 @@ def make_encoder(model_path: str, encode_kw: dict, trust_remote_code: bool = Fal
         return VisionEncoder(processor, vocab_size=vocab, **encode_kw)
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     return Encoder(tok, vocab_size=vocab, **{k: v for k, v in encode_kw.items() if k != "image_column"})
+
+
+def encode_summary(encoded: list) -> dict:
+    """Rows cut at max_length and the tokens they lost (reported in run.json and on the console)."""
+    cut = [r.truncated for r in encoded if r.truncated]
+    return {"truncated_rows": len(cut), "truncated_tokens": int(sum(cut))}
 
 
 class EncodeShards:
@@ -178,7 +204,7 @@ class EncodeShards:
     def encode(self, shard: Shard) -> dict:
         rows, rejected = io.read_shard(shard)
         n_read = len(rows) + len(rejected)
-        encoded, groups, seen = [], [], set()
+        encoded, groups, seen, group_names = [], [], set(), set()
         for fallback, row in rows:
             rid = self.encoder.row_id(row, fallback)
             try:
@@ -189,6 +215,7 @@ class EncodeShards:
                     group = row.get(self.group_column)
                     if group is None:
                         raise RowError(f"missing group column '{self.group_column}'")
+                    group_names.add(str(group))
                 enc = self.encoder(row, fallback)
             except RowError as e:
                 rejected.append((rid, str(e)))
@@ -196,7 +223,8 @@ class EncodeShards:
             seen.add(rid)
             encoded.append(enc)
             groups.append(None if group is None else str(group))
-        return {"rows": encoded, "groups": groups, "rejected": rejected, "n_read": n_read}
+        return {"rows": encoded, "groups": groups, "rejected": rejected, "n_read": n_read,
+                "group_names": group_names}
 
 
 def _load(model_path: str, load_kw: dict):
@@ -253,7 +281,8 @@ class ScoreShards:
         if self.group_column:  # a sketch index keeps the group labels that `score --mode groups` needs
             table = table.append_column(self.group_column, pa.array(enc["groups"], pa.string()))
         meta = {"shard": shard.key, "rows_read": enc["n_read"], "scored": len(rows),
-                "rejected": len(enc["rejected"]), "tokens": int(res["n_tokens"].sum()) if rows else 0}
+                "rejected": len(enc["rejected"]), "tokens": int(res["n_tokens"].sum()) if rows else 0,
+                **encode_summary(rows)}
         rej = pa.table({"id": pa.array([r[0] for r in enc["rejected"]], pa.string()),
                         "reason": pa.array([r[1] for r in enc["rejected"]], pa.string())})
         io.write_table_atomic(io.join(self.out, "rejected", shard.key + ".parquet"), rej)
@@ -411,7 +440,7 @@ def _file_stamp(url: str) -> list:
 
 def _encode_kw(cfg: JobConfig) -> dict:
     return {"max_length": cfg.max_length, "overlong": cfg.overlong, "columns": cfg.columns(), "form": cfg.form,
-            "image_column": cfg.images_column}
+            "image_column": cfg.images_column, "response_eos": cfg.response_eos}
 
 
 def _load_kw(cfg: JobConfig) -> dict:
@@ -442,11 +471,11 @@ def write_run_json(cfg: JobConfig, kind: str, shards: list[Shard], summaries: li
                    extra: dict) -> dict:
     """Counts from every part's footer (so a resumed run reports the whole output), plus provenance."""
     fs, base = io.filesystem(io.join(cfg.out, kind))
-    counts = {"rows_read": 0, "scored": 0, "rejected": 0, "tokens": 0}
+    counts = {"rows_read": 0, "scored": 0, "rejected": 0, "tokens": 0, "truncated_rows": 0, "truncated_tokens": 0}
     for s in shards:
         meta = json.loads(pq.read_schema(f"{base}/{s.key}.parquet", filesystem=fs).metadata[PART_META])
         for k in counts:
-            counts[k] += meta[k]
+            counts[k] += meta.get(k, 0)
     run = {"command": cfg.command, "config": asdict(cfg), "counts": {**counts, "shards": len(shards)},
            "this_invocation": {"shards": len(summaries), "wall_seconds": round(time.time() - t0, 3),
                                "rows_per_second": round(sum(s["scored"] + s["rejected"] for s in summaries)
@@ -462,6 +491,7 @@ def _model_identity(cfg: JobConfig) -> tuple[str, dict, str]:
 
     model_path, provenance = resolve_model(cfg.model, cfg.revision)
     provenance.update(adapter_provenance(cfg.adapter))
+    provenance["dtype"] = cfg.dtype or ("bfloat16" if cfg.gpus_per_actor else "float32")  # as the actors load it
     return model_path, provenance, model_fingerprint(provenance)
 
 
@@ -481,14 +511,15 @@ def run_value(cfg: JobConfig) -> dict:
     shards = io.plan_shards(cfg.train, cfg.format, cfg.shard_rows, cfg.shard_bytes)
     target_id = (_file_stamp(cfg.target) if cfg.target and not cfg.target_stats
                  else io.read_json(io.join(cfg.target_stats, "target_stats.json"))["provenance"])
+    center_id = io.read_json(io.join(cfg.center_stats, "target_stats.json"))["provenance"] if cfg.center_stats else None
     record = _plan_record(cfg, "scores", shards, {"model_fingerprint": fp, "target": target_id,
-                                                  "train_files": _file_stamp(cfg.train)})
+                                                  "train_files": _file_stamp(cfg.train), "center": center_id})
     done = prepare_out(cfg, record)
     info = {"model": provenance, "model_fingerprint": fp, "mode": cfg.mode}
     if done >= {s.key for s in shards} and io.exists(io.join(cfg.out, "run.json")):
         prev = io.read_json(io.join(cfg.out, "run.json"))  # finished: no target pass, no actors
         return write_run_json(cfg, "scores", shards, [], t0,
-                              {**info, **{k: prev.get(k) for k in ("target_rows", "target_rejected")}})
+                              {**info, **{k: prev.get(k) for k in ("target_rows", "target_rejected", "center_rows")}})
     init_ray(cfg.ray_address)
     scorer_kw = {"normalize": cfg.normalize, "vocab_chunk": cfg.vocab_chunk, "max_tokens": cfg.batch_tokens}
     if cfg.target_stats:
@@ -496,70 +527,163 @@ def run_value(cfg: JobConfig) -> dict:
         check_compatible("--target-stats", {"model_fingerprint": fp}, stats.provenance)
         if stats.normalize != cfg.normalize:
             raise ValueError(f"--target-stats was built with normalize={stats.normalize}; pass the same --normalize")
-        target_ids, target_info = stats.names, {"target_rows": sum(stats.counts), "target_rejected": None}
+        target_ids, target_info = stats.names, {"target_rows": sum(stats.counts), "target_rejected": None,
+                                                "target_stats_form": stats.form}
         payload = {"stats": stats}
     else:
         payload, target_ids, target_info = build_target(cfg, model_path, provenance, fp)
+    if cfg.center or cfg.center_stats:
+        center, center_info = build_center(cfg, model_path, provenance, fp, shards)
+        payload = _remote(_center_payload).remote(payload, center)
+        target_info.update(center_info)
     io.write_table_atomic(io.join(cfg.out, "targets.parquet"), _targets_table(target_ids))
-    broadcast = ray.put(payload)
+    broadcast = payload if isinstance(payload, ray.ObjectRef) else ray.put(payload)
     summaries = run_shards(cfg, shards, done, _model_stages(cfg, model_path, scorer_kw, broadcast, "scores"))
     return write_run_json(cfg, "scores", shards, summaries, t0, {**info, **target_info})
 
 
-def build_target(cfg: JobConfig, model_path: str, provenance: dict, fp: str):
-    """The target pass: encode the (small) target set on the driver, let model actors compute additive
-    partial statistics (or keep tokens for pairwise), reduce, and save the artifact under OUT/target/."""
-    import ray
-    import torch
+TARGET_BLOCK_ROWS = 64  # target rows per partial: fixed, so the reduce order never depends on the actors
 
-    from .artifacts import save_target_stats
-    from .engine import Reference, finish_target_stats
-    from .readout import ReferenceTokens
+
+def build_target(cfg: JobConfig, model_path: str, provenance: dict, fp: str, artifact: str = "target"):
+    """The target pass: encode the (small) target set on the driver; model actors compute one additive
+    partial per fixed block of target rows (or keep its tokens, pairwise); blocks are reduced in float64 in
+    block order by Ray tasks, so the result is bit-identical for any number of actors and the statistics
+    ([K, V, d]) never pass through the driver: the artifact is saved by a worker and broadcast by reference.
+    Returns (payload ref, target ids, info); the artifact goes to OUT/<artifact>/."""
+    import ray
 
     # the same reading, encoding and row routing as the training rows', on the driver
     encoder = EncodeShards(model_path, _encode_kw(cfg), cfg.group_column if cfg.mode == "groups" else None,
                            cfg.trust_remote_code)
-    rows, groups, rejected = [], [], []
+    rows, groups, rejected, group_names = [], [], [], set()
     for shard in io.plan_shards(cfg.target, cfg.format, cfg.shard_rows, cfg.shard_bytes):
         enc = encoder.encode(shard)
         rows += enc["rows"]
-        groups += [g or "mean" for g in enc["groups"]]
+        groups += ["mean" if g is None else g for g in enc["groups"]]
         rejected += enc["rejected"]
+        group_names |= enc["group_names"]
     if rejected:
-        io.write_table_atomic(io.join(cfg.out, "target", "rejected.parquet"),
+        io.write_table_atomic(io.join(cfg.out, artifact, "rejected.parquet"),
                               pa.table({"id": [r[0] for r in rejected], "reason": [r[1] for r in rejected]}))
     if not rows:
         raise ValueError(f"no valid target rows in {cfg.target} ({len(rejected)} rejected: see "
-                         f"{io.join(cfg.out, 'target', 'rejected.parquet')})")
+                         f"{io.join(cfg.out, artifact, 'rejected.parquet')})")
     names = sorted(set(groups))
-    n_workers = min(actor_range(cfg.num_actors)[1], len(rows))
-    chunks = [list(range(i, len(rows), n_workers)) for i in range(n_workers)]
+    info = {"target_rows": len(rows), "target_rejected": len(rejected), **{
+        f"target_{k}": v for k, v in encode_summary(rows).items()}}
+    empty = sorted(group_names - set(names))
+    if empty:
+        info["target_groups_without_rows"] = empty
+        print(f"warning: target group(s) {empty} have no valid row (all rejected: see "
+              f"{io.join(cfg.out, artifact, 'rejected.parquet')}); they get no score column", file=sys.stderr)
+    blocks = [list(range(i, min(i + TARGET_BLOCK_ROWS, len(rows)))) for i in range(0, len(rows), TARGET_BLOCK_ROWS)]
+    add_partials, finish_target, join_references = map(_remote, (_add_partials, _finish_target, _join_references))
     worker = ray.remote(**_actor_args(cfg))(TargetWorker)
-    actors = [worker.remote(model_path, _load_kw(cfg), cfg.vocab_chunk, cfg.batch_tokens) for _ in chunks]
-    info = {"target_rows": len(rows), "target_rejected": len(rejected)}
+    actors = [worker.remote(model_path, _load_kw(cfg), cfg.vocab_chunk, cfg.batch_tokens)
+              for _ in range(min(actor_range(cfg.num_actors)[1], len(blocks)))]
     if cfg.mode == "pairwise":
-        parts = ray.get([a.reference.remote([rows[i] for i in c]) for a, c in zip(actors, chunks)])
-        order = [i for c in chunks for i in c]
-        tok_parts = [p.tokens for p in parts]
-        offsets = np.cumsum([0] + [len(c) for c in chunks])
-        seg = torch.cat([torch.as_tensor(order)[p.seg + int(o)] for p, o in zip(tok_parts, offsets)])
-        sq = torch.zeros(len(rows), dtype=torch.float64)
-        sq[torch.as_tensor(order)] = torch.cat([p.sq_norms for p in parts])
-        ref = Reference(ReferenceTokens(torch.cat([p.h for p in tok_parts]), torch.cat([p.y for p in tok_parts]),
-                                        torch.cat([p.lse for p in tok_parts]), seg), [r.id for r in rows], sq)
-        for a in actors:  # free their model replicas before the value pass starts its own
-            ray.kill(a)
-        return {"reference": ref}, ref.ids, info
-    index = [names.index(g) for g in groups]
-    parts = ray.get([a.partial.remote([rows[i] for i in c], [index[i] for i in c], len(names), cfg.normalize)
-                     for a, c in zip(actors, chunks)])
-    total = sum(p[0] for p in parts)
-    counts = sum(p[1] for p in parts)
-    stats = finish_target_stats(total, counts, names, cfg.normalize, {**provenance, "model_fingerprint": fp})
-    save_target_stats(stats, io.join(cfg.out, "target"))
+        parts = [actors[b % len(actors)].reference.remote([rows[i] for i in block], block[0])
+                 for b, block in enumerate(blocks)]
+        payload = join_references.remote(*parts)
+    else:
+        from .engine import target_form
+
+        index = [names.index(g) for g in groups]
+        stats_form = "dense" if cfg.center or cfg.center_stats else target_form(  # centering subtracts dense statistics
+            sum(r.n_valued for r in rows), len(names), *ray.get(actors[0].head_shape.remote()))
+        info["target_stats_form"] = stats_form
+        parts = [actors[b % len(actors)].partial.remote([rows[i] for i in block], [index[i] for i in block],
+                                                       len(names), cfg.normalize, stats_form)
+                 for b, block in enumerate(blocks)]
+        total = parts[0]
+        for part in parts[1:]:  # a chain, in block order: fixed summation order, two partials in memory
+            total = add_partials.remote(total, part)
+        payload = finish_target.remote(total, names, cfg.normalize, {**provenance, "model_fingerprint": fp},
+                                        io.join(cfg.out, artifact))
+    ray.wait([payload], fetch_local=False)
     for a in actors:  # free their model replicas before the value pass starts its own
         ray.kill(a)
-    return {"stats": stats}, names, info
+    return payload, ([r.id for r in rows] if cfg.mode == "pairwise" else names), info
+
+
+CENTER_MIN_SHARDS = 16
+
+
+def sample_training_rows(shards: list[Shard], n: int, seed: int) -> tuple[list[tuple[str, dict]], list[str]]:
+    """A seeded random sample of n training rows as (fallback id, row), and the keys of the shards read.
+    Shards are read in a seeded random order until they hold n rows and CENTER_MIN_SHARDS shards (or all) were
+    read; n of their rows are drawn uniformly. The driver reads about max(n rows, 16 shards), whatever the
+    corpus size."""
+    rng = random.Random(f"forvalue-center/{seed}")
+    pool, read = [], []
+    for i in rng.sample(range(len(shards)), len(shards)):
+        if len(pool) >= n and len(read) >= min(CENTER_MIN_SHARDS, len(shards)):
+            break
+        pool += io.read_shard(shards[i])[0]
+        read.append(shards[i].key)
+    return [pool[i] for i in sorted(rng.sample(range(len(pool)), min(n, len(pool))))], read
+
+
+def build_center(cfg: JobConfig, model_path: str, provenance: dict, fp: str, shards: list[Shard]):
+    """μ for --center: the target pass over a seeded random sample of the training rows, saved under OUT/center/
+    with the sample itself (sample.parquet or .jsonl) and its provenance (sample.json); or the statistics of an
+    earlier run's sample (--center-stats). Returns (payload, info)."""
+    from .artifacts import check_compatible, load_target_stats
+
+    if cfg.center_stats:
+        stats = load_target_stats(cfg.center_stats)
+        check_compatible("--center-stats", {"model_fingerprint": fp}, stats.provenance)
+        return {"stats": stats}, {"center_rows": sum(stats.counts)}
+    sample, read = sample_training_rows(shards, cfg.center, cfg.center_seed)
+    rows = [row for _, row in sample]
+    if any(s.fmt == "jsonl" for s in shards if s.key in read):
+        path = io.join(cfg.out, "center", "sample.jsonl")
+        fs, p = io.filesystem(path)
+        fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(p, "w") as fh:
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    else:
+        path = io.join(cfg.out, "center", "sample.parquet")
+        io.write_table_atomic(path, pa.Table.from_pylist(rows))
+    enc = Encoder(None, columns=cfg.columns())
+    io.write_json_atomic(io.join(cfg.out, "center", "sample.json"), {
+        "requested_rows": cfg.center, "seed": cfg.center_seed, "rows": len(rows), "shards_read": read,
+        "ids": [enc.row_id(row, fallback) for fallback, row in sample], "train_files": _file_stamp(cfg.train)})
+    payload, _, info = build_target(replace(cfg, target=path, format="auto", mode="mean", group_column=None),
+                                    model_path, provenance, fp, artifact="center")
+    return payload, {"center_rows": info["target_rows"], "center_rejected": info["target_rejected"]}
+
+
+def _center_payload(target: dict, center: dict) -> dict:
+    from .api import center_target_stats
+
+    return {"stats": center_target_stats(target["stats"], center["stats"])}
+
+
+def _remote(fn):
+    import ray
+
+    return ray.remote(num_cpus=0.5, max_retries=3)(fn)  # pure functions of their inputs: safe to retry
+
+
+def _add_partials(a, b):
+    return a[0] + b[0], a[1] + b[1]
+
+
+def _finish_target(total, names, normalize, provenance, out_dir):
+    from .artifacts import save_target_stats
+    from .engine import finish_target_stats
+
+    stats = finish_target_stats(total[0], total[1], names, normalize, provenance)
+    save_target_stats(stats, out_dir)
+    return {"stats": stats}
+
+
+def _join_references(*parts):
+    from .engine import join_references
+
+    return {"reference": join_references(parts)}
 
 
 class TargetWorker:
@@ -569,15 +693,19 @@ class TargetWorker:
         self.vm = _load(model_path, load_kw)
         self.kw = {"vocab_chunk": vocab_chunk, "max_tokens": max_tokens}
 
-    def partial(self, rows, group_index, n_groups, normalize):
+    def head_shape(self) -> tuple[int, int]:
+        return tuple(self.vm.head.weight.shape)
+
+    def partial(self, rows, group_index, n_groups, normalize, stats_form):
         from .engine import target_partial
 
-        return target_partial(self.vm, rows, group_index, n_groups, normalize=normalize, **self.kw)
+        return target_partial(self.vm, rows, group_index, n_groups, normalize=normalize, stats_form=stats_form,
+                              **self.kw)
 
-    def reference(self, rows):
+    def reference(self, rows, first_row: int):
         from .engine import build_reference
 
-        return build_reference(self.vm, rows, **self.kw).to("cpu")
+        return build_reference(self.vm, rows, **self.kw).to("cpu"), first_row
 
 
 def run_sketch(cfg: JobConfig) -> dict:

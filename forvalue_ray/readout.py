@@ -4,7 +4,7 @@ Everything here works on *valued tokens* only, flattened across a batch: ``h`` [
 hidden states that predict labels ``y`` [N]; ``seg`` [N] says which sample each token belongs to.
 Nothing here knows about models, batching or Ray (DESIGN.md §2).
 
-For a head producing logits ``z = softcap(scale * (W h + b))`` and ``u = W h``, the error vector is
+For a head producing logits ``z = softcap(scale * (W h + b))`` and ``u = W h + b``, the error vector is
 ``α = ∂ log softmax(z)[y] / ∂u = f'(u) ⊙ (e_y − p)`` with ``f' = scale * (1 − tanh²)`` (``f' = scale``
 without soft-capping). The per-sample LM-head gradient is ``G = Σ_t α_t h_tᵀ``; every score is an
 inner product of such gradients. No [N, V] tensor is ever materialised: the vocabulary is walked in
@@ -13,23 +13,53 @@ chunks with an online log-sum-exp, and each quantity of the form ``Σ_v α_t[v] 
     f'_t[y_t] w_t[y_t]  −  (Σ_v exp(z_tv − m_t) f'_tv w_tv) / (Σ_v exp(z_tv − m_t))
 
 with the running maximum ``m_t`` rescaling the partial sums, so one pass suffices.
+
+A head bias b is folded into the weight (``W̃ = [W | b]``, ``h̃ = [h; 1]``, done by :mod:`model`): the
+gradient of W̃ is ``Σ_t α_t h̃_tᵀ``, whose last column is ∂/∂b, so every score below includes the bias term.
+
+Memory is bounded by ``budget`` elements per [tokens, chunk]-shaped intermediate, whatever the row length,
+number of target groups or target tokens: callers walk tokens in blocks and the vocabulary in chunks sized
+by :func:`block_sizes`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 DEFAULT_VOCAB_CHUNK = 8192
+READOUT_BUDGET = 1 << 23  # elements (32 MiB in fp32) per [tokens, chunk]-shaped intermediate of the readout
+
+
+def block_sizes(vocab_chunk: int, n_groups: int = 0, n_reference: int = 0, sketch_dim: int = 0,
+                budget: int = READOUT_BUDGET) -> tuple[int, int]:
+    """(tokens per block, vocabulary chunk) so that no readout intermediate exceeds ``budget`` elements:
+    [block, chunk] logits, [block, K, chunk] group products, [reference, chunk] reference errors,
+    [block, reference] kernels and [block, sketch_dim] error sketches."""
+    chunk = max(1, min(vocab_chunk, budget // max(1, n_reference), budget // max(1, n_groups)))
+    width = max(chunk * max(1, n_groups), n_reference, sketch_dim, 1)
+    return max(1, budget // width), chunk
+
+
+@contextlib.contextmanager
+def deterministic():
+    """Deterministic scatter-adds (``index_add_`` is atomic, hence order-dependent, on CUDA): a retried
+    shard must rewrite the same bytes. Scoped, so the model's own kernels keep their fast paths."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 @dataclass(frozen=True)
 class LMHead:
-    """The model's own logit function: ``softcap(scale * (weight @ h + bias))``."""
+    """The model's own logit function: ``softcap(scale * (weight @ h))``; a bias is a column of ``weight``."""
 
-    weight: torch.Tensor  # [V, d]
-    bias: torch.Tensor | None = None  # [V]
+    weight: torch.Tensor  # [V, d] ([V, d + 1] with a folded bias)
     scale: float = 1.0
     softcap: float | None = None
 
@@ -37,39 +67,41 @@ class LMHead:
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
-    def _activate(self, u, bias, dense_fp: bool):
+    def _activate(self, u, dense_fp: bool):
         """u = W h (acc precision) → z and f'; without soft-capping f' is the constant scale, kept a
         float on chunks to save an [N, chunk] tensor."""
-        if bias is not None:
-            u = u + bias.to(u.dtype)
         z = u * self.scale
         if self.softcap is None:
             return z, (torch.full_like(z, self.scale) if dense_fp else self.scale)
         t = torch.tanh(z / self.softcap)
         return t * self.softcap, self.scale * (1.0 - t * t)
 
-    def _bias(self, index):
-        return None if self.bias is None else self.bias[index]
-
     def logits(self, h: torch.Tensor, v0: int = 0, v1: int | None = None, acc=torch.float32):
         """Logits z[:, v0:v1] in ``acc`` precision and f' on that slice (a float when constant)."""
         w = self.weight[v0:v1]
-        return self._activate((h.to(w.dtype) @ w.T).to(acc), self._bias(slice(v0, v1)), False)
+        return self._activate((h.to(w.dtype) @ w.T).to(acc), False)
 
     def logits_columns(self, h: torch.Tensor, ids: torch.Tensor, acc=torch.float32):
         """z[:, ids] and f'[:, ids] for a few vocabulary ids."""
         w = self.weight[ids]
-        return self._activate((h.to(w.dtype) @ w.T).to(acc), self._bias(ids), True)
+        return self._activate((h.to(w.dtype) @ w.T).to(acc), True)
 
     def logits_at(self, h: torch.Tensor, ids: torch.Tensor, acc=torch.float32):
         """z[n, ids[n]] and f'[n, ids[n]]: one id per token, without a vocabulary pass."""
         u = (h.to(acc) * self.weight[ids].to(acc)).sum(-1)
-        return self._activate(u, self._bias(ids), True)
+        return self._activate(u, True)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 softmax and accumulators whatever the model dtype; fp64 stays fp64 (oracle tests)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Input dtype of the readout's large products (Ḡ h, e α'ᵀ, αᵀ h, h h'ᵀ): a 16-bit model's own dtype, so they
+    run on tensor cores with fp32 accumulation like the model's layers, their results widened to fp32; fp32 and
+    fp64 models keep their own precision."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else accumulation_dtype(dtype)
 
 
 class Accumulator:
@@ -89,7 +121,8 @@ class Accumulator:
 
 
 class TargetStatDot(Accumulator):
-    """w_t = Ḡ_k h_t for K target statistics Ḡ [K, V, d]: the exact value of §2.1."""
+    """w_t = Ḡ_k h_t for K target statistics Ḡ [K, V, d]: the exact value of §2.1. Ḡ h runs in Ḡ's dtype
+    (the caller casts Ḡ once to :func:`product_dtype`)."""
 
     def __init__(self, stats: torch.Tensor, n: int, acc):
         self.stats, self.acc = stats, acc
@@ -109,17 +142,25 @@ class TargetStatDot(Accumulator):
 
 
 class TokenKernel(Accumulator):
-    """w_t = α'_s for reference tokens s (their h', y', lse' fixed): α_t·α'_s for every pair (§2.2)."""
+    """w_t = α'_s for reference tokens s (their h', y', lse' fixed): α_t·α'_s for every pair (§2.2).
 
-    def __init__(self, head: LMHead, ref: "ReferenceTokens", n: int, acc):
-        self.head, self.ref, self.acc = head, ref, acc
+    ``errors``: α' [S, V] already materialised (:meth:`ReferenceTokens.errors`, factored target statistics);
+    without it each chunk of α' is recomputed from h', y', lse'. e α'ᵀ runs in :func:`product_dtype`."""
+
+    def __init__(self, head: LMHead, ref: "ReferenceTokens", n: int, acc, errors: torch.Tensor | None = None):
+        self.head, self.ref, self.acc, self.errors = head, ref, acc, errors
+        self.dtype = product_dtype(ref.h.dtype) if errors is None else errors.dtype
         self.total = torch.zeros(n, ref.h.shape[0], dtype=acc, device=ref.h.device)
 
     def chunk(self, h, v0, v1, e):
-        self.total += e @ self.ref.alpha(self.head, v0, v1, self.acc).T
+        a = (self.errors[:, v0:v1] if self.errors is not None
+             else self.ref.alpha(self.head, v0, v1, self.acc).to(self.dtype))
+        self.total += (e.to(self.dtype) @ a.T).to(self.acc)
 
     def at_label(self, h, y):
         # α'_s[y_t] for every pair (t, s): the reference logits at the train labels.
+        if self.errors is not None:
+            return self.errors[:, y].T.to(self.acc)
         r = self.ref
         z, fp = self.head.logits_columns(r.h, y, self.acc)  # [S, N]
         delta = (r.y[:, None] == y[None, :]).to(self.acc)
@@ -134,7 +175,8 @@ class CountSketchOfError(Accumulator):
         self.total = torch.zeros(n, dim, dtype=acc, device=buckets.device)
 
     def chunk(self, h, v0, v1, e):
-        self.total.index_add_(1, self.buckets[v0:v1], e * self.signs[v0:v1])
+        with deterministic():
+            self.total.index_add_(1, self.buckets[v0:v1], e * self.signs[v0:v1])
 
     def at_label(self, h, y):
         # a one-hot per token in its label's bucket, carried as (bucket, sign).
@@ -164,6 +206,17 @@ class ReferenceTokens:
         a[idx, self.y[idx] - v0] += 1.0
         return a if isinstance(fp, float) and fp == 1.0 else a * fp
 
+    def errors(self, head: LMHead, dtype: torch.dtype, chunk: int = DEFAULT_VOCAB_CHUNK,
+               budget: int = READOUT_BUDGET) -> torch.Tensor:
+        """α' [S, V] of every token, materialised in ``dtype``: the A of factored target statistics."""
+        acc = accumulation_dtype(self.h.dtype)
+        out = torch.empty(len(self.y), head.vocab_size, dtype=dtype, device=self.h.device)
+        _, chunk = block_sizes(chunk, n_reference=len(self.y), budget=budget)
+        for v0 in range(0, head.vocab_size, chunk):
+            v1 = min(v0 + chunk, head.vocab_size)
+            out[:, v0:v1] = self.alpha(head, v0, v1, acc)
+        return out
+
 
 @dataclass
 class PassResult:
@@ -183,8 +236,9 @@ def vocab_pass(head: LMHead, h: torch.Tensor, y: torch.Tensor, accumulators=(),
         v1 = min(v0 + chunk, head.vocab_size)
         z, fp = head.logits(h, v0, v1, acc)
         m_new = torch.maximum(m, z.max(dim=1).values)
-        r = torch.exp(m - m_new)
-        p = torch.exp(z - m_new[:, None])
+        shift = torch.where(torch.isfinite(m_new), m_new, 0.0)  # a chunk of only −inf logits: no NaN
+        r = torch.exp(m - shift)
+        p = torch.exp(z - shift[:, None])
         s = s * r + p.sum(1)
         e = p if isinstance(fp, float) and fp == 1.0 else p * fp
         for a in accumulators:
@@ -208,23 +262,25 @@ def error_chunk(head: LMHead, h, y, lse, v0, v1, acc) -> torch.Tensor:
 
 
 def weighted_gradient_sum(head: LMHead, h, y, lse, weights: torch.Tensor, n_out: int,
-                          out_index: torch.Tensor, chunk: int = DEFAULT_VOCAB_CHUNK) -> torch.Tensor:
+                          out_index: torch.Tensor, chunk: int = DEFAULT_VOCAB_CHUNK,
+                          budget: int = READOUT_BUDGET) -> torch.Tensor:
     """Σ_t weights_t α_t h_tᵀ into ``n_out`` [V, d] fp32 matrices (``out_index`` picks one per token).
 
     This builds the target statistics Ḡ (§2.1): one matrix per group, each token weighted by
-    1/(rows in its group) — and by 1/‖G(z')‖ for the cosine variant.
+    1/(rows in its group) — and by 1/‖G(z')‖ for the cosine variant. Tokens go in blocks, so a long
+    target row costs no more memory than a short one. αᵀ h runs in :func:`product_dtype`, summed in fp32.
     """
-    acc = accumulation_dtype(h.dtype)
+    acc, cd = accumulation_dtype(h.dtype), product_dtype(h.dtype)
     out = torch.zeros(n_out, head.vocab_size, h.shape[1], dtype=acc, device=h.device)
-    hw = h.to(acc) * weights.to(acc)[:, None]
+    hw = (h.to(acc) * weights.to(acc)[:, None]).to(cd)
+    block, chunk = block_sizes(chunk, budget=budget)
     for k in range(n_out):
         sel = (out_index == k).nonzero().squeeze(1)
-        if len(sel) == 0:
-            continue
         for v0 in range(0, head.vocab_size, chunk):
             v1 = min(v0 + chunk, head.vocab_size)
-            a = error_chunk(head, h[sel], y[sel], lse[sel], v0, v1, acc)
-            out[k, v0:v1] += a.T @ hw[sel]
+            for t0 in range(0, len(sel), block):
+                s = sel[t0:t0 + block]
+                out[k, v0:v1] += (error_chunk(head, h[s], y[s], lse[s], v0, v1, acc).to(cd).T @ hw[s]).to(acc)
     return out
 
 
@@ -232,25 +288,62 @@ def segment_sum(x: torch.Tensor, seg: torch.Tensor, n: int, dim: int = 0) -> tor
     """Sum the rows (dim 0) or columns (dim 1) of x that share a segment id."""
     shape = list(x.shape)
     shape[dim] = n
-    return torch.zeros(shape, dtype=x.dtype, device=x.device).index_add_(dim, seg, x)
+    with deterministic():
+        return torch.zeros(shape, dtype=x.dtype, device=x.device).index_add_(dim, seg, x)
 
 
-def gradient_sq_norms(head: LMHead, h, y, lse, seg, n_samples: int,
-                      chunk: int = DEFAULT_VOCAB_CHUNK) -> torch.Tensor:
-    """‖G(z)‖²_F = Σ_{t,s∈z} (α_t·α_s)(h_t·h_s) per sample (the cosine variant's denominator).
+def _gram_groups(rows: list[int], counts: list[int], max_tokens: int):
+    """Consecutive rows packed into groups of at most ``max_tokens`` tokens (a longer row goes alone)."""
+    group, size = [], 0
+    for i in rows:
+        if group and size + counts[i] > max_tokens:
+            yield group
+            group, size = [], 0
+        group.append(i)
+        size += counts[i]
+    if group:
+        yield group
 
-    A second vocabulary pass (α needs each token's final log-sum-exp): one batched logits product per
-    chunk, then each sample's own [T, T] Gram of errors."""
+
+def gradient_sq_norms(head: LMHead, h, y, lse, seg, n_samples: int, chunk: int = DEFAULT_VOCAB_CHUNK,
+                      budget: int = READOUT_BUDGET) -> torch.Tensor:
+    """‖G(z)‖²_F per sample (the cosine variant's denominator), exactly, in memory bounded by ``budget``
+    elements per intermediate whatever the row length.
+
+    Two exact forms, chosen per row by cost (α needs each token's final log-sum-exp, so this is a second
+    vocabulary pass):
+    - Gram: Σ_{t,s∈z} (α_t·α_s)(h_t·h_s) — T²(V + d) multiply-adds, [T, T] memory;
+    - explicit: Σ_chunks ‖Σ_t α_t[chunk] h_tᵀ‖²_F — T·V·d multiply-adds, [chunk, d] memory.
+    A row takes the Gram when T(V + d) ≤ V·d (about T ≤ d) and T² ≤ budget, else the explicit form."""
     acc = accumulation_dtype(h.dtype)
-    members = [(seg == i).nonzero().squeeze(1) for i in range(n_samples)]
-    gram_a = [torch.zeros(len(m), len(m), dtype=acc, device=h.device) for m in members]
-    for v0 in range(0, head.vocab_size, chunk):
-        v1 = min(v0 + chunk, head.vocab_size)
-        a = error_chunk(head, h, y, lse, v0, v1, acc)
-        for g, m in zip(gram_a, members):
-            g += a[m] @ a[m].T
+    vocab, d = head.vocab_size, h.shape[1]
+    counts = torch.bincount(seg, minlength=n_samples).tolist()
+    gram = [0 < t and t * (vocab + d) <= vocab * d and t * t <= budget for t in counts]
+    gram_rows = [i for i, t in enumerate(counts) if gram[i]]
+    explicit_rows = [i for i, t in enumerate(counts) if t > 0 and not gram[i]]
     out = torch.zeros(n_samples, dtype=acc, device=h.device)
-    for i, (g, m) in enumerate(zip(gram_a, members)):
-        hs = h[m].to(acc)
-        out[i] = (g * (hs @ hs.T)).sum()
+    block, _ = block_sizes(chunk, budget=budget)
+    for group in _gram_groups(gram_rows, counts, block):
+        members = [(seg == i).nonzero().squeeze(1) for i in group]
+        idx = torch.cat(members)
+        grams = [torch.zeros(len(m), len(m), dtype=acc, device=h.device) for m in members]
+        c = max(1, min(chunk, budget // len(idx)))
+        for v0 in range(0, vocab, c):
+            a = error_chunk(head, h[idx], y[idx], lse[idx], v0, min(v0 + c, vocab), acc)
+            for g, rows_a in zip(grams, a.split([len(m) for m in members])):
+                g += rows_a @ rows_a.T
+        for i, g, m in zip(group, grams, members):
+            hs = h[m].to(acc)
+            out[i] = (g * (hs @ hs.T)).sum()
+    c = max(1, min(chunk, budget // d))
+    tokens = max(1, budget // c)
+    for i in explicit_rows:
+        m = (seg == i).nonzero().squeeze(1)
+        for v0 in range(0, vocab, c):
+            v1 = min(v0 + c, vocab)
+            g = torch.zeros(v1 - v0, d, dtype=acc, device=h.device)
+            for t0 in range(0, len(m), tokens):
+                s = m[t0:t0 + tokens]
+                g += error_chunk(head, h[s], y[s], lse[s], v0, v1, acc).T @ h[s].to(acc)
+            out[i] += (g * g).sum()
     return out

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .readout import deterministic
+
 DEFAULT_SKETCH_DIM = 16384  # benchmarks/README.md: the smallest dim with AUC within 0.003 of exact and per-target Spearman ≥ 0.9 on every task
 
 
@@ -41,20 +43,27 @@ class SketchHashes:
 
 def count_sketch_hidden(h: torch.Tensor, hashes: SketchHashes, acc) -> torch.Tensor:
     out = torch.zeros(h.shape[0], hashes.dim, dtype=acc, device=h.device)
-    return out.index_add_(1, hashes.hidden_buckets, h.to(acc) * hashes.hidden_signs.to(acc))
+    with deterministic():
+        return out.index_add_(1, hashes.hidden_buckets, h.to(acc) * hashes.hidden_signs.to(acc))
 
 
-def tensor_sketch(cs_error: torch.Tensor, h: torch.Tensor, hashes: SketchHashes, seg: torch.Tensor,
-                  n_samples: int, token_block: int = 512) -> torch.Tensor:
-    """Per-sample TensorSketch from the per-token error CountSketches and hidden states: the circular
-    convolution, summed by sample in the frequency domain. Tokens go in blocks so the [tokens, dim] spectra
-    stay small (the sketch must not cost more memory than the forward pass)."""
-    total = None
+def sketch_spectrum(cs_error: torch.Tensor, h: torch.Tensor, hashes: SketchHashes, seg: torch.Tensor,
+                    n_samples: int, token_block: int = 512) -> torch.Tensor:
+    """Per-sample spectra Σ_t FFT(CS₁ α_t) ⊙ FFT(CS₂ h_t) [n_samples, dim//2 + 1] from the per-token error
+    CountSketches and hidden states. Additive over tokens: sum the spectra of token blocks, then
+    :func:`spectrum_to_sketch`. Tokens go in blocks so the [tokens, dim] spectra stay small (the sketch must
+    not cost more memory than the forward pass)."""
+    total = torch.zeros(n_samples, hashes.dim // 2 + 1, dtype=torch.complex128 if cs_error.dtype == torch.float64
+                        else torch.complex64, device=cs_error.device)
     for t0 in range(0, cs_error.shape[0], token_block):
         block = slice(t0, t0 + token_block)
         cs_h = count_sketch_hidden(h[block], hashes, cs_error.dtype)
         spec = torch.fft.rfft(cs_error[block], dim=1) * torch.fft.rfft(cs_h, dim=1)
-        if total is None:
-            total = torch.zeros(n_samples, spec.shape[1], dtype=spec.dtype, device=spec.device)
-        total.index_add_(0, seg[block], spec)
-    return torch.fft.irfft(total, n=hashes.dim, dim=1)
+        with deterministic():
+            total.index_add_(0, seg[block], spec)
+    return total
+
+
+def spectrum_to_sketch(spectrum: torch.Tensor, hashes: SketchHashes) -> torch.Tensor:
+    """The TensorSketch (a circular convolution) from its summed spectrum."""
+    return torch.fft.irfft(spectrum, n=hashes.dim, dim=1)

@@ -13,8 +13,13 @@ import yaml
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def submit(address: str | None, config_path: str, *, wait: bool = True, poll_s: float = 2.0) -> int:
-    """Ship the package and the config as the job's working_dir; entrypoint ``python -m forvalue_ray.cli run``.
+def submit(address: str | None, config_path: str, *, wait: bool = True, poll_s: float = 2.0,
+           python: str = "python", runtime_env: str | None = None) -> int:
+    """Ship the package and the config as the job's working_dir; entrypoint ``<python> -m forvalue_ray.cli run``.
+
+    ``python`` is the interpreter on the cluster that has torch, transformers and Ray (the image's, e.g.
+    ``/opt/venv/bin/python``; plain ``python`` is whatever the head's PATH finds). ``runtime_env`` is a YAML
+    file of Ray runtime_env keys merged into the job's (``image_uri``, ``pip``, ``env_vars``, ...).
     Returns 0 when the job succeeded (or was submitted, with ``wait=False``)."""
     from ray.job_submission import JobSubmissionClient
 
@@ -31,9 +36,10 @@ def submit(address: str | None, config_path: str, *, wait: bool = True, poll_s: 
     try:
         shutil.copytree(package, work / "forvalue_ray", ignore=shutil.ignore_patterns("__pycache__"))
         (work / "job.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        env = load_yaml(runtime_env) if runtime_env else {}
         client = JobSubmissionClient(address)
-        job_id = client.submit_job(entrypoint="python -m forvalue_ray.cli run --config job.yaml",
-                                   runtime_env={"working_dir": str(work)},
+        job_id = client.submit_job(entrypoint=f"{python} -m forvalue_ray.cli run --config job.yaml",
+                                   runtime_env={**env, "working_dir": str(work)},
                                    metadata={"forvalue_command": str(config.get("command", "value")),
                                              "forvalue_out": str(config.get("out", ""))})
     finally:

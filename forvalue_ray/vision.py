@@ -13,7 +13,7 @@ import io as _bytes_io
 
 import numpy as np
 
-from .encode import IGNORE, Encoded, Encoder, RowError
+from .encode import IGNORE, Encoded, Encoder, RowError, common_prefix_length
 
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 DEFAULT_MAX_IMAGE_BYTES = 50 << 20
@@ -129,7 +129,14 @@ class VisionEncoder(Encoder):
                 continue
             seen = _count_images(messages[: i + 1])
             end = self._process(messages[: i + 1], images[:seen], False)["input_ids"][0].tolist()
-            before = self._process(messages[:i], images[:_count_images(messages[:i])], True)["input_ids"][0].tolist()
+            if i:
+                before = self._process(messages[:i], images[:_count_images(messages[:i])], True)["input_ids"][0].tolist()
+            else:  # an assistant-first conversation: its header (and any images it opens with) is what the
+                # same turn emptied of text shares with it; templates refuse an empty conversation
+                emptied = [{**m, "content": [{**x, "text": ""} if x.get("type") == "text" else x for x in m["content"]]}
+                           for m in messages[:1]]
+                empty = self._process(emptied, images[:seen], False)["input_ids"][0].tolist()
+                before = end[:common_prefix_length(empty, end)]
             if ids[: len(end)] != end or end[: len(before)] != before:
                 raise RowError("the chat template is not prefix-stable for this row")
             labels[len(before):len(end)] = ids[len(before):len(end)]

@@ -7,6 +7,7 @@ import io as _io
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -103,9 +104,12 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
 
 
 def child_env(**extra: str) -> dict:
-    """Environment for a CLI subprocess: no inherited Ray address or fault hook, offline hub, repo importable."""
+    """Environment for a CLI subprocess: no inherited Ray address or fault hook, offline hub, repo importable,
+    and this interpreter's bin directory first on PATH, so a Ray head started from it runs job entrypoints
+    (``python -m forvalue_ray.cli run``) with the project's environment, not whatever ``python`` the machine has."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "FORVALUE_FAULT_EXIT_ONCE")}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PATH=os.pathsep.join(filter(None, [os.path.dirname(sys.executable), env.get("PATH")])),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
     env.update(extra)
     return env

@@ -74,11 +74,19 @@ def test_text_row_fallback_id():
     assert enc()({"text": "ab", "id": None}, fallback_id="5").id == "5"
 
 
-def test_prompt_response_row():
+def test_prompt_response_row_values_response_and_eos():
     e = enc()({"prompt": "Q: 2+2?", "response": " A: 4"})
-    p, r = [BOS] + chars("Q: 2+2?"), chars(" A: 4")  # response without BOS
+    p, r = [BOS] + chars("Q: 2+2?"), chars(" A: 4") + [EOS]  # response without BOS, with the closing EOS
     check(e, p + r, [IGNORE] * len(p) + r)
     assert e.n_valued == len(r)
+
+
+def test_prompt_response_eos_once_or_off():
+    p = [BOS] + chars("Q")
+    already = enc()({"prompt": "Q", "response": "A</s>"})  # the char tokenizer reads "</s>" as the EOS token
+    check(already, p + chars("A") + [EOS], [IGNORE] * len(p) + chars("A") + [EOS])
+    off = enc(response_eos=False)({"prompt": "Q", "response": "A"})
+    check(off, p + chars("A"), [IGNORE] * len(p) + chars("A"))
 
 
 def test_messages_row_values_assistant_content_and_closing_eos():
@@ -151,7 +159,7 @@ def test_custom_columns():
     check(e, [BOS] + chars("xy"), [IGNORE] + chars("xy"))
     assert e.id == "k1"
     e = enc(columns=cols)({"q": "1", "a": "2"})
-    check(e, [BOS, V["1"], V["2"]], [IGNORE, IGNORE, V["2"]])
+    check(e, [BOS, V["1"], V["2"], EOS], [IGNORE, IGNORE, V["2"], EOS])
 
 
 # ---- length limits ---------------------------------------------------------------------------------------
@@ -163,6 +171,8 @@ def test_truncation_at_max_length():
     check(e, ids, [IGNORE] + ids[1:])
     e = enc(max_length=6)({"prompt": "abc", "response": "defgh"})
     check(e, [BOS] + chars("abcde"), [IGNORE] * 4 + chars("de"))
+    assert e.truncated == 4  # "fgh" and the EOS
+    assert enc(max_length=6)({"text": "abcde"}).truncated == 0
 
 
 def test_exact_max_length_is_kept_whole():
@@ -260,6 +270,7 @@ class _VM:
         vocab_size = VOCAB
 
     tokenizer = TOK
+    context_length = 256
 
 
 def test_encode_rows_ids_and_passthrough():

@@ -238,9 +238,9 @@ def test_diagnostics_invariant_and_exact(case):
             expected_n.append(int(keep.sum()))
             expected_nll.append(float(-logp[keep].gather(1, labels[keep][:, None]).mean()))
     assert [int(x) for x in d["n_tokens"]] == expected_n
-    # by hand: text → every char; prompt/response → response chars; messages → assistant chars + each </s>;
-    # passthrough → labels[1:] not -100 (labels[0] is set but has no predecessor)
-    assert expected_n == [len("the quick brown fox"), 1, len(" A: 36, I think."),
+    # by hand: text → every char; prompt/response → response chars + </s>; messages → assistant chars + each
+    # </s>; passthrough → labels[1:] not -100 (labels[0] is set but has no predecessor)
+    assert expected_n == [len("the quick brown fox"), 1, len(" A: 36, I think.") + 1,
                           len("hello there") + 1 + len("no") + 1, 5, len(TRAIN[5]["text"]), len("mid length row 42")]
     np.testing.assert_allclose(d["nll"], expected_nll, rtol=tol(vm))
     for i, row in enumerate(TRAIN):  # alone and batched the same

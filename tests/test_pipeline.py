@@ -26,7 +26,7 @@ import pytest
 
 import forvalue_ray
 from forvalue_ray import io as fio
-from forvalue_ray import outputs
+from forvalue_ray import outputs, pipeline
 from forvalue_ray.tasks import make_task
 from jobtools import (REPO, as_matrix, child_env, cli, read_column, read_scores, rel_err, run_ok, save_tiny_model,
                       target_ids, write_jsonl, write_parquet)
@@ -59,6 +59,14 @@ def data(tmp_path_factory):
 
     d.value_args = value_args
     return d
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_target_blocks():
+    """Two target rows per target-pass block (6 targets: 3 blocks), so 1 and 3 actors really split the pass."""
+    old, pipeline.TARGET_BLOCK_ROWS = pipeline.TARGET_BLOCK_ROWS, 2
+    yield
+    pipeline.TARGET_BLOCK_ROWS = old
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +115,9 @@ def run_a(data, ray_local):
 
 @pytest.fixture(scope="module")
 def run_b(data, ray_local):
-    """The same job with two model actors (and two target workers)."""
+    """The same job with three model actors (and three target workers)."""
     out = data.root / "b"
-    run_ok(*data.value_args(out, "--num-actors", "2"))
+    run_ok(*data.value_args(out, "--num-actors", "3"))
     return SimpleNamespace(out=out, scores=read_scores(out), parts=_parts_bytes(out))
 
 
@@ -118,7 +126,7 @@ def rerun_b(data, run_b):
     """Re-run B's command into B's --out (a resume with nothing left to do), with a stale temporary file in
     scores/ like the one a writer killed mid-write leaves; then two different jobs into the same --out
     (refused), then one with --overwrite (the cosine variant, checked against the core API)."""
-    out, args = run_b.out, data.value_args(run_b.out, "--num-actors", "2")
+    out, args = run_b.out, data.value_args(run_b.out, "--num-actors", "3")
     r = SimpleNamespace()
     stale = out / "scores" / f".tmp-{'0' * 32}-{sorted(run_b.parts)[0]}"
     stale.write_bytes(b"PAR1 half-written part")
@@ -189,7 +197,7 @@ def test_value_mean_equals_core_api(data, run_a, core):
     assert rel_err([nll[i] for i in ids], diag["nll"]) < 1e-5
     run = json.loads((run_a.out / "run.json").read_text())
     assert run["counts"] == {"rows_read": 96, "scored": 96, "rejected": 0, "tokens": int(diag["n_tokens"].sum()),
-                             "shards": N_SHARDS}
+                             "truncated_rows": 0, "truncated_tokens": 0, "shards": N_SHARDS}
     assert len(list((run_a.out / "scores").glob("*.parquet"))) == N_SHARDS
     assert (run_a.out / "target" / "target_stats.safetensors").exists()
 
@@ -203,12 +211,14 @@ def test_killed_model_actor_is_restarted_and_its_shard_retried(data, run_a, run_
     assert rel_err(as_matrix(run_a.scores, ids)[:, 0], core("mean")) < 1e-5
 
 
-def test_one_and_two_actors_give_identical_scores(data, run_a, run_b):
+def test_one_and_three_actors_give_bit_identical_stats_and_scores(data, run_a, run_b):
+    """Target partials are per fixed block and reduced in float64 in block order: the number of actors never
+    changes a result (--num-actors is an execution setting)."""
     ids = _ids(data.train_rows)
     assert sorted(run_b.scores) == sorted(run_a.scores)
-    a, b = as_matrix(run_a.scores, ids), as_matrix(run_b.scores, ids)
-    # the target pass splits the targets over 2 workers: only the summation order of Ḡ differs
-    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9 * np.abs(a).max())
+    stats = [(r.out / "target" / "target_stats.safetensors").read_bytes() for r in (run_a, run_b)]
+    assert stats[0] == stats[1]
+    np.testing.assert_array_equal(as_matrix(run_b.scores, ids), as_matrix(run_a.scores, ids))
     _verify_ok(run_b.out)
 
 
@@ -233,12 +243,67 @@ def test_value_groups_equals_core_api(data, ray_local, core):
 
 def test_value_pairwise_equals_core_api(data, ray_local, core):
     out = data.root / "pairwise"
-    run_ok(*data.value_args(out, "--mode", "pairwise"))
+    run_ok(*data.value_args(out, "--mode", "pairwise", "--num-actors", "2"))
     assert target_ids(out) == _ids(data.target_rows)
     got = read_scores(out)
     ids = _ids(data.train_rows)
     assert rel_err(as_matrix(got, ids), core("pairwise")) < 1e-5
     _verify_ok(out)
+
+
+def test_truncation_is_counted_in_run_json_and_on_the_console(data, ray_local, vm):
+    out = data.root / "truncated"
+    err = run_ok(*data.value_args(out, "--max-length", "40"))
+    full = [len(e.input_ids) for e in forvalue_ray.encode_rows(vm, data.train_rows, max_length=10**6)]
+    cut = [n - 40 for n in full if n > 40]
+    assert cut, "the test needs rows longer than 40 tokens"
+    counts = json.loads((out / "run.json").read_text())["counts"]
+    assert (counts["truncated_rows"], counts["truncated_tokens"]) == (len(cut), sum(cut))
+    assert f"{len(cut):,} rows truncated at max_length, {sum(cut):,} tokens dropped" in err
+
+
+def test_driver_never_holds_target_statistics(data, ray_local, monkeypatch):
+    """Partials are reduced among Ray tasks, the artifact saved by a worker and broadcast by reference: no
+    ray.get on the driver returns statistics or a partial ([K, V, d] at 8B is 2.1 GB per group)."""
+    import ray
+
+    real_get, fetched = ray.get, []
+
+    def spy(refs, *args, **kwargs):
+        out = real_get(refs, *args, **kwargs)
+        for value in out if isinstance(out, list) else [out]:
+            fetched.append(type(value).__name__)
+            assert not (isinstance(value, dict) and {"stats", "reference"} & set(value)), "statistics on the driver"
+            assert not (isinstance(value, tuple) and value and hasattr(value[0], "shape")), "a partial on the driver"
+        return out
+
+    monkeypatch.setattr(ray, "get", spy)
+    out = data.root / "driver-memory"
+    run_ok(*data.value_args(out, "--mode", "groups", "--group-column", "class", "--num-actors", "2"))
+    assert (out / "target" / "target_stats.safetensors").exists()
+
+
+def test_groups_empty_name_kept_and_fully_rejected_group_reported(data, ray_local, vm):
+    """A group named "" is its own group (not merged into "mean"); a group whose target rows were all
+    rejected is named in run.json and on the console, and the other groups are scored."""
+    rows = data.target_rows
+    targets = ([{**r, "class": ""} for r in rows[:2]] + [{**r, "class": "kept"} for r in rows[2:4]]
+               + [{**r, "class": "broken", "text": "   "} for r in rows[4:]])
+    path = write_parquet([{"id": r["id"], "text": r["text"], "class": r["class"]} for r in targets],
+                         data.root / "target-groups.parquet")
+    out = data.root / "groups-edge"
+    args = [a if a != data.target else path for a in data.value_args(out, "--mode", "groups", "--group-column",
+                                                                       "class", "--form", "text")]
+    err = run_ok(*args)
+    assert target_ids(out) == ["", "kept"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["target_groups_without_rows"] == ["broken"] and run["target_rejected"] == len(rows) - 4
+    assert "broken" in err and "no valid row" in err
+    names, expected = forvalue_ray.group_scores(vm, data.train_rows, targets[:4], ["", "", "kept", "kept"],
+                                                form="text")
+    assert names == ["", "kept"]
+    ids = _ids(data.train_rows)
+    assert rel_err(as_matrix(read_scores(out), ids), expected) < 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +415,7 @@ def test_bad_rows_are_rejected_with_reasons(bad_run, vm):
     counts = run["counts"]
     n_tokens = forvalue_ray.diagnostics(vm, good)["n_tokens"]
     assert counts == {"rows_read": len(BAD_LINES), "scored": len(good), "rejected": len(expected),
-                      "tokens": int(n_tokens.sum()), "shards": 1}
+                      "tokens": int(n_tokens.sum()), "truncated_rows": 0, "truncated_tokens": 0, "shards": 1}
     problems, _ = outputs.verify(str(out))
     assert not problems  # the in-shard duplicate id is rejected, and that is not a second appearance
 
@@ -511,6 +576,19 @@ def _read_selection(sel: Path, fmt: str) -> list[dict]:
     return [r for f in files for r in pq.read_table(f).to_pylist()]
 
 
+@pytest.fixture(scope="module")
+def run_jsonl(data, ray_local):
+    """mean mode over the JSONL copy of the training rows, in byte-range shards."""
+    out = data.root / "jsonl"
+    args = [a if a != data.train else data.train_jsonl for a in data.value_args(out, "--shard-bytes", "3000")]
+    run_ok(*args)
+    return SimpleNamespace(out=out, scores=read_scores(out))
+
+
+def _ranking(sel: Path) -> list[dict]:
+    return pq.read_table(sel / "_selection").to_pylist()
+
+
 @pytest.mark.parametrize("fmt,flags,kw", [
     ("parquet", ["--top-k", "5", "--per-group", "class"], dict(k=5, per_group="class")),
     ("parquet", ["--bottom-fraction", "0.25"], dict(fraction=0.25, bottom=True)),
@@ -518,12 +596,13 @@ def _read_selection(sel: Path, fmt: str) -> list[dict]:
     ("jsonl", ["--bottom-fraction", "0.125", "--per-group", "class"], dict(fraction=0.125, bottom=True,
                                                                            per_group="class")),
 ], ids=["parquet-topk-per-group", "parquet-bottom", "jsonl-top", "jsonl-bottom-per-group"])
-def test_select_writes_the_chosen_rows_in_the_input_format(data, run_a, tmp_path, fmt, flags, kw):
+def test_select_writes_the_chosen_rows_in_the_input_format(data, run_a, run_jsonl, tmp_path, fmt, flags, kw):
+    run = run_a if fmt == "parquet" else run_jsonl
     src = data.train if fmt == "parquet" else data.train_jsonl
     sel = tmp_path / "sel"
-    rc, stdout, err = cli("select", "--scores", run_a.out, "--data", src, "--out", sel, *flags)
+    rc, stdout, err = cli("select", "--scores", run.out, "--data", src, "--out", sel, *flags)
     assert rc == 0, err
-    want = _expected_selection(run_a.scores, data.train_rows, **kw)
+    want = _expected_selection(run.scores, data.train_rows, **kw)
     res = json.loads(stdout.strip().splitlines()[-1])
     assert res == {"selected": len(want), "written": len(want), "scored": 96}
     rows = _read_selection(sel, fmt)
@@ -536,7 +615,40 @@ def test_select_writes_the_chosen_rows_in_the_input_format(data, run_a, tmp_path
                              pq.read_schema(data.train).remove_metadata() for f in files)
     else:
         assert not [f for f in sel.glob("*.parquet") if not f.name.startswith("_")]
-    ranking = pq.read_table(sel / "_selection.parquet").to_pylist()
-    assert [r["id"] for r in ranking] == sorted(want, key=lambda i: (-run_a.scores[i], i))
-    # selecting into a non-empty --out is refused without --overwrite
-    assert cli("select", "--scores", run_a.out, "--data", src, "--out", sel, *flags)[0] == 2
+    ranking = _ranking(sel)
+    assert sorted(r["id"] for r in ranking) == sorted(want)
+    assert all(r["score"] == run.scores[r["id"]] for r in ranking)
+    # the same selection again: a no-op that changes nothing; a different one into the same --out is refused
+    before = {f: f.read_bytes() for f in sel.rglob("*") if f.is_file()}
+    assert cli("select", "--scores", run.out, "--out", sel, *flags)[0] == 0  # --data defaults to the scored input
+    assert {f: f.read_bytes() for f in sel.rglob("*") if f.is_file()} == before
+    assert cli("select", "--scores", run.out, "--data", src, "--out", sel, "--top-k", "3")[0] == 2
+
+
+def test_select_cut_refined_over_many_rounds_equals_a_full_sort(data, run_a, tmp_path, monkeypatch):
+    """Tiny histograms (4 bins, at most 3 candidate rows) force several distributed refinement rounds and a
+    tie-break by id; the selected set is still exactly a full sort's. Then a killed-then-resumed selection:
+    shards whose parts are gone are redone, identically."""
+    monkeypatch.setattr(outputs, "CUT_BINS", 4)
+    monkeypatch.setattr(outputs, "CUT_CANDIDATES", 3)
+    tied = dict(run_a.scores)
+    for fraction in (0.1, 0.5, 0.9):
+        sel = tmp_path / f"sel-{fraction}"
+        run_ok("select", "--scores", run_a.out, "--out", sel, "--top-fraction", str(fraction))
+        want = _expected_selection(tied, data.train_rows, fraction=fraction)
+        assert sorted(r["id"] for r in _ranking(sel)) == sorted(want)
+    before = {f: f.read_bytes() for f in sel.rglob("*") if f.is_file()}
+    parts = sorted((sel / "_selection").glob("*.parquet"))
+    for p in parts[:3]:  # as if the job died before these shards committed
+        key = p.stem
+        p.unlink()
+        for f in sel.glob(f"*-{key}.parquet"):
+            f.unlink()
+    run_ok("select", "--scores", run_a.out, "--out", sel, "--top-fraction", "0.9")
+    assert {f: f.read_bytes() for f in sel.rglob("*") if f.is_file()} == before
+
+
+def test_select_refuses_other_data(data, run_a, tmp_path):
+    rc, _, err = cli("select", "--scores", run_a.out, "--data", data.train_jsonl, "--out", tmp_path / "x",
+                     "--top-k", "1")
+    assert rc == 2 and "is not the data" in err

@@ -9,6 +9,7 @@ import os
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from forvalue_ray import io as fio
@@ -106,3 +107,20 @@ def test_resume_on_s3_redoes_a_lost_part(s3_run):
     rc, stdout, _ = cli("verify", out)
     assert rc == 0, stdout
     assert read_scores(out) == s3_run.scores
+
+
+def test_select_on_s3_equals_a_full_sort(s3, s3_run):
+    """select reads the scores and the input from the bucket and writes the selection there, shard by shard."""
+    sel = f"s3://{BUCKET}/runs/top"
+    rc, stdout, err = cli("select", "--scores", s3_run.out, "--out", sel, "--top-fraction", "0.25")
+    assert rc == 0, err
+    scores = s3_run.scores
+    want = sorted(sorted(scores, key=lambda i: (-scores[i], i))[:round(0.25 * len(scores))])
+    assert json.loads(stdout.strip().splitlines()[-1]) == {"selected": len(want), "written": len(want), "scored": 24}
+    chosen = fio.read_parts(f"{sel}/_selection")
+    assert sorted(chosen["id"].to_pylist()) == want
+    fs, path = fio.filesystem(sel)
+    data_files = [f for f in fs.ls(path, detail=False) if f.endswith(".parquet")]
+    rows = [r for f in data_files for r in pq.read_table(f, filesystem=fs).to_pylist()]
+    by_id = {r["id"]: r for r in s3.train_rows}
+    assert sorted(r["id"] for r in rows) == want and all(r == by_id[r["id"]] for r in rows)

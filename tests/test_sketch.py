@@ -75,8 +75,10 @@ def test_unbiased_over_seeds(vm, encoded):
               end="")
         assert err_all < 0.6 * err_20, (what, err_20, err_all)
         assert rel(n_seeds) < 0.15, (what, rel(n_seeds))
-        # one sketch is a noisy estimate at dim 64: the test would be vacuous if it were exact
-        assert np.linalg.norm(e[0] - x) / np.linalg.norm(x) > 3 * rel(n_seeds)
+        # one sketch is a noisy estimate at dim 64: the test would be vacuous if it were exact (the median seed,
+        # not one seed that may happen to land close)
+        single = np.median([np.linalg.norm(e[i] - x) / np.linalg.norm(x) for i in range(n_seeds)])
+        assert single > 3 * rel(n_seeds), (what, single, rel(n_seeds))
 
 
 def test_same_seed_identical_different_seed_different(vm, encoded):

@@ -116,3 +116,22 @@ def test_placeholder_count_must_match_images(vm):
         {"role": "assistant", "content": [{"type": "text", "text": "y"}]}]}
     with pytest.raises(RowError, match="placeholders"):
         encode_rows(vm, [row])
+
+
+ASSISTANT_FIRST = {"images": [RED], "messages": [
+    {"role": "assistant", "content": [{"type": "text", "text": "I see a red circle"}]},
+    {"role": "user", "content": [{"type": "text", "text": "sure?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}]}
+
+
+def test_assistant_first_conversation_is_valued(vm):
+    """The images go into the assistant's first turn; only its text (and the later reply) is valued."""
+    tok = vm.tokenizer
+    enc = encode_rows(vm, [ASSISTANT_FIRST])[0]
+    valued = "".join(tok.convert_ids_to_tokens([int(i) for i in enc.input_ids[enc.labels != -100]]))
+    assert valued.startswith("I see a red circle") and "yes" in valued and "sure" not in valued
+    image_ids = {tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<image>") if t in tok.get_vocab()}
+    assert not image_ids & set(enc.labels[enc.labels != -100].tolist())
+    exact = (oracle_gradients(vm, [ASSISTANT_FIRST]) @ oracle_gradients(vm, TARGET).T).numpy()
+    np.testing.assert_allclose(pairwise_scores(vm, [ASSISTANT_FIRST], TARGET), exact, rtol=1e-6,
+                               atol=1e-9 * np.abs(exact).max())

@@ -31,8 +31,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 def _ray_cli() -> list[str]:
-    exe = shutil.which("ray")
-    return [exe] if exe else [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
+    """The `ray` of this interpreter's environment (never another one found on PATH)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "ray")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,9 @@ def test_submit_and_ray_job_submit_both_succeed(head, job_inputs):
                               cwd=REPO, env=head["env"], stdout=log_b, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         # (a) in this process, at the same time
-        rc_a, stdout_a, stderr_a = cli("submit", "--address", head["address"], "--config", cfg_a)
+        # the job's interpreter named explicitly, as a cluster whose image keeps its venv off PATH needs it
+        rc_a, stdout_a, stderr_a = cli("submit", "--address", head["address"], "--config", cfg_a,
+                                       "--python", sys.executable)
         assert rc_a == 0, f"forvalue-ray submit exited {rc_a}:\n{stderr_a[-3000:]}\n{stdout_a[-5000:]}"
         assert "SUCCEEDED" in stderr_a
         rc_b = proc_b.wait(timeout=360)

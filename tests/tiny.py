@@ -40,15 +40,25 @@ CONFIGS = {
                    tie_word_embeddings=True, query_pre_attn_scalar=16),
     # logits divided by a scaling factor
     "granite": dict(model_type="granite", logits_scaling=2.5, tie_word_embeddings=False),
+    # logits multiplied by a scaling factor (same config key as Granite, the opposite operation)
+    "hyperclovax": dict(model_type="hyperclovax", logits_scaling=0.25, tie_word_embeddings=False),
+    # logits multiplied by logit_scale
+    "cohere": dict(model_type="cohere", logit_scale=0.5, tie_word_embeddings=True),
+    # logits multiplied by the model's lm_head_multiplier (a hybrid attention + Mamba-2 model)
+    "falcon_h1": dict(model_type="falcon_h1", lm_head_multiplier=0.25, tie_word_embeddings=False, head_dim=8,
+                      mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1,
+                      mamba_chunk_size=16),
+    # a head with its own bias (∂/∂b is part of the gradient)
+    "phi": dict(model_type="phi", tie_word_embeddings=False),
 }
 
 
-def tiny_model(family: str, dtype=torch.float64, seed: int = 0, head_bias: bool = False):
+def tiny_model(family: str, dtype=torch.float64, seed: int = 0, head_bias: bool = False, **config):
     from transformers import AutoConfig
 
     cfg = dict(CONFIGS[family])
     model_type = cfg.pop("model_type")
-    config = AutoConfig.for_model(model_type, **COMMON, **cfg)
+    config = AutoConfig.for_model(model_type, **{**COMMON, **cfg, **config})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
     with torch.no_grad():  # random init is tiny; widen the logit spread so the softmax is not flat
@@ -63,20 +73,23 @@ def tiny_model(family: str, dtype=torch.float64, seed: int = 0, head_bias: bool 
 
 
 def oracle_gradients(vm, encoded) -> torch.Tensor:
-    """Autograd reference: ∇_W Σ_valued log softmax(logits)[y] for each row, W a detached leaf copy of the
-    LM-head weight swapped into the model's own forward (its own bias, scaling and soft-capping)."""
+    """Autograd reference: the gradient of Σ_valued log softmax(logits)[y] for each row with respect to the
+    LM head's weight and, when it has one, its bias — detached leaf copies swapped into the model's own
+    forward (its own scaling, multipliers and soft-capping), flattened and concatenated."""
     model = vm.model
     # the head's own name: for tied models named_parameters() would report the input embedding instead
-    name = next(n for n, m in model.named_modules() if m is model.get_output_embeddings()) + ".weight"
+    head = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is head)
     grads = []
     for r in encoded:
-        w = model.get_output_embeddings().weight.detach().clone().requires_grad_(True)
+        leaves = {f"{name}.{k}": p.detach().clone().requires_grad_(True)
+                  for k, p in (("weight", head.weight), ("bias", head.bias)) if p is not None}
         ids = torch.as_tensor(r.input_ids)[None]
-        logits = torch.func.functional_call(model, {name: w}, (ids,), tie_weights=False).logits[0]
+        logits = torch.func.functional_call(model, leaves, (ids,), tie_weights=False).logits[0]
         labels = torch.as_tensor(r.labels)[1:]
         logp = torch.log_softmax(logits[:-1].double(), -1)
         keep = labels != -100
         ll = logp[keep].gather(1, labels[keep][:, None]).sum()
-        (g,) = torch.autograd.grad(ll, w)
-        grads.append(g.detach().reshape(-1).double())
+        g = torch.autograd.grad(ll, list(leaves.values()))
+        grads.append(torch.cat([x.detach().reshape(-1).double() for x in g]))
     return torch.stack(grads)

@@ -1,0 +1,203 @@
+"""Scale rehearsal: how planning, resume, select and verify grow with the corpus (no model needed).
+
+1. plan + resume: an input of N shards (Parquet row groups across a few files) — planning time, listing the
+   finished parts (resume state) and the driver's peak RSS.
+2. select and verify over a finished run of R rows: input Parquet plus score parts, rejected parts, plan and
+   run.json in the output layout, fabricated here (the code paths that read them are the product's): wall time,
+   driver peak RSS, the peak RSS summed over Ray's worker processes, and the growth exponent in R.
+
+    python benchmarks/bench_scale.py --shards 10000 100000 --rows 1000000 10000000
+    → benchmarks/results/scale_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+RESULTS = Path(__file__).resolve().parent / "results" / "scale_cpu.json"
+SHARD_ROWS = 8192
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class WorkerRss:
+    """Peak of the summed RSS of this process's Ray (raylet, workers: its descendants), sampled every 0.2 s."""
+
+    def __init__(self):
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in me.children(recursive=True):
+                try:
+                    total += p.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            self.peak = max(self.peak, total / 2**20)
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def child(fn: str, *args) -> dict:
+    """Run one measurement in a fresh process so its peak RSS is its own."""
+    out = subprocess.run([sys.executable, __file__, "--child", fn, *map(str, args)], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- 1. plan + resume ---------------------------------------------------------------------------------------------
+
+
+def make_sharded_input(root: Path, shards: int, files: int = 10) -> Path:
+    data = root / f"input-{shards}"
+    data.mkdir(parents=True, exist_ok=True)
+    per_file = shards // files
+    table = pa.table({"id": pa.array([f"r{i}" for i in range(per_file)]), "text": pa.array(["x"] * per_file)})
+    for f in range(files):
+        pq.write_table(table, data / f"part-{f:03d}.parquet", row_group_size=1)  # one row group = one shard
+    return data
+
+
+def measure_plan(data: str, out: str) -> dict:
+    from forvalue_ray import io
+
+    t0 = time.time()
+    shards = io.plan_shards(data, shard_rows=1)
+    plan_s = time.time() - t0
+    parts = Path(out) / "scores"
+    parts.mkdir(parents=True, exist_ok=True)
+    for s in shards[: len(shards) // 2]:  # half finished: the resume listing
+        (parts / f"{s.key}.parquet").touch()
+    t0 = time.time()
+    done = io.list_parts(str(parts))
+    return {"shards": len(shards), "plan_seconds": round(plan_s, 2), "resume_list_seconds": round(time.time() - t0, 2),
+            "finished_listed": len(done), "plan_json_mib": round(len(json.dumps([s.to_dict() for s in shards])) / 2**20, 1),
+            "driver_peak_rss_mib": round(peak_rss_mib(), 1)}
+
+
+# ---- 2. select / verify over a fabricated finished run ----------------------------------------------------------
+
+
+def fabricate_run(root: Path, rows: int) -> tuple[Path, Path]:
+    """An input of ``rows`` rows in SHARD_ROWS-row groups and a finished `value` output over it."""
+    from forvalue_ray import io
+    from forvalue_ray.pipeline import PART_META, JobConfig, _plan_record
+
+    data, out = root / f"data-{rows}", root / f"run-{rows}"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    per_file = 1_000_000
+    for f in range(0, rows, per_file):
+        n = min(per_file, rows - f)
+        pq.write_table(pa.table({"id": pa.array([f"row-{i:09d}" for i in range(f, f + n)]),
+                                 "text": pa.array(["some training text"] * n),
+                                 "group": pa.array((np.arange(f, f + n) % 7).astype(str))}),
+                       data / f"part-{f // per_file:04d}.parquet", row_group_size=SHARD_ROWS)
+    shards = io.plan_shards(str(data), shard_rows=SHARD_ROWS)
+    cfg = JobConfig(command="value", train=str(data), target="fabricated", out=str(out), shard_rows=SHARD_ROWS)
+    io.write_json_atomic(str(out / "_plan.json"), _plan_record(cfg, "scores", shards, {"fabricated": True}))
+    tokens = 0
+    for s in shards:
+        ids = pq.ParquetFile(s.path).read_row_groups(list(range(s.start, s.stop)), columns=["id"])["id"]
+        n = len(ids)
+        meta = {"shard": s.key, "rows_read": n, "scored": n, "rejected": 0, "tokens": 10 * n}
+        tokens += 10 * n
+        part = pa.table({"id": ids, "score": pa.array(rng.standard_normal(n)), "n_tokens": pa.array([10] * n),
+                         "nll": pa.array(rng.random(n))})
+        io.write_table_atomic(str(out / "scores" / f"{s.key}.parquet"),
+                              part.replace_schema_metadata({PART_META: json.dumps(meta)}))
+        io.write_table_atomic(str(out / "rejected" / f"{s.key}.parquet"),
+                              pa.table({"id": pa.array([], pa.string()), "reason": pa.array([], pa.string())}))
+    io.write_json_atomic(str(out / "run.json"), {"counts": {"rows_read": rows, "scored": rows, "rejected": 0,
+                                                            "tokens": tokens, "shards": len(shards)}})
+    return data, out
+
+
+def measure_command(which: str, out: str, sel: str) -> dict:
+    from forvalue_ray import outputs
+    from forvalue_ray.pipeline import init_ray
+
+    init_ray(None)
+    with WorkerRss() as workers:
+        t0 = time.time()
+        if which == "verify":
+            problems, counts = outputs.verify(out)
+            assert not problems, problems
+            result = counts
+        else:
+            result = outputs.select(out, None, sel, top_fraction=0.1, per_group="group" if which == "select-per-group"
+                                    else None)
+        seconds = time.time() - t0
+    return {"command": which, "seconds": round(seconds, 2), "driver_peak_rss_mib": round(peak_rss_mib(), 1),
+            "workers_peak_rss_mib": round(workers.peak, 1), "result": result}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shards", type=int, nargs="*", default=[10_000, 100_000])
+    ap.add_argument("--rows", type=int, nargs="*", default=[1_000_000, 10_000_000])
+    ap.add_argument("--commands", nargs="*", default=["verify", "select", "select-per-group"])
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        fn, *rest = args.child
+        print(json.dumps(measure_plan(*rest) if fn == "plan" else measure_command(fn, *rest)))
+        return
+    root = Path(tempfile.mkdtemp(prefix="fv-scale-"))
+    results = {"plan": [], "commands": []}
+    try:
+        for n in args.shards:
+            data = make_sharded_input(root, n)
+            results["plan"].append(child("plan", data, root / f"plan-out-{n}"))
+            print(results["plan"][-1], flush=True)
+        for rows in args.rows:
+            t0 = time.time()
+            _, out = fabricate_run(root, rows)
+            print(f"fabricated {rows:,} rows in {time.time() - t0:.0f} s", flush=True)
+            for which in args.commands:
+                r = {"rows": rows, **child(which, out, root / f"sel-{which}-{rows}")}
+                results["commands"].append(r)
+                print(r, flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    for which in args.commands:
+        pts = [(r["rows"], r["seconds"]) for r in results["commands"] if r["command"] == which]
+        if len(pts) >= 2:
+            (r0, t0), (r1, t1) = pts[0], pts[-1]
+            results.setdefault("growth_exponent", {})[which] = round(float(np.log(t1 / t0) / np.log(r1 / r0)), 2)
+    results["machine"] = f"{os.cpu_count()} CPU cores"
+    RESULTS.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results.get("growth_exponent", {})))
+
+
+if __name__ == "__main__":
+    main()
