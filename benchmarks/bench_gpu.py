@@ -1,135 +1,120 @@
-"""GPU throughput and model FLOP utilisation of value and sketch, for a lent H200 (finishes in < 5 min).
+"""Measured GPU throughput, model FLOP utilisation and peak memory of every path, beside the roofline estimate
+of bench_flops.py, for each shape — on one H200 in under 5 minutes.
 
-Also an image-text model shaped like Qwen2.5-VL-3B (random weights, 448×448 images).
+    pip install -e . && python benchmarks/bench_gpu.py          # a GPU machine (offline: torch + transformers
+                                                                # suffice, `python benchmarks/bench_gpu.py`)
+    python benchmarks/bench_gpu.py --device cpu --tiny --iters 1   # the same code on tiny shapes, on a CPU
 
-    python benchmarks/bench_gpu.py [--out benchmarks/results/gpu_h200.json]
-
-Random-weight models shaped like Qwen2.5-1.5B and Llama-3.1-8B (configs only, no downloads), bf16, seq 512
-and 2048. MFU counts 2·N FLOPs per token for the forward plus the readout's LM-head products (logits +
-one per target statistic for value; logits for sketch), against the GPU's dense bf16 peak (--peak-tflops).
+Random-weight models built from the configs in ``shapes.py`` (bf16, sdpa attention), rows of ``--seq`` tokens
+(every one but the first valued; image rows: one 448×448 image + 256 valued tokens), ``--batch-tokens`` per
+forward, the workloads of ``bench_flops.prepare`` (the engine's Scorer, or the model's own forward with logits).
+tokens/s counts valued tokens; MFU = tokens/s × the path's counted FLOPs per token ÷ the bf16 dense peak. The
+estimate comes from ``results/flops.json`` when it was counted with the same --seq and --batch-tokens, else it is
+counted here. Results are written after every measurement (``--out``).
 """
 
+from __future__ import annotations
+
 import argparse
+import gc
 import json
+import os
+import sys
 import time
 
-import numpy as np
 import torch
 
-SHAPES = {
-    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
-}
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # shapes, bench_flops; the package itself without an install
+import bench_flops  # noqa: E402
+import shapes  # noqa: E402
 
 
-VLM_SHAPE = dict(model_type="qwen2_5_vl", text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-                 num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
-                 vision_config=dict(depth=32, hidden_size=1280, out_hidden_size=2048, num_heads=16,
-                                    intermediate_size=3420, patch_size=14, spatial_merge_size=2))
-
-
-def bench_vlm(iters: int, shape: dict = VLM_SHAPE, device: str = "cuda", dtype=torch.bfloat16) -> dict:
-    """Qwen2.5-VL-3B-shaped: rows of one 448×448 image (256 merged image tokens) + 256 response tokens."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from forvalue_ray import from_hf
-    from forvalue_ray.encode import Encoded
-    from forvalue_ray.engine import Scorer, TargetStats
-
-    cfg = dict(shape)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    vm = from_hf(model.eval(), tokenizer=None, source="random")
-    grid, merge = (1, 32, 32), 4
-    n_img_tokens = grid[1] * grid[2] // merge
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(16):
-        ids = np.r_[[config.vision_start_token_id], [config.image_token_id] * n_img_tokens, [config.vision_end_token_id],
-                    rng.integers(0, 1000, 256)]
-        labels = np.r_[[-100] * (n_img_tokens + 2), ids[n_img_tokens + 2:]]
-        patch = 3 * 2 * config.vision_config.patch_size ** 2  # channels × temporal patch × patch²
-        vision = {"pixel_values": rng.standard_normal((grid[1] * grid[2], patch)).astype(np.float32),
-                  "image_grid_thw": np.array([grid]),
-                  "mm_token_type_ids": np.r_[[0], [1] * n_img_tokens, [0] * 257][None]}
-        rows.append(Encoded(str(i), ids.astype(np.int64), labels.astype(np.int64), vision))
-    stats = TargetStats(torch.randn(1, *vm.head.weight.shape, device=device) * 1e-3, ["mean"], False, [1])
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+def estimates(args) -> dict:
+    """(shape, path) → the counted FLOPs and roofline of bench_flops, for these settings."""
+    path = os.path.join(HERE, "results", "flops.json")
+    if os.path.exists(path) and not args.tiny:
+        saved = json.load(open(path))
+        m = saved["meta"]
+        if (m["seq"], m["batch_tokens"], m.get("tiny", False)) == (args.seq, args.batch_tokens, False):
+            return {(r["shape"], r["path"]): r for r in saved["results"]}
     out = {}
-    for method, kw in (("value", {"stats": stats}), ("sketch", {"sketch_dim": 4096})):
-        scorer = Scorer(vm, max_tokens=16 * 600, **kw)
-        scorer(rows)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            scorer(rows)
-        sync()
-        dt = (time.perf_counter() - t0) / iters
-        out[method] = {"images_per_s": round(len(rows) / dt, 1), "tokens_per_s": round(len(rows) * 256 / dt)}
+    for name in args.shapes.split(","):
+        shape = shapes.tiny(shapes.SHAPES[name]) if args.tiny else shapes.SHAPES[name]
+        for r in bench_flops.count(name, shape, args.paths.split(","), args.seq, args.batch_tokens):
+            out[name, r["path"]] = r
     return out
 
 
-def build(shape: dict):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from forvalue_ray import from_hf
-
-    cfg = dict(shape)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg, max_position_embeddings=4096)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    return from_hf(model.eval(), tokenizer=None, source="random")
-
-
-def bench(vm, seq: int, batch_tokens: int, iters: int, **scorer_kw) -> float:
-    from forvalue_ray.encode import Encoded
-    from forvalue_ray.engine import Scorer
-
-    rng = np.random.default_rng(0)
-    n = max(1, batch_tokens // seq)
-    rows = [Encoded(str(i), ids := rng.integers(0, vm.head.vocab_size, seq), np.r_[-100, ids[1:]]) for i in range(n)]
-    scorer = Scorer(vm, max_tokens=batch_tokens, **scorer_kw)
-    scorer(rows)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        scorer(rows)
-    torch.cuda.synchronize()
-    return n * seq * iters / (time.perf_counter() - t0)
+def measure(vm, shape, path: str, args, device: torch.device) -> dict:
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    row_len = args.seq if not shapes.is_vision(shape) else None
+    rows = shapes.make_rows(shape, vm.model.config, args.seq, 1)
+    row_len = row_len or len(rows[0].input_ids)
+    rows = shapes.make_rows(shape, vm.model.config, args.seq, max(1, args.batch_tokens // row_len))
+    valued = sum(r.n_valued for r in rows)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        run = bench_flops.prepare(path, vm, rows, args.batch_tokens)
+        run()  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            run()
+        sync()
+    dt = (time.perf_counter() - t0) / args.iters
+    return {"tokens_per_s": valued / dt, "seconds_per_batch": dt, "valued_tokens_per_batch": valued,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
 def main():
-    from forvalue_ray.engine import TargetStats
-
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default="benchmarks/results/gpu_h200.json")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny versions of the shapes (a dry run of this script)")
+    p.add_argument("--shapes", default=",".join(shapes.SHAPES))
+    p.add_argument("--paths", default=",".join(bench_flops.PATHS))
+    p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--peak-tflops", type=float, default=bench_flops.PEAK_FLOPS["bf16"] / 1e12,
+                   help="dense bf16 peak for MFU (H100/H200 SXM: 989)")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "gpu_h200.json"))
     args = p.parse_args()
+    device = torch.device(args.device)
+    t_start = time.time()
+    est = estimates(args)
+    meta = {"command": "python benchmarks/bench_gpu.py " + " ".join(sys.argv[1:]), "device": (
+        torch.cuda.get_device_name() if device.type == "cuda" else "cpu"), "torch": torch.__version__,
+        "seq": args.seq, "batch_tokens": args.batch_tokens, "iters": args.iters, "peak_tflops": args.peak_tflops,
+        "tiny": args.tiny}
     results = []
-    for name, shape in SHAPES.items():
-        vm = build(shape)
-        n_params = sum(p.numel() for p in vm.model.parameters())
-        head = vm.head.vocab_size * vm.head.weight.shape[1]
-        stats = TargetStats(torch.randn(1, *vm.head.weight.shape, device="cuda") * 1e-3, ["mean"], False, [1])
-        for seq in (512, 2048):
-            for method, kw, extra_heads in (("value", {"stats": stats}, 2), ("sketch", {"sketch_dim": 4096}, 1)):
-                tps = bench(vm, seq, args.batch_tokens, args.iters, **kw)
-                flops = 2 * (n_params - (0 if shape["tie_word_embeddings"] else head)) + 2 * head * extra_heads
-                results.append({"model": name, "seq": seq, "method": method, "tokens_per_s": round(tps),
-                                "mfu": round(tps * flops / (args.peak_tflops * 1e12), 4),
-                                "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
-                print(results[-1], flush=True)
-        del vm, stats
-        torch.cuda.empty_cache()
-    vlm = bench_vlm(args.iters)
-    print({"qwen2.5-vl-3b": vlm}, flush=True)
-    with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "results": results, "qwen2.5-vl-3b": vlm}, f, indent=2)
+    print(f"{'shape':14s} {'path':20s} {'tokens/s':>12s} {'est tokens/s':>13s} {'meas/est':>8s} {'MFU':>6s} "
+          f"{'peak GiB':>8s}", flush=True)
+    for name in args.shapes.split(","):
+        shape = shapes.tiny(shapes.SHAPES[name]) if args.tiny else shapes.SHAPES[name]
+        from forvalue_ray.model import ValuationModel
+
+        vm = ValuationModel(shapes.build_model(shape, device), None, {"source": f"random {name}"})
+        for path in args.paths.split(","):
+            r = {"shape": name, "path": path, **measure(vm, shape, path, args, device)}
+            e = est[name, path]
+            r.update(est_tokens_per_s=e["estimate_tokens_per_s"], gflop_per_token=e["gflop_per_token_total"],
+                     mfu=r["tokens_per_s"] * e["gflop_per_token_total"] * 1e9 / (args.peak_tflops * 1e12))
+            r["measured_over_estimate"] = r["tokens_per_s"] / r["est_tokens_per_s"]
+            results.append(r)
+            peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
+            print(f"{name:14s} {path:20s} {r['tokens_per_s']:12,.0f} {r['est_tokens_per_s']:13,.0f} "
+                  f"{r['measured_over_estimate']:8.2f} {r['mfu']:6.3f} {peak:>8s}", flush=True)
+            with open(args.out, "w") as f:
+                json.dump({"meta": {**meta, "wall_s": round(time.time() - t_start, 1)}, "results": results}, f,
+                          indent=1)
+        del vm
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import io
-from .engine import TargetStats
+from .engine import TargetStats, TargetTokens
+from .readout import ReferenceTokens
 
 STATS_FILE = "target_stats.safetensors"
 STATS_META = "target_stats.json"
@@ -19,11 +20,16 @@ STATS_META = "target_stats.json"
 def save_target_stats(stats: TargetStats, out_dir: str) -> None:
     fs, base = io.filesystem(out_dir)
     fs.makedirs(base, exist_ok=True)
+    if stats.form == "dense":
+        tensors = {"stats": stats.stats}
+    else:  # the target's valued tokens: h', y', lse', group, weight
+        t = stats.tokens.tokens
+        tensors = {"h": t.h, "y": t.y, "lse": t.lse, "group": t.seg, "weights": stats.tokens.weights}
     with fs.open(f"{base}/{STATS_FILE}", "wb") as fh:
-        fh.write(st_save({"stats": stats.stats.contiguous()}))
+        fh.write(st_save({k: v.contiguous() for k, v in tensors.items()}))
     io.write_json_atomic(io.join(out_dir, STATS_META), {
-        "names": stats.names, "counts": stats.counts, "normalize": stats.normalize,
-        "shape": list(stats.stats.shape), "provenance": stats.provenance})
+        "names": stats.names, "counts": stats.counts, "normalize": stats.normalize, "form": stats.form,
+        "shape": list(tensors["stats" if stats.form == "dense" else "h"].shape), "provenance": stats.provenance})
 
 
 def load_target_stats(path: str) -> TargetStats:
@@ -35,8 +41,12 @@ def load_target_stats(path: str) -> TargetStats:
     meta = io.read_json(io.join(base, STATS_META))
     fs, p = io.filesystem(io.join(base, STATS_FILE))
     with fs.open(p, "rb") as fh:
-        tensor = st_load(fh.read())["stats"]
-    return TargetStats(tensor, meta["names"], meta["normalize"], meta["counts"], meta["provenance"])
+        t = st_load(fh.read())
+    head = (meta["names"], meta["normalize"], meta["counts"], meta["provenance"])
+    if meta.get("form", "dense") == "dense":
+        return TargetStats(t["stats"], *head)
+    return TargetStats(None, *head, tokens=TargetTokens(ReferenceTokens(t["h"], t["y"], t["lse"], t["group"]),
+                                                        t["weights"]))
 
 
 def check_compatible(kind: str, expected: dict, found: dict, keys=("model_fingerprint",)) -> None:

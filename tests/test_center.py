@@ -1,0 +1,165 @@
+"""Centering: scores against Ḡ − μ, μ the mean gradient of a sample of the training rows, equal inner products
+of autograd LM-head gradients (API), and the job's --center equals the API on the sample it recorded."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import forvalue_ray as fv
+from forvalue_ray.pipeline import sample_training_rows
+from forvalue_ray.tasks import make_task
+from tiny import oracle_gradients, tiny_model
+
+pytestmark = pytest.mark.timeout(1800)  # the job tests start a local Ray: slow on a loaded machine
+
+TRAIN = [{"text": "the cat sat on the mat"}, {"prompt": "Q: 2+2?", "response": " A: 4"}, {"text": "zebra!"},
+         {"text": "a dog ran far"}, {"prompt": "Q: 5-1?", "response": " A: 4"}]
+TARGET = [{"text": "a cat on a mat"}, {"prompt": "Q: 3+3?", "response": " A: 6"}, {"text": "zebras and cats"}]
+GROUPS = ["animals", "math", "animals"]
+SAMPLE = [TRAIN[0], TRAIN[2], TRAIN[4]]
+
+
+def rel_err(a, b):
+    return np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(b))
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    vm = tiny_model("gemma2")  # soft-capping and tied embeddings: the general head
+    return vm, *(oracle_gradients(vm, fv.encode_rows(vm, rows)) for rows in (TRAIN, TARGET, SAMPLE))
+
+
+def test_centered_mean_matches_autograd(oracle):
+    vm, g_train, g_target, g_sample = oracle
+    mu = g_sample.mean(0)
+    expected = (g_train @ (g_target.mean(0) - mu)).numpy()
+    assert rel_err(fv.value_scores(vm, TRAIN, TARGET, center=SAMPLE, vocab_chunk=48), expected) < 1e-5
+    # ranks like the centered inner product ⟨G − μ, Ḡ − μ⟩: the difference is one constant for every row
+    centered = ((g_train - mu) @ (g_target.mean(0) - mu)).numpy()
+    assert np.ptp(centered - expected) < 1e-6 * np.abs(expected).max()
+    # statistics of the sample given instead of its rows
+    stats = fv.target_statistics(vm, SAMPLE, stats_form="dense")
+    assert rel_err(fv.value_scores(vm, TRAIN, TARGET, center=stats), expected) < 1e-5
+
+
+def test_centered_groups_match_autograd(oracle):
+    vm, g_train, g_target, g_sample = oracle
+    names, scores = fv.group_scores(vm, TRAIN, TARGET, GROUPS, center=SAMPLE, vocab_chunk=37)
+    assert names == ["animals", "math"]
+    for k, name in enumerate(names):
+        members = [j for j, g in enumerate(GROUPS) if g == name]
+        expected = (g_train @ (g_target[members].mean(0) - g_sample.mean(0))).numpy()
+        assert rel_err(scores[:, k], expected) < 1e-5
+
+
+def test_centering_refuses_what_it_does_not_define(oracle):
+    vm = oracle[0]
+    with pytest.raises(ValueError, match="normalize"):
+        fv.value_scores(vm, TRAIN, TARGET, normalize=True, center=SAMPLE)
+    two_groups = fv.target_statistics(vm, TARGET, groups=GROUPS, stats_form="dense")
+    with pytest.raises(ValueError, match="one group"):
+        fv.value_scores(vm, TRAIN, TARGET, center=two_groups)
+
+
+def test_sample_training_rows_is_seeded_and_uniform(tmp_path):
+    from forvalue_ray import io
+    from jobtools import write_parquet
+
+    rows = [{"id": f"r{i}", "text": f"row {i}"} for i in range(200)]
+    shards = io.plan_shards(str(write_parquet(rows, tmp_path / "t.parquet", row_group_size=10)), shard_rows=10)
+    assert len(shards) == 20
+    sample, read = sample_training_rows(shards, 30, seed=1)
+    again, _ = sample_training_rows(shards, 30, seed=1)
+    assert [r["id"] for _, r in sample] == [r["id"] for _, r in again]
+    assert len({r["id"] for _, r in sample}) == 30 and len(read) == 16  # at least 16 shards read, then enough rows
+    assert [r["id"] for _, r in sample_training_rows(shards, 30, seed=2)[0]] != [r["id"] for _, r in sample]
+    everything, read_all = sample_training_rows(shards, 500, seed=0)  # more than there is: every row, once
+    assert sorted(r["id"] for _, r in everything) == sorted(r["id"] for r in rows) and len(read_all) == 20
+    # uniform over rows: each row's inclusion rate over many seeds is n / N
+    hits = np.zeros(200)
+    for seed in range(200):
+        for _, r in sample_training_rows(shards, 30, seed=seed)[0]:
+            hits[int(r["id"][1:])] += 1
+    assert np.abs(hits / 200 - 0.15).max() < 0.1  # binomial sd 0.025
+
+
+# ---- the job ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    import ray
+
+    from jobtools import run_ok, save_tiny_model, write_parquet
+
+    root = tmp_path_factory.mktemp("center")
+    train, target = make_task("sentence", n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=3)
+    model = save_tiny_model(root / "model")
+    train_path = write_parquet(train, root / "train.parquet", row_group_size=6)
+    target_path = write_parquet(target, root / "target.parquet")
+    assert not ray.is_initialized(), "another test left Ray initialised"
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    common = ["--model", model, "--train", train_path, "--target", target_path, "--shard-rows", 6,
+              "--form", "prompt_response", "--no-progress"]
+    try:
+        run_ok("value", *common, "--out", root / "mean", "--center", 10, "--center-seed", 7)
+        run_ok("value", *common, "--out", root / "groups", "--mode", "groups", "--group-column", "class",
+               "--center-stats", root / "mean" / "center")
+        yield {"root": root, "model": model, "train": train, "target": target, "common": common}
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_job_center_equals_api_on_its_recorded_sample(job):
+    from jobtools import read_scores
+
+    vm = fv.load_model(str(job["model"]))
+    sample_info = json.loads((job["root"] / "mean" / "center" / "sample.json").read_text())
+    by_id = {r["id"]: r for r in job["train"]}
+    assert sample_info["rows"] == 10 and sample_info["seed"] == 7 and len(set(sample_info["ids"])) == 10
+    sample = [by_id[i] for i in sample_info["ids"]]
+    ids = [r["id"] for r in job["train"]]
+    expected = fv.value_scores(vm, job["train"], job["target"], center=sample, form="prompt_response")
+    got = read_scores(job["root"] / "mean")
+    assert rel_err([got[i] for i in ids], expected) < 1e-5
+    # independently: the difference of two plain mean-mode valuations
+    plain = fv.value_scores(vm, job["train"], job["target"], form="prompt_response")
+    against_sample = fv.value_scores(vm, job["train"], sample, form="prompt_response")
+    assert rel_err([got[i] for i in ids], plain - against_sample) < 1e-5
+    run = json.loads((job["root"] / "mean" / "run.json").read_text())
+    assert run["center_rows"] == 10 and run["config"]["center"] == 10
+    assert (job["root"] / "mean" / "center" / "target_stats.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_job_groups_with_reused_center_stats(job):
+    from jobtools import read_scores, target_ids
+
+    from forvalue_ray.artifacts import load_target_stats
+
+    vm = fv.load_model(str(job["model"]))
+    center = load_target_stats(str(job["root"] / "mean" / "center"))
+    names, expected = fv.group_scores(vm, job["train"], job["target"], [r["class"] for r in job["target"]],
+                                      center=center, form="prompt_response")
+    assert target_ids(job["root"] / "groups") == names
+    got = read_scores(job["root"] / "groups")
+    assert rel_err(np.stack([got[r["id"]] for r in job["train"]]), expected) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra,message", [
+    (["--center", 5, "--normalize"], "plain For-Value inner product"),
+    (["--center", 5, "--mode", "pairwise"], "pairwise mode keeps no statistics"),
+    (["--center", 5, "--center-stats", "somewhere"], "not both"),
+    (["--center", -2], "N > 0"),
+])
+def test_job_refuses_undefined_centering(job, extra, message):
+    from jobtools import cli
+
+    rc, _, err = cli("value", *job["common"], "--out", job["root"] / "refused", *extra)
+    assert rc == 2 and message in err, err
