@@ -1,7 +1,7 @@
 """FLOPs per valued token of every path, split by the precision each product runs in, and a roofline estimate
 for one H200 — counted through the engine's own code on meta tensors (no weights, no GPU).
 
-    python benchmarks/bench_flops.py [--seq 1024] [--batch-tokens 16384] [--out benchmarks/results/flops.json]
+    python benchmarks/bench_flops.py [--seq 1024] [--batch-tokens 4096] [--out benchmarks/results/flops.json]
     python benchmarks/bench_flops.py --tiny --out /tmp/flops_tiny.json     # seconds: the same code on tiny shapes
 
 Each (shape, path) builds the real model class from its config on the meta device and runs the product's code
@@ -179,8 +179,8 @@ class FusedAttention(TorchFunctionMode):
                                                         scale=kwargs.get("scale"))[0]
 
 
-VIEWS_AND_METADATA = {aten._to_copy.default, aten.empty.memory_format, aten.empty_strided.default,
-                      aten.lift_fresh.default, aten.detach.default}
+VIEWS_AND_METADATA = {aten.empty.memory_format, aten.empty_strided.default, aten.lift_fresh.default,
+                      aten.detach.default}
 GATHERS = {aten.index.Tensor, aten.embedding.default, aten.gather.default, aten.index_select.default}
 SCATTERS = {aten.index_add.default, aten.index_add_.default, aten.index_put.default, aten.index_put_.default,
             aten.scatter_add.default, aten.scatter_add_.default, aten._index_put_impl_.default}
@@ -209,7 +209,8 @@ class OpCosts(TorchDispatchMode):
         inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
         outputs = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
         on_device = any(t.device.type == "meta" for t in inputs + outputs)
-        if not on_device or func.is_view or func in VIEWS_AND_METADATA:
+        transfer = func is aten._to_copy.default and _device(kwargs) not in (None, inputs[0].device)
+        if not on_device or transfer or func.is_view or func in VIEWS_AND_METADATA:
             return
         packet, flops, kind = func.overloadpacket, 0, "memory"
         if packet in flop_registry:
@@ -378,7 +379,7 @@ def table(results: list[dict]) -> str:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seq", type=int, default=1024, help="tokens per text row (all but the first valued)")
-    p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward (the Scorer's max_tokens)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward (the job's --batch-tokens)")
     p.add_argument("--shapes", default=",".join(shapes.SHAPES))
     p.add_argument("--paths", default=",".join(PATHS))
     p.add_argument("--tiny", action="store_true", help="tiny versions of the shapes (a CPU check of every path)")

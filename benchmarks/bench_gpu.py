@@ -77,7 +77,7 @@ def main():
     p.add_argument("--shapes", default=",".join(shapes.SHAPES))
     p.add_argument("--paths", default=",".join(bench_flops.PATHS))
     p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=bench_flops.PEAK_FLOPS["bf16"] / 1e12,
                    help="dense bf16 peak for MFU (H100/H200 SXM: 989)")

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p = sub.add_parser("select", help="write the top (or bottom) rows by value in the data's own format")
     p.add_argument("--scores", required=True, help="output directory of value/score")
-    p.add_argument("--data", required=True, help="the data that was scored")
+    p.add_argument("--data", help="the data that was scored (the default; another input is refused)")
     p.add_argument("--out", required=True)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--top-fraction", type=float)

@@ -542,7 +542,9 @@ def run_value(cfg: JobConfig) -> dict:
     return write_run_json(cfg, "scores", shards, summaries, t0, {**info, **target_info})
 
 
-TARGET_BLOCK_ROWS = 64  # target rows per partial: fixed, so the reduce order never depends on the actors
+# target rows per partial: fixed, so the reduce order never depends on the actors (tests set a smaller one
+# through the environment, which their job subprocesses inherit)
+TARGET_BLOCK_ROWS = int(os.environ.get("FORVALUE_TARGET_BLOCK_ROWS", "64"))
 
 
 def build_target(cfg: JobConfig, model_path: str, provenance: dict, fp: str, artifact: str = "target"):

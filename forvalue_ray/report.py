@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from . import io
 from .encode import Columns, Encoder
+from .outputs import SELECTION
 
 DEFAULT_TOP = 15
 DEFAULT_SAMPLE = 5000
@@ -182,17 +183,18 @@ def scan_scores(out: str, plan: dict, names: list, top_n: int, sample_size: int,
 
 
 def scan_selection(out: str, top_n: int, sample_size: int, seed: int) -> Scan:
-    """A ``select`` output: its ``_selection.parquet`` (id, score), row group by row group."""
+    """A ``select`` output: its ``_selection/<shard>.parquet`` parts (id, score of the selected rows)."""
     scan = Scan(Ranked(top_n, True), Ranked(top_n, False), Sample(sample_size, np.random.default_rng(seed)),
                 Summary(["score"]))
-    fs, path = io.filesystem(io.join(out, "_selection.parquet"))
-    with fs.open(path, "rb") as fh:
-        for batch in pq.ParquetFile(fh).iter_batches(columns=["id", "score"]):
-            value = batch.column(1).to_numpy(zero_copy_only=False)
-            scan.n_parts += 1
-            _add_part(scan, {"id": np.asarray(batch.column(0).to_pylist(), dtype=object), "value": value,
-                             "scores": value[:, None], "shard": np.full(len(value), None, dtype=object),
-                             "n_tokens": np.full(len(value), np.nan), "nll": np.full(len(value), np.nan)})
+    for key in sorted(io.list_parts(io.join(out, SELECTION))):
+        table = _read_table(io.join(out, SELECTION, key + ".parquet"))
+        scan.n_parts += 1
+        if not table.num_rows:
+            continue
+        value = table["score"].to_numpy(zero_copy_only=False)
+        _add_part(scan, {"id": np.asarray(table["id"].to_pylist(), dtype=object), "value": value,
+                         "scores": value[:, None], "shard": np.full(len(value), key, dtype=object),
+                         "n_tokens": np.full(len(value), np.nan), "nll": np.full(len(value), np.nan)})
     return scan
 
 
@@ -243,28 +245,40 @@ def join_rows(chosen: list[dict], shards: dict, settings: dict) -> tuple[dict, l
 
 
 def join_selection(out: str, chosen: list[dict]) -> tuple[dict, list[str]]:
-    """A select output holds the chosen rows themselves; rows are matched on an ``id`` column."""
-    wanted, found, problems = {r["id"] for r in chosen}, {}, []
-    if not wanted:
-        return found, problems
-    files = [f for f in io.list_inputs(out) if posixpath.basename(f[0]) != "_selection.parquet"]
-    for full, fmt, _ in files:
-        shard = io.Shard("", full, fmt, 0, 1 << 62, -1, "")
-        if fmt == "parquet":
-            fs, path = io.filesystem(full)
-            with fs.open(path, "rb") as fh:
-                groups = pq.ParquetFile(fh).metadata.num_row_groups
-            shard = io.Shard("", full, fmt, 0, groups, -1, "")
-        rows, _ = io.read_shard(shard)
-        for _, row in rows:
-            if row.get("id") in wanted:
-                found.setdefault(row["id"], row)
-        if len(found) == len(wanted):
-            break
-    if len(found) < len(wanted):
-        problems.append(f"{len(wanted) - len(found)} shown rows have no 'id' column match in the selected files "
-                        f"(rows without an id column are named by their input position, which select does not keep)")
+    """A select output holds the chosen rows themselves, one file per input shard (``<name>-<shard>.parquet`` or
+    ``.jsonl``, rows in input order). Rows are matched on their ``id`` column, or, without one, by position:
+    derived ids (``<file>:<row>``, ``<file>@<byte>``) sort in input order."""
+    wanted: dict[str, set] = {}
+    for r in chosen:
+        wanted.setdefault(r["shard"], set()).add(r["id"])
+    fs, base = io.filesystem(out)
+    by_key = {}  # shard key → file name: "<input name>-<shard key>.<ext>", the key being "<index>-<hash>"
+    for name in (posixpath.basename(f) for f in fs.ls(base, detail=False)):
+        if name.endswith((".parquet", ".jsonl")) and not name.startswith(("_", ".")):
+            by_key["-".join(name.rsplit(".", 1)[0].rsplit("-", 2)[-2:])] = name
+    found, problems = {}, []
+    for key, ids in wanted.items():
+        if key not in by_key:
+            problems.append(f"no selected-rows file for shard {key} in {out}")
+            continue
+        fmt = io.detect_format(by_key[key])
+        end = _end(fs, f"{base}/{by_key[key]}", fmt)
+        rows = [row for _, row in io.read_shard(io.Shard("", io.join(out, by_key[key]), fmt, 0, end, -1, ""))[0]]
+        if rows and all("id" in row for row in rows):
+            found.update({row["id"]: row for row in rows if row["id"] in ids})
+            continue
+        part_ids = _read_table(io.join(out, SELECTION, key + ".parquet"))["id"].to_pylist()
+        in_order = sorted(part_ids, key=lambda i: int(re.split(r"[:@]", i)[-1]))
+        found.update({rid: row for rid, row in zip(in_order, rows) if rid in ids})
     return found, problems
+
+
+def _end(fs, path: str, fmt: str) -> int:
+    """The stop of a shard spanning a whole file: its row groups (Parquet) or its size (JSONL)."""
+    if fmt == "parquet":
+        with fs.open(path, "rb") as fh:
+            return pq.ParquetFile(fh).metadata.num_row_groups
+    return fs.size(path)
 
 
 FORMS = ("input_ids", "messages", "prompt_response", "text")  # the order in which form "auto" picks
@@ -280,8 +294,9 @@ def snippet(row: dict | None, settings: dict) -> tuple[str, str]:
     if row is None:
         return "", ""
     col = {k: settings.get(f"{k}_column", k) for k in ("text", "prompt", "response", "messages", "input_ids")}
-    present = {f: all(row.get(col[c]) is not None for c in f.split("_") if c != "ids") for f in FORMS}
-    present["input_ids"] = row.get(col["input_ids"]) is not None
+    has = {k: row.get(c) is not None for k, c in col.items()}
+    present = {"input_ids": has["input_ids"], "messages": has["messages"], "text": has["text"],
+               "prompt_response": has["prompt"] and has["response"]}
     form = settings.get("form", "auto")
     if form == "auto":
         form = next((f for f in FORMS if present[f]), None)
@@ -376,6 +391,7 @@ def figures(scan: Scan, mode: str, names: list, value_label: str) -> dict[str, t
         cats = sorted(scan.rejected.items(), key=lambda kv: -kv[1][0])
         fig, ax = plt.subplots(figsize=(7.5, 0.4 * len(cats) + 1.2))
         ax.barh([c[:60] for c, _ in cats][::-1], [v[0] for _, v in cats][::-1])
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("rejected rows")
         fig.tight_layout()
         figs["rejected"] = ("Rejected rows by reason", _png(fig))
@@ -406,7 +422,7 @@ def _num(x) -> str:
     if isinstance(x, (int, np.integer)):
         return f"{int(x):,}"
     x = float(x)
-    return f"{x:,.0f}" if abs(x) >= 1e5 else f"{x:.4g}"
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
 
 
 def _kv_table(items) -> str:
@@ -415,17 +431,18 @@ def _kv_table(items) -> str:
 
 def _rows_table(table_id: str, rows: list[dict], joined: dict, settings: dict, names: list, mode: str) -> str:
     show_scores = mode != "mean" and 1 < len(names) <= 6
+    texts = [snippet(joined.get(r["id"]), settings) for r in rows]
+    with_response = any(response for _, response in texts)
     head = ["#", "id", "score" if mode == "mean" else "mean score"]
     head += [f"vs {n}" for n in names] if show_scores else []
-    head += ["valued tokens", "NLL", "input", "response"]
+    head += ["valued tokens", "NLL", "input"] + (["response"] if with_response else [])
     out = [f"<table id='{table_id}'><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr></thead><tbody>"]
-    for i, r in enumerate(rows, 1):
-        text, response = snippet(joined.get(r["id"]), settings)
+    for i, (r, (text, response)) in enumerate(zip(rows, texts), 1):
         cells = [f"<td class='num'>{i}</td>", f"<td>{_esc(r['id'])}</td>", f"<td class='num'>{_num(r['value'])}</td>"]
         cells += [f"<td class='num'>{_num(v)}</td>" for v in r["scores"]] if show_scores else []
         cells += [f"<td class='num'>{_num(None if np.isnan(r['n_tokens']) else int(r['n_tokens']))}</td>",
-                  f"<td class='num'>{_num(r['nll'])}</td>", f"<td class='text'>{_esc(text)}</td>",
-                  f"<td class='text'>{_esc(response)}</td>"]
+                  f"<td class='num'>{_num(r['nll'])}</td>", f"<td class='text'>{_esc(text)}</td>"]
+        cells += [f"<td class='text'>{_esc(response)}</td>"] if with_response else []
         out.append("<tr>" + "".join(cells) + "</tr>")
     return "".join(out) + "</tbody></table>"
 
@@ -462,10 +479,10 @@ def variant_text(command: str, config: dict, index_meta: dict | None) -> str:
 def write_report(out: str, *, top: int = DEFAULT_TOP, sample: int = DEFAULT_SAMPLE, seed: int = 0) -> str:
     """Write ``OUT/report/index.html`` (+ one PNG per figure); returns the page's path."""
     plan = _maybe_json(io.join(out, "_plan.json"))
-    is_selection = plan is None and io.exists(io.join(out, "_selection.parquet"))
+    is_selection = plan is None and io.exists(io.join(out, "_select.json"))
     if plan is None and not is_selection:
         raise FileNotFoundError(f"{out} is not a forvalue-ray output: no _plan.json (value, score) and no "
-                                f"_selection.parquet (select)")
+                                f"_select.json (select)")
     if plan is not None and plan.get("kind") != "scores":
         raise ValueError(f"{out} is a sketch index (kind '{plan.get('kind')}'): it holds no scores; report on the "
                          f"output of `forvalue-ray score` against it")
@@ -516,7 +533,7 @@ def render(out, command, config, run, plan, scan, names, mode, figs, joined, set
     inv = run.get("this_invocation", {})
     wall = inv.get("wall_seconds")
     complete_run = inv.get("shards") == counts.get("shards") and wall
-    overview = [("command", _esc(command)), ("rows scored (in this output)", _num(scan.n_rows))]
+    overview = [("command", _esc(command))] + ([("rows selected", _num(scan.n_rows))] if command == "select" else [])
     for key, label in (("rows_read", "rows read"), ("scored", "rows scored"), ("rejected", "rows rejected"),
                        ("tokens", "valued tokens"), ("shards", "shards"), ("truncated_rows", "rows truncated")):
         if key in counts:

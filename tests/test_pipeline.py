@@ -65,8 +65,10 @@ def data(tmp_path_factory):
 def small_target_blocks():
     """Two target rows per target-pass block (6 targets: 3 blocks), so 1 and 3 actors really split the pass."""
     old, pipeline.TARGET_BLOCK_ROWS = pipeline.TARGET_BLOCK_ROWS, 2
+    os.environ["FORVALUE_TARGET_BLOCK_ROWS"] = "2"  # the same in the job subprocesses (a killed run, resumed here)
     yield
     pipeline.TARGET_BLOCK_ROWS = old
+    os.environ.pop("FORVALUE_TARGET_BLOCK_ROWS")
 
 
 @pytest.fixture(scope="module")
@@ -253,8 +255,8 @@ def test_value_pairwise_equals_core_api(data, ray_local, core):
 
 def test_truncation_is_counted_in_run_json_and_on_the_console(data, ray_local, vm):
     out = data.root / "truncated"
-    err = run_ok(*data.value_args(out, "--max-length", "40"))
-    full = [len(e.input_ids) for e in forvalue_ray.encode_rows(vm, data.train_rows, max_length=10**6)]
+    err = run_ok(*data.value_args(out, "--max-length", "40", "--form", "text"))  # every cut row keeps valued tokens
+    full = [len(e.input_ids) for e in forvalue_ray.encode_rows(vm, data.train_rows, max_length=10**6, form="text")]
     cut = [n - 40 for n in full if n > 40]
     assert cut, "the test needs rows longer than 40 tokens"
     counts = json.loads((out / "run.json").read_text())["counts"]

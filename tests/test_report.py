@@ -44,11 +44,16 @@ def runs(tmp_path_factory):
     try:
         run_ok("value", *common, "--out", root / "groups", "--mode", "groups", "--group-column", "class")
         run_ok("value", *common, "--out", root / "pairwise", "--mode", "pairwise")
+        sketch = ["sketch", "--model", model, "--dim", 64, "--form", "text", "--shard-rows", 11, "--no-progress"]
+        run_ok(*sketch, "--data", train_path, "--out", root / "train-index")
+        run_ok(*sketch, "--data", target_path, "--out", root / "target-index")
+        run_ok("score", "--index", root / "train-index", "--target-index", root / "target-index", "--out",
+               root / "score", "--no-progress")
     finally:
         ray.shutdown()
     run_ok("select", "--scores", root / "groups", "--data", train_path, "--out", root / "selected",
            "--top-fraction", 0.5)
-    pages = {name: write_report(str(root / name), top=TOP) for name in ("groups", "pairwise", "selected")}
+    pages = {name: write_report(str(root / name), top=TOP) for name in ("groups", "pairwise", "score", "selected")}
     return SimpleNamespace(root=root, rows=rows, train=train, target=target, pages=pages)
 
 
@@ -107,7 +112,7 @@ def test_groups_report_in_a_browser(runs, browser):
             assert float(row[2].replace(",", "")) == pytest.approx(value, rel=1e-3)
             per_group = [float(x.replace(",", "")) for x in row[3:6]]  # one column per group
             assert per_group == pytest.approx(read_scores(runs.root / "groups")[rid].tolist(), rel=1e-3)
-            assert row[-2] == cut(by_id[rid]["text"]) and row[-1] == ""  # form text: the text was valued
+            assert row[-1] == cut(by_id[rid]["text"])  # form text: the text was valued, no response column
     assert "groups mode" in page["variant"] and "not centered" in page["variant"]
     rejected = {row[0]: int(row[1]) for row in page["rejected"]}
     reasons = pq.read_table(runs.root / "groups" / "rejected").to_pylist()
@@ -135,10 +140,23 @@ def test_pairwise_report_summarises_each_target(runs, browser):
                                                                                         rel=1e-3)
 
 
+def test_score_report_joins_text_through_the_index(runs, browser):
+    """A `score` output's parts follow the sketch index's parts, which follow the index's input shards."""
+    page = open_page(browser, runs.pages["score"])
+    check_loads_cleanly(browser, page, n_images=2)  # the rows were rejected by the index, not by score
+    ranking = expected_ranking(runs.root / "score")
+    by_id = {r["id"]: r for r in runs.rows}
+    assert [row[1] for row in page["top"]] == [i for i, _ in ranking[:TOP]]
+    assert [row[-1] for row in page["top"] + page["bottom"]] == [
+        cut(by_id[i]["text"]) for i, _ in ranking[:TOP] + ranking[::-1][:TOP]]
+    assert "TensorSketches (dim 64, seed 0)" in page["variant"]
+
+
 def test_select_report(runs, browser):
     page = open_page(browser, runs.pages["selected"])
     check_loads_cleanly(browser, page, n_images=1)  # a selection keeps no NLL, lengths or rejections
-    chosen = pq.read_table(runs.root / "selected" / "_selection.parquet").to_pylist()
+    parts = sorted((runs.root / "selected" / "_selection").glob("*.parquet"))
+    chosen = sorted((r for p in parts for r in pq.read_table(p).to_pylist()), key=lambda r: (-r["score"], r["id"]))
     assert [row[1] for row in page["top"]] == [r["id"] for r in chosen[:TOP]]
     assert [row[1] for row in page["bottom"]] == [r["id"] for r in chosen[::-1][:TOP]]
     by_id = {r["id"]: r for r in runs.rows}
