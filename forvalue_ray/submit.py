@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 120  # how long to wait for a freshly started head's job agent
 
 
 def submit(address: str | None, config_path: str, *, wait: bool = True, poll_s: float = 2.0,
@@ -38,10 +39,18 @@ def submit(address: str | None, config_path: str, *, wait: bool = True, poll_s: 
         (work / "job.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         env = load_yaml(runtime_env) if runtime_env else {}
         client = JobSubmissionClient(address)
-        job_id = client.submit_job(entrypoint=f"{python} -m forvalue_ray.cli run --config job.yaml",
-                                   runtime_env={**env, "working_dir": str(work)},
-                                   metadata={"forvalue_command": str(config.get("command", "value")),
-                                             "forvalue_out": str(config.get("out", ""))})
+        deadline = time.time() + AGENT_WAIT_S
+        while True:
+            try:
+                job_id = client.submit_job(entrypoint=f"{python} -m forvalue_ray.cli run --config job.yaml",
+                                           runtime_env={**env, "working_dir": str(work)},
+                                           metadata={"forvalue_command": str(config.get("command", "value")),
+                                                     "forvalue_out": str(config.get("out", ""))})
+                break
+            except RuntimeError as e:  # a head that has just started: its job agent is not up yet
+                if "No available agent" not in str(e) or time.time() > deadline:
+                    raise
+                time.sleep(poll_s)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"submitted {job_id} to {address}", file=sys.stderr)
