@@ -3,6 +3,7 @@ for one H200 — counted through the engine's own code on meta tensors (no weigh
 
     python benchmarks/bench_flops.py [--seq 1024] [--batch-tokens 4096] [--out benchmarks/results/flops.json]
     python benchmarks/bench_flops.py --tiny --out /tmp/flops_tiny.json     # seconds: the same code on tiny shapes
+    python benchmarks/bench_flops.py --report [--out FILE]                 # the table of a saved run
 
 Each (shape, path) builds the real model class from its config on the meta device and runs the product's code
 — a :class:`~forvalue_ray.engine.Scorer` over one batch of rows, or the model's own forward with logits — under
@@ -386,7 +387,11 @@ def main():
     p.add_argument("--fp32-products", action="store_true",
                    help="the readout's products in fp32 (as before they ran in the model's dtype), for comparison")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "flops.json"))
+    p.add_argument("--report", action="store_true", help="print the table of an existing --out, count nothing")
     args = p.parse_args()
+    if args.report:
+        print(table(json.load(open(args.out))["results"]))
+        return
     results, t0 = [], time.time()
     for name in args.shapes.split(","):
         shape = shapes.tiny(shapes.SHAPES[name]) if args.tiny else shapes.SHAPES[name]

@@ -203,7 +203,8 @@ def _add_part(scan: Scan, part: dict) -> None:
     scan.summary.add(part["scores"])
     scan.top.add(part)
     scan.bottom.add(part)
-    scan.sample.add({k: part[k] for k in ("value", "scores", "n_tokens", "nll")})
+    scan.sample.add({"value": part["value"], "scores": part["scores"][:, :MAX_GROUP_CURVES],  # bounded width
+                     "n_tokens": part["n_tokens"], "nll": part["nll"]})
 
 
 # ---- joining the shown rows back to their input ----------------------------------------------------------------
