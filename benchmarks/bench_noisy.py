@@ -257,21 +257,27 @@ def report():
             lines.append(f"| {model} | {task} | {c['n_train']} × {c['n_val']} | {c['exact']['auc']:.3f} / "
                          f"{c['exact']['recall']:.3f} | {c['centered']['auc']:.3f} / {c['centered']['recall']:.3f} |")
     print("\n".join(lines))
-    panels = [(model, name, d) for model, r in runs.items() for name, d in r["datasets"].items()]
-    if not panels:
+    names = [n for n in DATASETS if any(n in r["datasets"] for r in runs.values())]
+    if not names:
         return
     PLOTS.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False, sharey=True)
-    for ax, (model, name, d) in zip(axes[0], panels):
-        x = np.arange(len(METHODS))
-        ax.bar(x - 0.2, [d["metrics"][m]["clean_top10"] for m in METHODS], 0.4, label="clean in top 10%")
-        ax.bar(x + 0.2, [d["metrics"][m]["auc"] for m in METHODS], 0.4, label="AUC")
-        ax.axhline(d["metrics"]["exact"]["base"], color="k", ls=":", lw=1, label="base clean rate")
-        if name.startswith("steps_spans"):
-            ax.axhline(PAPER["clean_top10"], color="r", ls="--", lw=1, label="paper: For-Value top 10%")
-        ax.set_xticks(x, METHODS, rotation=60, ha="right", fontsize=7)
-        ax.set_ylim(0, 1.02)
-        ax.set_title(f"{model}: {name}\n{d['n_train']} train × {d['n_val']} targets", fontsize=8)
+    fig, axes = plt.subplots(len(runs), len(names), figsize=(3.8 * len(names), 3.4 * len(runs)), squeeze=False,
+                             sharey=True)
+    for row, (model, r) in zip(axes, runs.items()):
+        for ax, name in zip(row, names):
+            d = r["datasets"].get(name)
+            if d is None:
+                ax.set_axis_off()
+                continue
+            x = np.arange(len(METHODS))
+            ax.bar(x - 0.2, [d["metrics"][m]["clean_top10"] for m in METHODS], 0.4, label="clean in top 10%")
+            ax.bar(x + 0.2, [d["metrics"][m]["auc"] for m in METHODS], 0.4, label="AUC")
+            ax.axhline(d["metrics"]["exact"]["base"], color="k", ls=":", lw=1, label="base clean rate")
+            if name.startswith("steps_spans"):
+                ax.axhline(PAPER["clean_top10"], color="r", ls="--", lw=1, label="paper: For-Value, top 10%")
+            ax.set_xticks(x, METHODS, rotation=60, ha="right", fontsize=7)
+            ax.set_ylim(0, 1.02)
+            ax.set_title(f"{model}: {name}\n{d['n_train']} train × {d['n_val']} targets", fontsize=8)
     axes[0][0].legend(fontsize=6, loc="lower left")
     fig.tight_layout()
     fig.savefig(PLOTS / "noisy_detection.png", dpi=110)

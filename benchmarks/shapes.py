@@ -46,10 +46,13 @@ RESPONSE_TOKENS = 256  # valued tokens of an image row
 def tiny(shape: dict) -> dict:
     """A few-layer, few-dimension version of a shape (same family, same code paths)."""
     out = dict(shape)
-    if "text_config" in out:  # one 128-wide head (the multimodal RoPE sections assume head_dim 128) and the
-        # full vocabulary (image placeholder ids are near its end)
+    if "text_config" in out:  # one 128-wide head (the multimodal RoPE sections assume head_dim 128), the image
+        # placeholder ids moved inside the tiny vocabulary
+        last = TINY["vocab_size"] - 1
         out["text_config"] = {**out["text_config"], **TINY, "hidden_size": 128, "num_attention_heads": 1,
-                              "num_key_value_heads": 1, "vocab_size": out["text_config"]["vocab_size"]}
+                              "num_key_value_heads": 1, "eos_token_id": last - 4}
+        out.update(vision_start_token_id=last - 3, vision_end_token_id=last - 2, image_token_id=last - 1,
+                   video_token_id=last)
         out["vision_config"] = {**out["vision_config"], **TINY_VISION}
     else:
         out.update(TINY, **({"head_dim": 16} if "head_dim" in out else {}),
@@ -87,9 +90,11 @@ def make_rows(shape: dict, config, seq: int, n_rows: int, seed: int = 0) -> list
             rows.append(Encoded(str(i), ids, np.r_[IGNORE, ids[1:]]))
             continue
         vc = config.vision_config
+        special = min(config.vision_start_token_id, config.vision_end_token_id, config.image_token_id,
+                      config.video_token_id)  # response ids below the image placeholders
         n_image = IMAGE_GRID[1] * IMAGE_GRID[2] // vc.spatial_merge_size ** 2
         ids = np.r_[config.vision_start_token_id, [config.image_token_id] * n_image, config.vision_end_token_id,
-                    rng.integers(0, text.vocab_size, RESPONSE_TOKENS)].astype(np.int64)
+                    rng.integers(0, special, RESPONSE_TOKENS)].astype(np.int64)
         labels = np.r_[[IGNORE] * (n_image + 2), ids[n_image + 2:]].astype(np.int64)
         patch = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
         vision = {"pixel_values": rng.standard_normal((IMAGE_GRID[1] * IMAGE_GRID[2], patch)).astype(np.float32),

@@ -210,18 +210,26 @@ def _add_part(scan: Scan, part: dict) -> None:
 # ---- joining the shown rows back to their input ----------------------------------------------------------------
 
 
-def input_shards(out: str, plan: dict) -> tuple[dict, dict]:
+def index_dir(plan: dict) -> str | None:
+    """A ``score`` output's sketch index: the folder whose ``sketches/`` parts its plan's shards read."""
+    if not plan["settings"].get("index") or not plan["shards"]:
+        return None
+    return posixpath.dirname(posixpath.dirname(plan["shards"][0]["path"]))
+
+
+def input_shards(plan: dict) -> tuple[dict, dict]:
     """score-part key → the input Shard it came from, and the settings that name the input's columns.
-    ``value``: the plan's own shards; ``score``: through the sketch index's plan."""
+    ``value``: the plan's own shards; ``score``: through the sketch index's plan (a score part is named after
+    the index part it read, an index part after its input shard)."""
     from .io import Shard
 
-    settings = plan["settings"]
-    if settings.get("index"):  # score: parts follow the index's sketch parts, which follow its input shards
-        index_plan = io.read_json(io.join(settings["index"], "_plan.json"))
-        by_key = {s["key"]: Shard(**s) for s in index_plan["shards"]}
-        shards = {s["key"]: by_key.get(posixpath.basename(s["path"]).rsplit(".", 1)[0]) for s in plan["shards"]}
-        return {k: v for k, v in shards.items() if v is not None}, index_plan["settings"]
-    return {s["key"]: Shard(**s) for s in plan["shards"]}, settings
+    index = index_dir(plan)
+    if index is None:
+        return {s["key"]: Shard(**s) for s in plan["shards"]}, plan["settings"]
+    index_plan = io.read_json(io.join(index, "_plan.json"))
+    by_key = {s["key"]: Shard(**s) for s in index_plan["shards"]}
+    shards = {s["key"]: by_key.get(s["label"].rsplit(".", 1)[0]) for s in plan["shards"]}
+    return {k: v for k, v in shards.items() if v is not None}, index_plan["settings"]
 
 
 def join_rows(chosen: list[dict], shards: dict, settings: dict) -> tuple[dict, list[str]]:
@@ -505,7 +513,7 @@ def write_report(out: str, *, top: int = DEFAULT_TOP, sample: int = DEFAULT_SAMP
             problems.append(f"unfinished: {scan.n_parts} of {len(plan['shards'])} shards have a score part "
                             f"(re-run the same command to finish)")
         try:
-            shards, settings = input_shards(out, plan)
+            shards, settings = input_shards(plan)
             joined, join_problems = join_rows(scan.top.rows() + scan.bottom.rows(), shards, settings)
             problems += join_problems
         except (OSError, ValueError, KeyError) as e:
@@ -514,7 +522,8 @@ def write_report(out: str, *, top: int = DEFAULT_TOP, sample: int = DEFAULT_SAMP
         target_rejected = io.join(out, "target", "rejected.parquet")
         if io.exists(target_rejected):
             _add_rejected(scan.rejected, _read_table(target_rejected), prefix="target row: ")
-    index_meta = _maybe_json(io.join(config["index"], "index.json")) if config.get("index") else None
+    index = None if plan is None else index_dir(plan)
+    index_meta = _maybe_json(io.join(index, "index.json")) if index else None
     value_label = "score" if mode == "mean" else "mean score over targets"
     figs = figures(scan, mode, names, value_label)
     page = render(out, command, config, run, plan, scan, names, mode, figs, joined, settings, problems, index_meta)

@@ -96,7 +96,7 @@ def check_loads_cleanly(browser, page: dict, n_images: int):
     assert page["ready"] == "complete"
     assert len(page["images"]) == n_images, page["images"]
     for img in page["images"]:
-        assert img["complete"] and img["width"] > 0 and img["src"] == "data:image/png;base64", img
+        assert img["complete"] and img["width"] > 0 and img["src"] == "data:image/png;base64,", img
 
 
 def test_groups_report_in_a_browser(runs, browser):
