@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the cluster's interpreter with forvalue-ray's dependencies (default: `python` on the head's PATH)")
     p.add_argument("--runtime-env", help="YAML of Ray runtime_env keys for the job (image_uri, pip, env_vars, ...)")
     args = parser.parse_args(argv)
+    ray_was_up = _ray_is_up()
     try:
         if args.command in JOB_COMMANDS:
             run_job(job_config(args.command, args))
@@ -191,6 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         what = f"not found: {e}" if bare_path else e
         print(f"forvalue-ray {args.command}: error: {what}", file=sys.stderr)
         return 2
+    finally:
+        if not ray_was_up and _ray_is_up():  # a local Ray this command started ends with it (main() may be called
+            sys.modules["ray"].shutdown()     # in-process, e.g. by a test or a notebook)
+
+
+def _ray_is_up() -> bool:
+    ray = sys.modules.get("ray")  # not imported: not up (and no import just to ask)
+    return ray is not None and ray.is_initialized()
 
 
 if __name__ == "__main__":

@@ -410,10 +410,13 @@ def figures(scan: Scan, mode: str, names: list, value_label: str) -> dict[str, t
 # ---- the page --------------------------------------------------------------------------------------------------
 
 STYLE = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#1d232a;padding:0 16px}
-h1{font-size:22px;margin-bottom:2px} h2{font-size:17px;margin-top:30px;border-bottom:1px solid #dde2e8;padding-bottom:4px}
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;
+  color:#1d232a;padding:0 16px}
+h1{font-size:22px;margin-bottom:2px}
+h2{font-size:17px;margin-top:30px;border-bottom:1px solid #dde2e8;padding-bottom:4px}
 .sub{color:#5b6673;margin-top:0} .variant{background:#eef4fb;border-left:4px solid #3b7dd8;padding:8px 12px}
-table{border-collapse:collapse;width:100%;font-size:12.5px} td,th{border:1px solid #dde2e8;padding:4px 6px;vertical-align:top;text-align:left}
+table{border-collapse:collapse;width:100%;font-size:12.5px}
+td,th{border:1px solid #dde2e8;padding:4px 6px;vertical-align:top;text-align:left}
 th{background:#f5f7fa} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.text{white-space:pre-wrap;word-break:break-word;max-width:420px} .kv td:first-child{width:230px;color:#5b6673}
 figure{margin:12px 0} figcaption{color:#5b6673;font-size:12.5px} img{max-width:100%}
@@ -445,9 +448,11 @@ def _rows_table(table_id: str, rows: list[dict], joined: dict, settings: dict, n
     head = ["#", "id", "score" if mode == "mean" else "mean score"]
     head += [f"vs {n}" for n in names] if show_scores else []
     head += ["valued tokens", "NLL", "input"] + (["response"] if with_response else [])
-    out = [f"<table id='{table_id}'><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    out = [f"<table id='{table_id}'><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head)
+           + "</tr></thead><tbody>"]
     for i, (r, (text, response)) in enumerate(zip(rows, texts), 1):
-        cells = [f"<td class='num'>{i}</td>", f"<td>{_esc(r['id'])}</td>", f"<td class='num'>{_num(r['value'])}</td>"]
+        cells = [f"<td class='num'>{i}</td>", f"<td>{_esc(r['id'])}</td>",
+                 f"<td class='num'>{_num(r['value'])}</td>"]
         cells += [f"<td class='num'>{_num(v)}</td>" for v in r["scores"]] if show_scores else []
         cells += [f"<td class='num'>{_num(None if np.isnan(r['n_tokens']) else int(r['n_tokens']))}</td>",
                   f"<td class='num'>{_num(r['nll'])}</td>", f"<td class='text'>{_esc(text)}</td>"]
@@ -466,7 +471,8 @@ def variant_text(command: str, config: dict, index_meta: dict | None) -> str:
             "groups": f"groups mode: each row against the mean gradient of each target group "
                       f"(column '{config.get('group_column')}')",
             "pairwise": "pairwise mode: each row against every target row"}.get(mode, f"{mode} mode")
-    parts = [what, "cosine For-Value (--normalize)" if config.get("normalize") else "For-Value inner product ⟨G, Ḡ⟩"]
+    parts = [what, "cosine For-Value (--normalize)" if config.get("normalize")
+             else "For-Value inner product ⟨G, Ḡ⟩"]
     if command == "score":
         dim = (index_meta or {}).get("dim", config.get("dim"))
         seed = (index_meta or {}).get("seed", config.get("seed"))
