@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import posixpath
 from typing import Iterator
 
@@ -83,17 +84,22 @@ def check_shard(shard: Shard, out: str, kind: str) -> dict:
     return {"counts": {k: meta.get(k, 0) for k in COUNTS}, "problems": problems}
 
 
-def duplicate_ids(out: str, kind: str, keys: list[str], show: int = 3) -> tuple[int, list[str]]:
-    """Ids scored more than once across all parts: a distributed group-by (a rejected row may repeat a
-    scored id: that is why it was rejected, so only scored ids count)."""
+ROWS_PER_ID_PARTITION = 5_000_000  # hash partitions of the duplicate-id group-by: 200 at 10^9 rows (Ray's default)
+
+
+def duplicate_ids(out: str, kind: str, keys: list[str], n_rows: int, show: int = 3) -> tuple[int, list[str]]:
+    """Ids scored more than once across all parts (``n_rows`` of them): a distributed group-by (a rejected row may
+    repeat a scored id: that is why it was rejected, so only scored ids count)."""
     import ray
 
     if not keys:
         return 0, []
     paths = [io.join(out, kind, k + ".parquet") for k in keys]
     fs, _ = io.filesystem(out)
-    counted = ray.data.read_parquet(paths, columns=["id"], filesystem=fs).groupby("id").count()
-    repeated = counted.filter(lambda row: row["count()"] > 1)
+    partitions = max(1, math.ceil(n_rows / ROWS_PER_ID_PARTITION))  # a fixed 200 costs ~30 s on a small output
+    counted = ray.data.read_parquet(paths, filesystem=fs).select_columns(["id"]).groupby(
+        "id", num_partitions=partitions).count()
+    repeated = counted.filter(lambda row: row["count()"] > 1).materialize()  # usually empty; counted once
     n = repeated.count()
     return n, [r["id"] for r in repeated.take(show)] if n else []
 
@@ -127,7 +133,7 @@ def verify(out: str) -> tuple[list[str], dict]:
         for k in COUNTS:
             totals[k] += res["counts"][k]
         problems += res["problems"]
-    n_dup, examples = duplicate_ids(out, kind, [s.key for s in finished])
+    n_dup, examples = duplicate_ids(out, kind, [s.key for s in finished], totals["scored"])
     if n_dup:
         problems.append(f"{n_dup} ids are scored more than once (e.g. {', '.join(map(repr, examples))}); "
                         f"give rows unique ids, or drop the duplicates from the input")
