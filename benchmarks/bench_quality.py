@@ -1,4 +1,4 @@
-"""Quality / cost benchmark of For-Value on the DataInf-style tasks (BENCHMARKS.md), CPU, one file.
+"""Quality / cost benchmark of For-Value on the DataInf-style tasks (the DataInf paper's protocol), CPU, one file.
 
 One forward per row, reused by every method: a bench-local loop over engine.valued_tokens and one
 readout.vocab_pass carrying several accumulators (exact pairwise TokenKernel, CountSketches of α for

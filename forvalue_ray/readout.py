@@ -2,7 +2,7 @@
 
 Everything here works on *valued tokens* only, flattened across a batch: ``h`` [N, d] are the final
 hidden states that predict labels ``y`` [N]; ``seg`` [N] says which sample each token belongs to.
-Nothing here knows about models, batching or Ray (DESIGN.md §2).
+Nothing here knows about models, batching or Ray.
 
 For a head producing logits ``z = softcap(scale * (W h + b))`` and ``u = W h + b``, the error vector is
 ``α = ∂ log softmax(z)[y] / ∂u = f'(u) ⊙ (e_y − p)`` with ``f' = scale * (1 − tanh²)`` (``f' = scale``

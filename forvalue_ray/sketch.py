@@ -1,4 +1,4 @@
-"""TensorSketch of the per-sample LM-head gradient G = Σ_t α_t h_tᵀ (DESIGN.md §2.3).
+"""TensorSketch of the per-sample LM-head gradient G = Σ_t α_t h_tᵀ.
 
 TS(G) = IFFT( Σ_t FFT(CS₁ α_t) ⊙ FFT(CS₂ h_t) ) with two seeded CountSketches (bucket + sign hashes of
 the vocabulary and of the hidden dimension; no V×dim matrix). ⟨TS(G), TS(G')⟩ is an unbiased estimate

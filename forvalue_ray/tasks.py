@@ -1,4 +1,4 @@
-"""Seeded generators for the three DataInf-style influential-data tasks (BENCHMARKS.md), plus a
+"""Seeded generators for the three DataInf-style influential-data tasks (the DataInf paper's protocol), plus a
 reasoning-style variant of the math task whose responses are multi-line step-by-step solutions.
 
 Each task has ten classes; a training row is "influential" for a validation row when both share a
@@ -369,7 +369,7 @@ def make_task(task: str, *, seed: int = 0, n_classes: int = 10, n_train_per_clas
     """(train_rows, val_rows) of one task, class-major; ``noise`` corrupts round(noise·n_train) train rows
     with ``corruption`` (one of CORRUPTIONS, see the module docstring).
 
-    Rows carry ``id``, ``text`` (= ``prompt`` + ``response``, the BENCHMARKS.md format), ``prompt``,
+    Rows carry ``id``, ``text`` (= ``prompt`` + ``response``, the DataInf format), ``prompt``,
     ``response``, ``class`` and ``corrupted``. The same arguments always give the same rows; "math",
     "math_reason" and "math_steps" with the same seed pose the same problems and corrupt the same rows,
     so they differ only by the reasoning before the answer.

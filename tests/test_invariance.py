@@ -1,4 +1,4 @@
-"""Batch invariance (DESIGN.md §1): a row's score, pairwise scores, sketch, n_tokens and nll depend on that row
+"""Batch invariance: a row's score, pairwise scores, sketch, n_tokens and nll depend on that row
 only — not on its batch mates, their lengths, the padding side, the token budget per batch or the row order."""
 
 import copy

@@ -1,4 +1,4 @@
-"""Every exact path equals inner products of autograd LM-head gradients (DESIGN.md §1)."""
+"""Every exact path equals inner products of autograd LM-head gradients."""
 
 import copy
 

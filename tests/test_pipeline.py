@@ -1,8 +1,8 @@
-"""The distributed job on a real local Ray (DESIGN.md §3): what `forvalue-ray value / sketch / score` write
+"""The distributed job on a real local Ray: what `forvalue-ray value / sketch / score` write
 equals the in-memory core API; actors, restarts, a killed driver and re-runs never change a result; bad
 rows are set aside with reasons; `verify` and `select` work on what the job wrote.
 
-One local Ray (4 logical CPUs: spare ones, DESIGN.md §4) serves the whole module; each job run costs
+One local Ray (4 logical CPUs: spare ones, as the job's own local Ray has) serves the whole module; each job run costs
 ~20-40 s here (actor start-up), so runs are module fixtures shared by several tests.
 """
 

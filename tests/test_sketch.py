@@ -1,4 +1,4 @@
-"""TensorSketch (DESIGN.md §2.3): ⟨sketch(z), sketch(z')⟩ estimates For-Value(z, z') without bias over the
+"""TensorSketch: ⟨sketch(z), sketch(z')⟩ estimates For-Value(z, z') without bias over the
 random hashes; sketches are deterministic per seed and depend on the row only."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The DataInf-style task generators follow BENCHMARKS.md exactly: formats, classes, answers, noise; the
+"""The DataInf-style task generators follow the DataInf task definitions exactly: formats, classes, answers, noise; the
 reasoning-style task and the paper's span corruption on hand-checked cases."""
 
 import math
@@ -14,7 +14,7 @@ from forvalue_ray.tasks import (INSERTED_WORDS, SENTENCE_TRANSFORMS, STEPS_TASK,
                                 delete_spans, insert_spans, make_task, write_task)
 
 PHRASE = "the big red dog"
-EXPECTED = [  # hand-computed, in the order BENCHMARKS.md lists the transformations
+EXPECTED = [  # hand-computed, in the order tasks.py lists the transformations
     "dog red big the",
     "tHe bIg rEd dOg",
     "the 1 big 1 red 1 dog",
@@ -115,7 +115,7 @@ def test_math_answers_recomputed_from_the_question(task):
             reason, got = re.fullmatch(r" Reason: (.+\.) Answer: (\d+)</s>", r["response"]).groups()
             assert int(got) == answer
             assert {int(x) for x in re.findall(r"\d+", reason)} - {100} <= set(nums)
-            if r["class"] == 2:  # the BENCHMARKS.md example, literally
+            if r["class"] == 2:  # the DataInf paper's example, literally
                 assert reason == f"Total sharks = {nums[0]} + {nums[2]}."
 
 

@@ -43,7 +43,7 @@ def head(tmp_path_factory):
     ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
                                               "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                               "runtime-env-agent-port", "metrics-export-port")}
-    # no token auth (DESIGN.md §4); on SIGTERM stop at once instead of draining the node for 30 s
+    # no token auth (a local test head); on SIGTERM stop at once instead of draining the node for 30 s
     env = child_env(RAY_AUTH_MODE="disabled", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     cmd = [*_ray_cli(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            "--num-cpus=6", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
