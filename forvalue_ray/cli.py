@@ -92,6 +92,10 @@ def run_job(cfg: JobConfig) -> dict:
     if c.get("truncated_rows"):
         print(f"{cfg.command}: {c['truncated_rows']:,} rows truncated at max_length, {c['truncated_tokens']:,} tokens "
               f"dropped (--max-length, or --overlong reject)", file=sys.stderr)
+    inv = run["this_invocation"]
+    if inv["nodes_lost"] or inv["retried_shards"]:
+        print(f"{cfg.command}: survived {len(inv['nodes_lost'])} lost Ray nodes; {len(inv['retried_shards'])} shards "
+              f"redone (run.json: this_invocation)", file=sys.stderr)
     return run
 
 

@@ -8,6 +8,7 @@ the same bytes. Resuming lists finished parts and skips them: O(shards) state.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -240,7 +241,9 @@ def _load(model_path: str, load_kw: dict):
 
 
 def _maybe_fault():
-    """Test hook: FORVALUE_FAULT_EXIT_ONCE=<marker file> makes the first actor to see it die mid-run."""
+    """Test hooks: FORVALUE_FAULT_EXIT_ONCE=<marker file> makes the first actor to see it die mid-run;
+    FORVALUE_FAULT_SLOW_S=<seconds> (set on one node) makes that node a straggler."""
+    time.sleep(float(os.environ.get("FORVALUE_FAULT_SLOW_S", "0")))
     marker = os.environ.get("FORVALUE_FAULT_EXIT_ONCE")
     if marker and not os.path.exists(marker):
         open(marker, "w").close()
@@ -289,7 +292,7 @@ class ScoreShards:
         _maybe_fault()
         io.write_table_atomic(io.join(self.out, self.kind, shard.key + ".parquet"),
                               table.replace_schema_metadata({PART_META: json.dumps(meta)}))
-        return {**meta, "seconds": time.time() - t0}
+        return {**meta, "seconds": time.time() - t0, "node": _node_id()}
 
 
 def result_table(kind: str, ids: list[str], res: dict, mode: str = "mean") -> pa.Table:
@@ -341,7 +344,7 @@ class ScoreSketches:
                               pa.table({"id": pa.array([], pa.string()), "reason": pa.array([], pa.string())}))
         io.write_table_atomic(io.join(self.out, "scores", shard.key + ".parquet"),
                               out.replace_schema_metadata({PART_META: json.dumps(meta)}))
-        return {**meta, "seconds": 0.0}
+        return {**meta, "seconds": 0.0, "node": _node_id()}
 
 
 # ---- driver ---------------------------------------------------------------------------------------------------
@@ -397,29 +400,77 @@ def _progress(cfg: JobConfig, total: int, done_before: int):
                 dynamic_ncols=True, desc=cfg.command)
 
 
-def run_shards(cfg: JobConfig, shards: list[Shard], done: set[str], stages: list[tuple]) -> list[dict]:
-    """Stream the unfinished shards through the stages; returns this invocation's per-shard summaries."""
-    import ray
+# passes over the shards still without a part: a shard in flight on a lost node's actor fails fast
+# (max_task_retries=0) instead of waiting for a restart the cluster may never have room for, and is redone here
+SHARD_ROUNDS = 4
 
+
+def run_shards(cfg: JobConfig, shards: list[Shard], done: set[str], stages: list[tuple]) -> tuple[list[dict], dict]:
+    """Stream the unfinished shards through the stages, in rounds until every shard has its part.
+    Returns this invocation's per-shard summaries and what it survived (nodes lost, shards retried)."""
     todo = [s for s in shards if s.key not in done]
     summaries: list[dict] = []
+    faults = {"nodes_lost": [], "retried_shards": [], "shards_per_node": {}}
     if not todo:
-        return summaries
-    ds = ray.data.from_items([{"shard": json.dumps(s.to_dict())} for s in todo],
-                             override_num_blocks=min(len(todo), 10_000))
-    for cls, kwargs, (lo, hi), remote_args in stages:
-        ds = ds.map_batches(cls, batch_size=1, fn_constructor_kwargs=kwargs,
-                            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), **remote_args)
+        return summaries, faults
+    nodes_before = _alive_nodes()
     bar = _progress(cfg, len(shards), len(shards) - len(todo))
-    t0, rows, tokens = time.time(), 0, 0
-    for s in ds.iter_rows():
-        summaries.append(dict(s))
-        rows, tokens = rows + s["scored"] + s["rejected"], tokens + s["tokens"]
-        dt = max(time.time() - t0, 1e-9)
-        bar.set_postfix_str(f"{rows / dt:,.1f} rows/s {tokens / dt:,.0f} tok/s")
-        bar.update(1)
+    t0, counted = time.time(), {"rows": 0, "tokens": 0}
+    for round_ in range(SHARD_ROUNDS):
+        if round_:
+            faults["retried_shards"] += [s.key for s in todo]
+            print(f"{cfg.command}: retrying {len(todo)} shards that did not finish (first: {todo[0].key})",
+                  file=sys.stderr, flush=True)
+        summaries += _shard_round(todo, stages, bar, t0, counted)
+        finished = {s["shard"] for s in summaries}
+        todo = [s for s in todo if s.key not in finished]
+        if not todo:
+            break
     bar.close()
-    return summaries
+    faults["nodes_lost"] = sorted(nodes_before - _alive_nodes())
+    faults["shards_per_node"] = dict(collections.Counter(s["node"] for s in summaries))
+    if todo:
+        raise RuntimeError(f"{len(todo)} shards failed {SHARD_ROUNDS} times (first: {todo[0].key}, {todo[0].label}); "
+                           f"the Ray logs say why; the finished shards are kept: re-run the same command to retry")
+    return summaries, faults
+
+
+def _shard_round(todo: list[Shard], stages: list[tuple], bar, t0: float, counted: dict) -> list[dict]:
+    """One Ray Data pass over ``todo``; a shard whose task fails is skipped (left for the next round)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()  # a Dataset copies the context it is created in
+    old, ctx.max_errored_blocks = ctx.max_errored_blocks, -1
+    out = []
+    try:
+        ds = ray.data.from_items([{"shard": json.dumps(s.to_dict())} for s in todo],
+                                 override_num_blocks=min(len(todo), 10_000))
+        for cls, kwargs, (lo, hi), remote_args in stages:
+            ds = ds.map_batches(cls, batch_size=1, fn_constructor_kwargs=kwargs,
+                                compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                                max_task_retries=0, **remote_args)
+        for s in ds.iter_rows():
+            out.append(dict(s))
+            counted["rows"] += s["scored"] + s["rejected"]
+            counted["tokens"] += s["tokens"]
+            dt = max(time.time() - t0, 1e-9)
+            bar.set_postfix_str(f"{counted['rows'] / dt:,.1f} rows/s {counted['tokens'] / dt:,.0f} tok/s")
+            bar.update(1)
+    finally:
+        ctx.max_errored_blocks = old
+    return out
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _alive_nodes() -> set[str]:
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
 
 def _plan_record(cfg: JobConfig, kind: str, shards: list[Shard], extra: dict) -> dict:
@@ -468,7 +519,7 @@ def _model_stages(cfg, model_path, scorer_kw, broadcast, kind):
 
 
 def write_run_json(cfg: JobConfig, kind: str, shards: list[Shard], summaries: list[dict], t0: float,
-                   extra: dict) -> dict:
+                   extra: dict, faults: dict | None = None) -> dict:
     """Counts from every part's footer (so a resumed run reports the whole output), plus provenance."""
     fs, base = io.filesystem(io.join(cfg.out, kind))
     counts = {"rows_read": 0, "scored": 0, "rejected": 0, "tokens": 0, "truncated_rows": 0, "truncated_tokens": 0}
@@ -479,7 +530,8 @@ def write_run_json(cfg: JobConfig, kind: str, shards: list[Shard], summaries: li
     run = {"command": cfg.command, "config": asdict(cfg), "counts": {**counts, "shards": len(shards)},
            "this_invocation": {"shards": len(summaries), "wall_seconds": round(time.time() - t0, 3),
                                "rows_per_second": round(sum(s["scored"] + s["rejected"] for s in summaries)
-                                                        / max(time.time() - t0, 1e-9), 3)},
+                                                        / max(time.time() - t0, 1e-9), 3),
+                               **(faults or {"nodes_lost": [], "retried_shards": [], "shards_per_node": {}})},
            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "forvalue_ray": __version__, **extra}
     io.write_json_atomic(io.join(cfg.out, "run.json"), run)
     return run
@@ -534,12 +586,12 @@ def run_value(cfg: JobConfig) -> dict:
         payload, target_ids, target_info = build_target(cfg, model_path, provenance, fp)
     if cfg.center or cfg.center_stats:
         center, center_info = build_center(cfg, model_path, provenance, fp, shards)
-        payload = _remote(_center_payload).remote(payload, center)
+        payload = _remote_on_driver_node(_center_payload).remote(payload, center)
         target_info.update(center_info)
     io.write_table_atomic(io.join(cfg.out, "targets.parquet"), _targets_table(target_ids))
     broadcast = payload if isinstance(payload, ray.ObjectRef) else ray.put(payload)
-    summaries = run_shards(cfg, shards, done, _model_stages(cfg, model_path, scorer_kw, broadcast, "scores"))
-    return write_run_json(cfg, "scores", shards, summaries, t0, {**info, **target_info})
+    summaries, faults = run_shards(cfg, shards, done, _model_stages(cfg, model_path, scorer_kw, broadcast, "scores"))
+    return write_run_json(cfg, "scores", shards, summaries, t0, {**info, **target_info}, faults)
 
 
 # target rows per partial: fixed, so the reduce order never depends on the actors (tests set a smaller one
@@ -551,7 +603,8 @@ def build_target(cfg: JobConfig, model_path: str, provenance: dict, fp: str, art
     """The target pass: encode the (small) target set on the driver; model actors compute one additive
     partial per fixed block of target rows (or keep its tokens, pairwise); blocks are reduced in float64 in
     block order by Ray tasks, so the result is bit-identical for any number of actors and the statistics
-    ([K, V, d]) never pass through the driver: the artifact is saved by a worker and broadcast by reference.
+    ([K, V, d]) never pass through the driver process: the last task, on the driver's node, saves the artifact and
+    holds the broadcast.
     Returns (payload ref, target ids, info); the artifact goes to OUT/<artifact>/."""
     import ray
 
@@ -580,7 +633,8 @@ def build_target(cfg: JobConfig, model_path: str, provenance: dict, fp: str, art
         print(f"warning: target group(s) {empty} have no valid row (all rejected: see "
               f"{io.join(cfg.out, artifact, 'rejected.parquet')}); they get no score column", file=sys.stderr)
     blocks = [list(range(i, min(i + TARGET_BLOCK_ROWS, len(rows)))) for i in range(0, len(rows), TARGET_BLOCK_ROWS)]
-    add_partials, finish_target, join_references = map(_remote, (_add_partials, _finish_target, _join_references))
+    add_partials = _remote(_add_partials)
+    finish_target, join_references = map(_remote_on_driver_node, (_finish_target, _join_references))
     worker = ray.remote(**_actor_args(cfg))(TargetWorker)
     actors = [worker.remote(model_path, _load_kw(cfg), cfg.vocab_chunk, cfg.batch_tokens)
               for _ in range(min(actor_range(cfg.num_actors)[1], len(blocks)))]
@@ -669,6 +723,18 @@ def _remote(fn):
     return ray.remote(num_cpus=0.5, max_retries=3)(fn)  # pure functions of their inputs: safe to retry
 
 
+def _remote_on_driver_node(fn):
+    """For the tasks that make the value pass's broadcast: a task's result lives on the node that ran it, and the
+    actors that computed its inputs are gone by then, so Ray could not rebuild it if that node were lost. On the
+    driver's node it is lost only with the driver, which ends the job anyway. num_cpus=0: a KubeRay head usually
+    offers no CPUs to tasks; these are light reductions."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, max_retries=3, scheduling_strategy=here)(fn)
+
+
 def _add_partials(a, b):
     return a[0] + b[0], a[1] + b[1]
 
@@ -724,8 +790,9 @@ def run_sketch(cfg: JobConfig) -> dict:
     init_ray(cfg.ray_address)
     scorer_kw = {"sketch_dim": cfg.dim, "sketch_seed": cfg.seed, "vocab_chunk": cfg.vocab_chunk,
                  "max_tokens": cfg.batch_tokens}
-    summaries = run_shards(cfg, shards, done, _model_stages(cfg, model_path, scorer_kw, None, "sketches"))
-    return write_run_json(cfg, "sketches", shards, summaries, t0, {"model": provenance, "model_fingerprint": fp})
+    summaries, faults = run_shards(cfg, shards, done, _model_stages(cfg, model_path, scorer_kw, None, "sketches"))
+    return write_run_json(cfg, "sketches", shards, summaries, t0, {"model": provenance, "model_fingerprint": fp},
+                          faults)
 
 
 def run_score(cfg: JobConfig) -> dict:
@@ -763,6 +830,7 @@ def run_score(cfg: JobConfig) -> dict:
     stage = (ScoreSketches, {"broadcast": ray.put(mat), "out": cfg.out, "normalize": cfg.normalize,
                             "mode": cfg.mode},
              actor_range(cfg.num_actors), {"num_cpus": 0.5})
-    summaries = run_shards(cfg, shards, done, [stage])
+    summaries, faults = run_shards(cfg, shards, done, [stage])
     return write_run_json(cfg, "scores", shards, summaries, t0, {"model": meta.get("model"),
-                                                                "model_fingerprint": meta["model_fingerprint"]})
+                                                                "model_fingerprint": meta["model_fingerprint"]},
+                          faults)

@@ -204,9 +204,12 @@ def test_value_mean_equals_core_api(data, run_a, core):
     assert (run_a.out / "target" / "target_stats.safetensors").exists()
 
 
-def test_killed_model_actor_is_restarted_and_its_shard_retried(data, run_a, run_b, core):
-    """FORVALUE_FAULT_EXIT_ONCE: an actor died (os._exit) between a shard's rejected and scores parts."""
+def test_killed_model_actor_is_replaced_and_its_shard_redone(data, run_a, run_b, core):
+    """FORVALUE_FAULT_EXIT_ONCE: an actor died (os._exit) between a shard's rejected and scores parts; that shard
+    is redone in a second pass, and run.json says so."""
     assert run_a.fault_fired, "the fault hook never fired: no model actor was killed"
+    inv = json.loads((run_a.out / "run.json").read_text())["this_invocation"]
+    assert len(inv["retried_shards"]) >= 1 and inv["nodes_lost"] == [], inv
     assert _verify_ok(run_a.out)["scored"] == 96
     ids = _ids(data.train_rows)
     np.testing.assert_allclose(as_matrix(run_a.scores, ids), as_matrix(run_b.scores, ids), rtol=1e-6, atol=0)
