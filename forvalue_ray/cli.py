@@ -37,7 +37,8 @@ def _add_job_flags(p: argparse.ArgumentParser, command: str) -> None:
         "batch_tokens": "padded tokens per forward pass", "overlong": "truncate or reject rows over --max-length",
         "normalize": "cosine For-Value (divide by gradient norms)", "overwrite": "replace a different job's output",
         "dim": "sketch size", "max_length": "truncate rows to this many tokens (default: the model's context length)",
-        "response_eos": "value the end-of-sequence token after each response (prompt/response rows)", "form": "auto, text, prompt_response, messages or input_ids (auto: first present)", "seed": "sketch hash seed", "format": "auto, parquet, jsonl or arrow",
+        "response_eos": "value the end-of-sequence token after each response (prompt/response rows)", "form": "auto, text, prompt_response, messages or input_ids (auto: first present)", "seed": "sketch hash seed",
+        "storage": "sketch index storage: float32, float16 or int8 (one float32 scale per row; 4x smaller)", "format": "auto, parquet, jsonl or arrow",
     }
     for f in fields(JobConfig):
         if f.name in ("command", "extra"):

@@ -26,7 +26,7 @@ from . import __version__, io
 from .encode import Columns, Encoder, RowError
 from .io import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_ROWS, Shard
 from .readout import DEFAULT_VOCAB_CHUNK
-from .sketch import DEFAULT_SKETCH_DIM
+from .sketch import DEFAULT_SKETCH_DIM, STORAGES, compress_sketches, restore_sketches, score_sketches
 
 MODES = ("mean", "groups", "pairwise")
 PART_META = b"forvalue"
@@ -72,6 +72,7 @@ class JobConfig:
     center_stats: str | None = None
     dim: int = DEFAULT_SKETCH_DIM
     seed: int = 0
+    storage: str = "float32"  # sketch index: float32, float16 or int8 (+ one scale per row)
     index: str | None = None
     target_index: str | None = None
     # execution (never changes a result)
@@ -104,10 +105,10 @@ class JobConfig:
                        response=self.response_column, messages=self.messages_column,
                        input_ids=self.input_ids_column, labels=self.labels_column)
 
-    UNUSED = {"value": ("data", "dim", "seed", "index", "target_index"),
+    UNUSED = {"value": ("data", "dim", "seed", "storage", "index", "target_index"),
               "sketch": ("train", "target", "mode", "normalize", "target_stats", "index", "target_index", "center",
                          "center_seed", "center_stats"),
-              "score": ("train", "target", "data", "dim", "seed", "target_stats", "center", "center_seed",
+              "score": ("train", "target", "data", "dim", "seed", "storage", "target_stats", "center", "center_seed",
                         "center_stats", "model", "dtype", "adapter",
                         "revision", "format", "form", "max_length", "overlong", "response_eos")}
 
@@ -139,6 +140,8 @@ class JobConfig:
                                  "or groups mode; pairwise mode keeps no statistics: use --mode mean or groups")
         if self.command == "sketch" and not self.data:
             raise ValueError("sketch needs --data")
+        if self.storage not in STORAGES:
+            raise ValueError(f"--storage must be one of {STORAGES}, not {self.storage!r}")
         if self.command == "score" and not (self.index and self.target_index):
             raise ValueError("score needs --index and --target-index")
         actor_range(self.num_actors)
@@ -254,7 +257,7 @@ class ScoreShards:
     """GPU actor: one model replica; scores (or sketches) whole shards and writes their parts."""
 
     def __init__(self, model_path: str, load_kw: dict, scorer_kw: dict, broadcast, out: str, kind: str,
-                 mode: str = "mean", group_column: str | None = None):
+                 mode: str = "mean", group_column: str | None = None, storage: str = "float32"):
         import ray
 
         from .engine import Scorer
@@ -262,7 +265,8 @@ class ScoreShards:
         self.vm = _load(model_path, load_kw)
         extra = ray.get(broadcast) if broadcast is not None else {}
         self.scorer = Scorer(self.vm, **scorer_kw, **extra)
-        self.out, self.kind, self.mode, self.group_column = out, kind, mode, group_column
+        self.out, self.kind, self.mode, self.group_column, self.storage = out, kind, mode, group_column, storage
+        self.seed = scorer_kw.get("sketch_seed", 0)
 
     def __call__(self, batch):
         summaries = [self.score(s, pickle.loads(p)) for s, p in zip(_shard_of(batch), batch["payload"])]
@@ -280,7 +284,7 @@ class ScoreShards:
                                    if not ok]
                 rows = [r for r, ok in zip(rows, finite) if ok]
                 res = {k: v[finite] for k, v in res.items()}
-        table = result_table(self.kind, [r.id for r in rows], res, self.mode)
+        table = result_table(self.kind, [r.id for r in rows], res, self.mode, self.storage, self.seed)
         if self.group_column:  # a sketch index keeps the group labels that `score --mode groups` needs
             table = table.append_column(self.group_column, pa.array(enc["groups"], pa.string()))
         meta = {"shard": shard.key, "rows_read": enc["n_read"], "scored": len(rows),
@@ -295,14 +299,19 @@ class ScoreShards:
         return {**meta, "seconds": time.time() - t0, "node": _node_id()}
 
 
-def result_table(kind: str, ids: list[str], res: dict, mode: str = "mean") -> pa.Table:
-    """The output schema: id, score (mean) | scores (groups, pairwise) | sketch, n_tokens, nll."""
+def result_table(kind: str, ids: list[str], res: dict, mode: str = "mean", storage: str = "float32",
+                 seed: int = 0) -> pa.Table:
+    """The output schema: id, score (mean) | scores (groups, pairwise) | sketch [+ sketch_scale: int8], n_tokens,
+    nll."""
     n = len(ids)
     cols = {"id": pa.array(ids, pa.string())}
     if kind == "sketches":
-        dim = res["sketch"].shape[1] if n else 0
-        flat = pa.array(res["sketch"].reshape(-1) if n else np.zeros(0, np.float32), pa.float32())
-        cols["sketch"] = pa.FixedSizeListArray.from_arrays(flat, dim) if n else pa.array([], pa.list_(pa.float32()))
+        values, scale = compress_sketches(res["sketch"] if n else np.zeros((0, 0), np.float32), storage, ids, seed)
+        flat = pa.array(values.reshape(-1))
+        cols["sketch"] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1]) if n else pa.array([], pa.list_(
+            flat.type))
+        if scale is not None:
+            cols["sketch_scale"] = pa.array(scale, pa.float32())
     elif mode != "mean":
         mat = res.get("pairwise", res.get("scores"))
         cols["scores"] = pa.array(list(mat.astype(np.float64)) if n else [], pa.list_(pa.float64()))
@@ -330,14 +339,12 @@ class ScoreSketches:
         fs, path = io.filesystem(shard.path)
         with fs.open(path, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            table = pf.read_row_groups(list(range(shard.start, shard.stop)), columns=["id", "sketch", "n_tokens", "nll"])
+            columns = [c for c in ("id", "sketch", "sketch_scale", "n_tokens", "nll") if c in pf.schema_arrow.names]
+            table = pf.read_row_groups(list(range(shard.start, shard.stop)), columns=columns)
         n = table.num_rows
-        sk = np.asarray(table["sketch"].combine_chunks().flatten(), dtype=np.float64).reshape(n, -1)
-        if self.normalize:
-            sk = sk / np.maximum(np.linalg.norm(sk, axis=1, keepdims=True), 1e-30)
-        scores = sk @ self.targets
-        res = {"n_tokens": table["n_tokens"].to_numpy(), "nll": table["nll"].to_numpy()}
-        res["scores"] = scores
+        values, scale = stored_sketches(table)
+        res = {"n_tokens": table["n_tokens"].to_numpy(), "nll": table["nll"].to_numpy(),
+               "scores": score_sketches(values, scale, self.targets, self.normalize)}
         out = result_table("scores", table["id"].to_pylist(), res, self.mode)
         meta = {"shard": shard.key, "rows_read": n, "scored": n, "rejected": 0, "tokens": int(res["n_tokens"].sum())}
         io.write_table_atomic(io.join(self.out, "rejected", shard.key + ".parquet"),
@@ -345,6 +352,13 @@ class ScoreSketches:
         io.write_table_atomic(io.join(self.out, "scores", shard.key + ".parquet"),
                               out.replace_schema_metadata({PART_META: json.dumps(meta)}))
         return {**meta, "seconds": 0.0, "node": _node_id()}
+
+
+def stored_sketches(table: pa.Table) -> tuple[np.ndarray, np.ndarray | None]:
+    """An index table's sketches [n, dim] in their stored dtype (no copy) and the int8 rows' scales."""
+    flat = table["sketch"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    scale = table["sketch_scale"].to_numpy() if "sketch_scale" in table.column_names else None
+    return flat.reshape(table.num_rows, -1), scale
 
 
 # ---- driver ---------------------------------------------------------------------------------------------------
@@ -513,7 +527,7 @@ def _model_stages(cfg, model_path, scorer_kw, broadcast, kind):
               {"num_cpus": 0.5})
     score = (ScoreShards, {"model_path": model_path, "load_kw": _load_kw(cfg), "scorer_kw": scorer_kw,
                            "broadcast": broadcast, "out": cfg.out, "kind": kind, "mode": cfg.mode,
-                           "group_column": group_col},
+                           "group_column": group_col, "storage": cfg.storage},
              actor_range(cfg.num_actors), _actor_args(cfg))
     return [encode, score]
 
@@ -782,7 +796,7 @@ def run_sketch(cfg: JobConfig) -> dict:
     cfg.validate()
     model_path, provenance, fp = _model_identity(cfg)
     shards = io.plan_shards(cfg.data, cfg.format, cfg.shard_rows, cfg.shard_bytes)
-    index_meta = {"dim": cfg.dim, "seed": cfg.seed, "model_fingerprint": fp, "model": provenance,
+    index_meta = {"dim": cfg.dim, "seed": cfg.seed, "storage": cfg.storage, "model_fingerprint": fp, "model": provenance,
                   "group_column": cfg.group_column, "forvalue_ray": __version__}
     record = _plan_record(cfg, "sketches", shards, {"model_fingerprint": fp, "data_files": _file_stamp(cfg.data)})
     done = prepare_out(cfg, record)
@@ -803,11 +817,12 @@ def run_score(cfg: JobConfig) -> dict:
 
     t0 = time.time()
     cfg.validate()
-    meta = io.read_json(io.join(cfg.index, "index.json"))
-    tmeta = io.read_json(io.join(cfg.target_index, "index.json"))
-    check_compatible("--target-index", meta, tmeta, ("model_fingerprint", "dim", "seed"))
+    # indexes from before --storage hold float32
+    meta = {"storage": "float32", **io.read_json(io.join(cfg.index, "index.json"))}
+    tmeta = {"storage": "float32", **io.read_json(io.join(cfg.target_index, "index.json"))}
+    check_compatible("--target-index", meta, tmeta, ("model_fingerprint", "dim", "seed", "storage"))
     targets = io.read_parts(io.join(cfg.target_index, "sketches"))
-    sk = np.asarray(targets["sketch"].combine_chunks().flatten(), dtype=np.float64).reshape(targets.num_rows, -1)
+    sk = restore_sketches(*stored_sketches(targets))
     if cfg.normalize:
         sk = sk / np.maximum(np.linalg.norm(sk, axis=1, keepdims=True), 1e-30)
     if cfg.mode == "pairwise":

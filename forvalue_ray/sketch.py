@@ -8,8 +8,10 @@ of ⟨G, G'⟩ over the random hashes. CS₁ α_t is accumulated inside the voca
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .readout import deterministic
@@ -67,3 +69,44 @@ def sketch_spectrum(cs_error: torch.Tensor, h: torch.Tensor, hashes: SketchHashe
 def spectrum_to_sketch(spectrum: torch.Tensor, hashes: SketchHashes) -> torch.Tensor:
     """The TensorSketch (a circular convolution) from its summed spectrum."""
     return torch.fft.irfft(spectrum, n=hashes.dim, dim=1)
+
+
+# ---- storage: the index's on-disk form of the float sketches -------------------------------------------------
+STORAGES = ("float32", "float16", "int8")
+SCORE_BLOCK_ROWS = 1024  # rows decoded to float64 at a time when scoring: a part is never copied whole
+
+
+def compress_sketches(sk: np.ndarray, storage: str, ids: list[str], seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The stored form of float sketches [n, dim] and, for int8, one float32 scale per row (max |x| / 127).
+    int8 rounds stochastically, up with probability equal to the remainder, so the stored sketch is an unbiased
+    estimate of the float one and inner products of two rows stay unbiased. Each row's rounding draws are seeded by
+    its id and the sketch seed: a re-run writes the same bytes."""
+    if storage not in STORAGES:
+        raise ValueError(f"--storage must be one of {STORAGES}, not {storage!r}")
+    if storage != "int8":
+        return sk.astype(storage), None
+    sk = sk.astype(np.float64)
+    scale = (np.abs(sk).max(1, initial=0.0) / 127).astype(np.float32)  # rounded first: the stored scale is exact
+    unit = sk / np.where(scale > 0, scale, 1).astype(np.float64)[:, None]
+    draws = np.stack([np.random.default_rng([seed, zlib.crc32(i.encode())]).random(sk.shape[1]) for i in ids]
+                     or [np.zeros(sk.shape[1])])[:len(ids)]
+    return np.clip(np.floor(unit + draws), -127, 127).astype(np.int8), scale
+
+
+def restore_sketches(values: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """float64 sketches from their stored form."""
+    out = values.astype(np.float64)
+    return out * scale.astype(np.float64)[:, None] if scale is not None else out
+
+
+def score_sketches(values: np.ndarray, scale: np.ndarray | None, targets: np.ndarray, normalize: bool) -> np.ndarray:
+    """Stored sketches [n, dim] against target columns [dim, K], SCORE_BLOCK_ROWS rows at a time; with normalize,
+    each row is divided by its norm (cosine)."""
+    out = np.empty((len(values), targets.shape[1]))
+    for i in range(0, len(values), SCORE_BLOCK_ROWS):
+        rows = slice(i, i + SCORE_BLOCK_ROWS)
+        x = restore_sketches(values[rows], None if scale is None else scale[rows])
+        if normalize:
+            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+        out[rows] = x @ targets
+    return out

@@ -357,6 +357,38 @@ def test_score_equals_inner_products_of_sketches(data, sketch_runs, ray_local):
         _verify_ok(out)
 
 
+def test_int8_index_scores_its_restored_sketches_and_refuses_a_float32_target(data, sketch_runs, ray_local, core):
+    """--storage int8: each stored row is within one rounding step of the core API's float sketch, and score
+    computes exactly the inner products of the restored sketches; a float32 target index is refused."""
+    from forvalue_ray.sketch import restore_sketches
+
+    common = ["--model", data.model, "--dim", DIM, "--seed", SEED, "--shard-rows", SHARD_ROWS, "--no-progress",
+              "--storage", "int8"]
+    s_train, s_target = data.root / "int8-train", data.root / "int8-target"
+    run_ok("sketch", "--data", data.train, "--out", s_train, *common)
+    run_ok("sketch", "--data", data.target, "--out", s_target, *common)
+    assert json.loads((s_train / "index.json").read_text())["storage"] == "int8"
+    restored = {}
+    for out, rows, kind in ((s_train, data.train_rows, "sketch_train"), (s_target, data.target_rows, "sketch_target")):
+        table = fio.read_parts(str(out / "sketches"))
+        assert table.schema.field("sketch").type.value_type == pa.int8()
+        order = {i: k for k, i in enumerate(table["id"].to_pylist())}
+        ids = _ids(rows)
+        values = np.stack(table["sketch"].to_numpy(zero_copy_only=False))[[order[i] for i in ids]]
+        scale = table["sketch_scale"].to_numpy()[[order[i] for i in ids]]
+        restored[kind] = restore_sketches(values, scale)
+        assert np.all(np.abs(restored[kind] - core(kind)) <= scale[:, None] * 1.001)
+    train_ids = _ids(data.train_rows)
+    out = data.root / "score-int8"
+    run_ok("score", "--index", s_train, "--target-index", s_target, "--out", out, "--shard-rows", SHARD_ROWS,
+           "--no-progress")
+    expected = restored["sketch_train"] @ restored["sketch_target"].mean(0)[:, None]
+    assert rel_err(as_matrix(read_scores(out), train_ids), expected) < 1e-9
+    rc, _, err = cli("score", "--index", s_train, "--target-index", sketch_runs[1], "--out",
+                         data.root / "score-mixed", "--no-progress")
+    assert rc != 0 and "storage: 'float32' != 'int8'" in err, err[-2000:]
+
+
 # ---- bad rows -------------------------------------------------------------------------------------------------
 
 

@@ -8,7 +8,8 @@ from scipy import stats as sps
 
 from forvalue_ray import encode_rows, pairwise_scores, sketches, value_scores
 from forvalue_ray.engine import Scorer
-from forvalue_ray.sketch import SketchHashes
+from forvalue_ray import sketch as sketch_module
+from forvalue_ray.sketch import SketchHashes, compress_sketches, restore_sketches, score_sketches
 from tiny import VOCAB, tiny_model
 
 # tiny models: one thread is fastest, and far faster when the 2 cores are shared (spinning OpenMP threads)
@@ -146,3 +147,52 @@ def test_correlation_with_exact_grows_with_dim(vm):
     for k in range(3):
         assert corr[16384][k] >= corr[1024][k] - 0.02, corr
         assert corr[16384][k] > 0.9, corr
+
+
+# ---- storage ------------------------------------------------------------------------------------------------
+
+def test_int8_storage_is_unbiased_over_rounding_seeds():
+    """Stochastic rounding: the mean over seeds of a restored int8 row, and of the inner product of two restored
+    rows, converge to the float values (within 5 standard errors); each row stays within one step of its float."""
+    rng = np.random.default_rng(0)
+    sk = (rng.standard_t(3, size=(2, 256)) * [[1.0], [30.0]]).astype(np.float32)  # heavy tails, unequal scales
+    exact = float(sk[0].astype(np.float64) @ sk[1])
+    rows, products = [], []
+    for seed in range(400):
+        q, scale = compress_sketches(sk, "int8", ["a", "b"], seed)
+        x = restore_sketches(q, scale)
+        assert np.all(np.abs(x - sk) <= scale[:, None] * (1 + 1e-6))
+        rows.append(x)
+        products.append(x[0] @ x[1])
+    rows, products = np.array(rows), np.array(products)
+    frac = (sk / scale[:, None]) % 1  # a coordinate rounds up with this probability: its standard error follows
+    se = scale[:, None] * np.sqrt(frac * (1 - frac) / len(rows))
+    assert np.all(np.abs(rows.mean(0) - sk) <= 5 * se + 1e-6 * np.abs(sk))
+    assert abs(products.mean() - exact) <= 5 * products.std() / np.sqrt(len(products))
+    assert products.std() > 0  # the rounding is random (a deterministic one could not be unbiased)
+
+
+def test_storage_round_trips_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    sk = rng.normal(size=(3, 64)).astype(np.float32)
+    q32, s32 = compress_sketches(sk, "float32", ["a", "b", "c"], 0)
+    assert s32 is None and np.array_equal(restore_sketches(q32, s32), sk)
+    q16, _ = compress_sketches(sk, "float16", ["a", "b", "c"], 0)
+    assert q16.dtype == np.float16 and np.allclose(restore_sketches(q16, None), sk, rtol=2 ** -10, atol=0)
+    a, b = (compress_sketches(sk, "int8", ["a", "b", "c"], 7) for _ in range(2))
+    assert np.array_equal(a[0], b[0]) and a[0].dtype == np.int8  # the same bytes on a re-run
+    c, _ = compress_sketches(sk[[1]], "int8", ["b"], 7)
+    assert np.array_equal(c[0], a[0][1])  # a row's rounding depends on its id, not on its batch mates
+    with pytest.raises(ValueError, match="--storage must be one of"):
+        compress_sketches(sk, "int4", ["a", "b", "c"], 0)
+
+
+def test_score_sketches_in_blocks_equals_one_product(monkeypatch):
+    monkeypatch.setattr(sketch_module, "SCORE_BLOCK_ROWS", 3)
+    rng = np.random.default_rng(2)
+    q, scale = compress_sketches(rng.normal(size=(10, 32)), "int8", [str(i) for i in range(10)], 0)
+    targets = rng.normal(size=(32, 4))
+    x = restore_sketches(q, scale)
+    np.testing.assert_allclose(score_sketches(q, scale, targets, False), x @ targets, rtol=1e-12)
+    cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ targets
+    np.testing.assert_allclose(score_sketches(q, scale, targets, True), cos, rtol=1e-12)
