@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -11,7 +11,7 @@ from .engine import (DEFAULT_MAX_TOKENS, Scorer, TargetStats, build_reference, f
                      target_partial)
 from .model import ValuationModel
 from .readout import DEFAULT_VOCAB_CHUNK
-from .sketch import DEFAULT_SKETCH_DIM
+from .sketch import DEFAULT_SKETCH_DIM, center_terms
 
 
 def encode_rows(vm: ValuationModel, rows: Iterable, *, max_length: int | None = None,
@@ -79,6 +79,17 @@ CENTER_NORMALIZE_ERROR = ("centering is defined for the plain For-Value inner pr
                           "(--normalize) or the centering sample (center= / --center)")
 
 
+def check_center(center: TargetStats) -> None:
+    """A centering μ is the plain mean gradient of one sample, kept dense."""
+    if center.normalize:
+        raise ValueError(CENTER_NORMALIZE_ERROR)
+    if len(center.names) != 1:
+        raise ValueError(f"centering statistics must have one group, got {len(center.names)} ({center.names[:5]})")
+    if center.form == "factored":
+        raise ValueError("centering needs dense statistics: build them with target_statistics(..., "
+                         "stats_form='dense') (the job's OUT/center is dense)")
+
+
 def center_target_stats(stats: TargetStats, center: TargetStats) -> TargetStats:
     """Ḡ_k − μ for every group k, μ the mean gradient of a sample of the training corpus (one group).
 
@@ -86,11 +97,10 @@ def center_target_stats(stats: TargetStats, center: TargetStats) -> TargetStats:
     from the centered inner product ⟨G − μ, Ḡ_k − μ⟩ by ⟨μ, Ḡ_k − μ⟩, the same for every row: the ranking
     of the centered score. What every row shares (a prompt template, the corpus's common style) drops out.
     """
-    if stats.normalize or center.normalize:
+    check_center(center)
+    if stats.normalize:
         raise ValueError(CENTER_NORMALIZE_ERROR)
-    if len(center.names) != 1:
-        raise ValueError(f"centering statistics must have one group, got {len(center.names)} ({center.names[:5]})")
-    if "factored" in (stats.form, center.form):
+    if stats.form == "factored":
         raise ValueError("centering needs dense statistics: build both with target_statistics(..., "
                          "stats_form='dense')")
     if center.stats.shape[1:] != stats.stats.shape[1:]:
@@ -141,6 +151,31 @@ def sketches(vm: ValuationModel, rows, *, dim: int = DEFAULT_SKETCH_DIM, seed: i
     """Per-row TensorSketches [n, dim]: ⟨sketch(z), sketch(z')⟩ estimates For-Value(z, z') without bias."""
     scorer = Scorer(vm, sketch_dim=dim, sketch_seed=seed, vocab_chunk=vocab_chunk)
     return scorer(encode_rows(vm, rows, **encode_kw))["sketch"]
+
+
+class CenteredSketches(NamedTuple):
+    """A centered sketch index in memory: c = TS(G) − TS(μ) per row, the exact ⟨G, μ⟩ per row, and ‖μ‖²."""
+
+    sketch: np.ndarray  # [n, dim] float32
+    center_dot: np.ndarray  # [n] float64
+    center_sq_norm: float
+
+
+def centered_sketches(vm: ValuationModel, rows, center, *, dim: int = DEFAULT_SKETCH_DIM, seed: int = 0,
+                      vocab_chunk: int = DEFAULT_VOCAB_CHUNK, **encode_kw) -> CenteredSketches:
+    """Sketches centered on μ, the mean gradient of ``center`` (a random sample of the corpus, or its dense
+    statistics: ``target_statistics(..., stats_form="dense")`` or a loaded ``OUT/center``). Index and targets must be
+    centered on the same μ; score them with :func:`~forvalue_ray.sketch.sketch_targets` and
+    :func:`~forvalue_ray.sketch.score_sketches` (each takes ``center_dot``), which estimate For-Value without bias
+    and with less variance than raw sketches when rows resemble the corpus mean. Costs one more dense LM-head product
+    per token (⟨G, μ⟩) than :func:`sketches`."""
+    if not isinstance(center, TargetStats):
+        center = target_statistics(vm, center, vocab_chunk=vocab_chunk, stats_form="dense", **encode_kw)
+    check_center(center)
+    scorer = Scorer(vm, stats=center, sketch_dim=dim, sketch_seed=seed, vocab_chunk=vocab_chunk)
+    res = scorer(encode_rows(vm, rows, **encode_kw))
+    mu_sketch, mu_sq_norm = center_terms(center.stats[0], scorer.hashes)
+    return CenteredSketches(res["sketch"] - mu_sketch, res["scores"][:, 0], mu_sq_norm)
 
 
 def diagnostics(vm: ValuationModel, rows, **encode_kw) -> dict[str, np.ndarray]:

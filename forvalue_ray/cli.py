@@ -29,8 +29,10 @@ def _add_job_flags(p: argparse.ArgumentParser, command: str) -> None:
         "out": "output directory (local, s3://, gs://)", "mode": f"one of {MODES}",
         "group_column": "target column naming each row's group (groups mode; sketch keeps it in the index)",
         "target_stats": "reuse target statistics from an earlier run (OUT/target)",
-        "center": "center the scores on a seeded random sample of this many training rows: their mean gradient "
-                  "is subtracted from the target statistics (mean/groups modes); saved under OUT/center",
+        "center": "center on the mean gradient μ of a seeded random sample of this many rows, saved under "
+                  "OUT/center. value: μ is subtracted from the target statistics (mean/groups modes). sketch: a "
+                  "control variate, the same estimate with less variance (build the target index with "
+                  "--center-stats OUT/center)",
         "center_seed": "seed of the centering sample", "center_stats": "reuse an earlier run's OUT/center",
         "index": "sketch index of the rows to score", "target_index": "sketch index of the target rows",
         "num_actors": "model replicas: N, or MIN-MAX to autoscale", "gpus_per_actor": "GPUs per replica (fractional ok)",

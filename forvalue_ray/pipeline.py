@@ -26,7 +26,8 @@ from . import __version__, io
 from .encode import Columns, Encoder, RowError
 from .io import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_ROWS, Shard
 from .readout import DEFAULT_VOCAB_CHUNK
-from .sketch import DEFAULT_SKETCH_DIM, STORAGES, compress_sketches, restore_sketches, score_sketches
+from .sketch import (DEFAULT_SKETCH_DIM, STORAGES, center_id, center_terms, compress_sketches, score_sketches,
+                     sketch_targets)
 
 MODES = ("mean", "groups", "pairwise")
 PART_META = b"forvalue"
@@ -106,8 +107,7 @@ class JobConfig:
                        input_ids=self.input_ids_column, labels=self.labels_column)
 
     UNUSED = {"value": ("data", "dim", "seed", "storage", "index", "target_index"),
-              "sketch": ("train", "target", "mode", "normalize", "target_stats", "index", "target_index", "center",
-                         "center_seed", "center_stats"),
+              "sketch": ("train", "target", "mode", "normalize", "target_stats", "index", "target_index"),
               "score": ("train", "target", "data", "dim", "seed", "storage", "target_stats", "center", "center_seed",
                         "center_stats", "model", "dtype", "adapter",
                         "revision", "format", "form", "max_length", "overlong", "response_eos")}
@@ -128,10 +128,11 @@ class JobConfig:
             raise ValueError("value needs --train and --target (or --target-stats)")
         if self.command == "value" and self.target_stats and self.mode == "pairwise":
             raise ValueError("--target-stats holds mean/group statistics; pairwise mode needs --target")
-        if self.command == "value" and (self.center or self.center_stats):
+        if self.command in ("value", "sketch") and (self.center or self.center_stats):
             if self.center < 0 or (self.center and self.center_stats):
                 raise ValueError("centering: give --center N (a sample of N training rows, N > 0) or --center-stats "
                                  "DIR (an earlier run's OUT/center), not both")
+        if self.command == "value" and (self.center or self.center_stats):
             if self.normalize:
                 raise ValueError("--center is defined for the plain For-Value inner product only: drop --normalize "
                                  "or --center")
@@ -267,6 +268,9 @@ class ScoreShards:
         self.scorer = Scorer(self.vm, **scorer_kw, **extra)
         self.out, self.kind, self.mode, self.group_column, self.storage = out, kind, mode, group_column, storage
         self.seed = scorer_kw.get("sketch_seed", 0)
+        # a centered index: the scorer's statistics are μ; rows keep TS(G) − TS(μ) and ⟨G, μ⟩
+        self.center_sketch = (center_terms(extra["stats"].stats[0], self.scorer.hashes)[0]
+                              if kind == "sketches" and "stats" in extra else None)
 
     def __call__(self, batch):
         summaries = [self.score(s, pickle.loads(p)) for s, p in zip(_shard_of(batch), batch["payload"])]
@@ -284,6 +288,8 @@ class ScoreShards:
                                    if not ok]
                 rows = [r for r, ok in zip(rows, finite) if ok]
                 res = {k: v[finite] for k, v in res.items()}
+        if rows and self.center_sketch is not None:
+            res["sketch"] = res["sketch"] - self.center_sketch
         table = result_table(self.kind, [r.id for r in rows], res, self.mode, self.storage, self.seed)
         if self.group_column:  # a sketch index keeps the group labels that `score --mode groups` needs
             table = table.append_column(self.group_column, pa.array(enc["groups"], pa.string()))
@@ -301,8 +307,8 @@ class ScoreShards:
 
 def result_table(kind: str, ids: list[str], res: dict, mode: str = "mean", storage: str = "float32",
                  seed: int = 0) -> pa.Table:
-    """The output schema: id, score (mean) | scores (groups, pairwise) | sketch [+ sketch_scale: int8], n_tokens,
-    nll."""
+    """The output schema: id, score (mean) | scores (groups, pairwise) | sketch [+ sketch_scale: int8, + center_dot:
+    centered], n_tokens, nll."""
     n = len(ids)
     cols = {"id": pa.array(ids, pa.string())}
     if kind == "sketches":
@@ -312,6 +318,8 @@ def result_table(kind: str, ids: list[str], res: dict, mode: str = "mean", stora
             flat.type))
         if scale is not None:
             cols["sketch_scale"] = pa.array(scale, pa.float32())
+        if "scores" in res:  # centered: the exact ⟨G, μ⟩
+            cols["center_dot"] = pa.array(res["scores"][:, 0] if n else [], pa.float64())
     elif mode != "mean":
         mat = res.get("pairwise", res.get("scores"))
         cols["scores"] = pa.array(list(mat.astype(np.float64)) if n else [], pa.list_(pa.float64()))
@@ -325,11 +333,11 @@ def result_table(kind: str, ids: list[str], res: dict, mode: str = "mean", stora
 class ScoreSketches:
     """CPU actor of the score stage: scores of one index part against the broadcast target sketches."""
 
-    def __init__(self, broadcast, out: str, normalize: bool, mode: str):
+    def __init__(self, broadcast, out: str, mode: str):
         import ray
 
-        self.targets = ray.get(broadcast)  # [dim, K] float64
-        self.out, self.normalize, self.mode = out, normalize, mode
+        self.targets = ray.get(broadcast)  # SketchTargets
+        self.out, self.mode = out, mode
 
     def __call__(self, batch):
         summaries = [self.score(s) for s in _shard_of(batch)]
@@ -339,12 +347,13 @@ class ScoreSketches:
         fs, path = io.filesystem(shard.path)
         with fs.open(path, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            columns = [c for c in ("id", "sketch", "sketch_scale", "n_tokens", "nll") if c in pf.schema_arrow.names]
+            columns = [c for c in ("id", "sketch", "sketch_scale", "center_dot", "n_tokens", "nll")
+                       if c in pf.schema_arrow.names]
             table = pf.read_row_groups(list(range(shard.start, shard.stop)), columns=columns)
         n = table.num_rows
-        values, scale = stored_sketches(table)
+        values, scale, center_dot = stored_sketches(table)
         res = {"n_tokens": table["n_tokens"].to_numpy(), "nll": table["nll"].to_numpy(),
-               "scores": score_sketches(values, scale, self.targets, self.normalize)}
+               "scores": score_sketches(values, scale, self.targets, center_dot)}
         out = result_table("scores", table["id"].to_pylist(), res, self.mode)
         meta = {"shard": shard.key, "rows_read": n, "scored": n, "rejected": 0, "tokens": int(res["n_tokens"].sum())}
         io.write_table_atomic(io.join(self.out, "rejected", shard.key + ".parquet"),
@@ -354,11 +363,13 @@ class ScoreSketches:
         return {**meta, "seconds": 0.0, "node": _node_id()}
 
 
-def stored_sketches(table: pa.Table) -> tuple[np.ndarray, np.ndarray | None]:
-    """An index table's sketches [n, dim] in their stored dtype (no copy) and the int8 rows' scales."""
+def stored_sketches(table: pa.Table) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """An index table's sketches [n, dim] in their stored dtype (no copy), the int8 rows' scales and, centered,
+    each row's ⟨G, μ⟩."""
     flat = table["sketch"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    scale = table["sketch_scale"].to_numpy() if "sketch_scale" in table.column_names else None
-    return flat.reshape(table.num_rows, -1), scale
+    scale, center_dot = (table[c].to_numpy() if c in table.column_names else None
+                         for c in ("sketch_scale", "center_dot"))
+    return flat.reshape(table.num_rows, -1), scale, center_dot
 
 
 # ---- driver ---------------------------------------------------------------------------------------------------
@@ -696,7 +707,8 @@ def sample_training_rows(shards: list[Shard], n: int, seed: int) -> tuple[list[t
 
 
 def build_center(cfg: JobConfig, model_path: str, provenance: dict, fp: str, shards: list[Shard]):
-    """μ for --center: the target pass over a seeded random sample of the training rows, saved under OUT/center/
+    """μ for --center: the target pass over a seeded random sample of the training rows (of --data, sketching),
+    saved under OUT/center/
     with the sample itself (sample.parquet or .jsonl) and its provenance (sample.json); or the statistics of an
     earlier run's sample (--center-stats). Returns (payload, info)."""
     from .artifacts import check_compatible, load_target_stats
@@ -719,7 +731,8 @@ def build_center(cfg: JobConfig, model_path: str, provenance: dict, fp: str, sha
     enc = Encoder(None, columns=cfg.columns())
     io.write_json_atomic(io.join(cfg.out, "center", "sample.json"), {
         "requested_rows": cfg.center, "seed": cfg.center_seed, "rows": len(rows), "shards_read": read,
-        "ids": [enc.row_id(row, fallback) for fallback, row in sample], "train_files": _file_stamp(cfg.train)})
+        "ids": [enc.row_id(row, fallback) for fallback, row in sample],
+        "train_files": _file_stamp(cfg.train or cfg.data)})
     payload, _, info = build_target(replace(cfg, target=path, format="auto", mode="mean", group_column=None),
                                     model_path, provenance, fp, artifact="center")
     return payload, {"center_rows": info["target_rows"], "center_rejected": info["target_rejected"]}
@@ -791,22 +804,40 @@ class TargetWorker:
 
 
 def run_sketch(cfg: JobConfig) -> dict:
-    """``forvalue-ray sketch``: per-row TensorSketches written as an index."""
+    """``forvalue-ray sketch``: per-row TensorSketches written as an index; with --center / --center-stats, centered
+    on μ (each row keeps TS(G) − TS(μ) and ⟨G, μ⟩; index.json records μ's identity and ‖μ‖²)."""
+    import ray
+
     t0 = time.time()
     cfg.validate()
     model_path, provenance, fp = _model_identity(cfg)
     shards = io.plan_shards(cfg.data, cfg.format, cfg.shard_rows, cfg.shard_bytes)
     index_meta = {"dim": cfg.dim, "seed": cfg.seed, "storage": cfg.storage, "model_fingerprint": fp, "model": provenance,
-                  "group_column": cfg.group_column, "forvalue_ray": __version__}
-    record = _plan_record(cfg, "sketches", shards, {"model_fingerprint": fp, "data_files": _file_stamp(cfg.data)})
+                  "group_column": cfg.group_column, "center_id": None, "forvalue_ray": __version__}
+    center_stamp = _file_stamp(io.join(cfg.center_stats, "target_stats.json")) if cfg.center_stats else None
+    record = _plan_record(cfg, "sketches", shards, {"model_fingerprint": fp, "data_files": _file_stamp(cfg.data),
+                                                    "center": center_stamp})
     done = prepare_out(cfg, record)
-    io.write_json_atomic(io.join(cfg.out, "index.json"), index_meta)
     init_ray(cfg.ray_address)
     scorer_kw = {"sketch_dim": cfg.dim, "sketch_seed": cfg.seed, "vocab_chunk": cfg.vocab_chunk,
                  "max_tokens": cfg.batch_tokens}
-    summaries, faults = run_shards(cfg, shards, done, _model_stages(cfg, model_path, scorer_kw, None, "sketches"))
-    return write_run_json(cfg, "sketches", shards, summaries, t0, {"model": provenance, "model_fingerprint": fp},
-                          faults)
+    broadcast, info = None, {}
+    if cfg.center or cfg.center_stats:
+        broadcast, info = build_center(cfg, model_path, provenance, fp, shards)
+        broadcast = broadcast if isinstance(broadcast, ray.ObjectRef) else ray.put(broadcast)
+        summary = ray.get(_remote_on_driver_node(_center_summary).remote(broadcast))  # μ itself stays off the driver
+        index_meta.update(center_id=summary["id"], center={
+            **summary, "artifact": cfg.center_stats or io.join(cfg.out, "center")})
+        info.update(center_id=summary["id"])
+    io.write_json_atomic(io.join(cfg.out, "index.json"), index_meta)
+    summaries, faults = run_shards(cfg, shards, done, _model_stages(cfg, model_path, scorer_kw, broadcast, "sketches"))
+    return write_run_json(cfg, "sketches", shards, summaries, t0, {"model": provenance, "model_fingerprint": fp,
+                                                                   **info}, faults)
+
+
+def _center_summary(payload: dict) -> dict:
+    mu = payload["stats"].stats[0]
+    return {"id": center_id(mu), "rows": payload["stats"].counts[0], "sq_norm": float(mu.double().pow(2).sum())}
 
 
 def run_score(cfg: JobConfig) -> dict:
@@ -817,33 +848,40 @@ def run_score(cfg: JobConfig) -> dict:
 
     t0 = time.time()
     cfg.validate()
-    # indexes from before --storage hold float32
-    meta = {"storage": "float32", **io.read_json(io.join(cfg.index, "index.json"))}
-    tmeta = {"storage": "float32", **io.read_json(io.join(cfg.target_index, "index.json"))}
+    # indexes from before --storage hold float32; from before centering, raw sketches
+    meta = {"storage": "float32", "center_id": None, **io.read_json(io.join(cfg.index, "index.json"))}
+    tmeta = {"storage": "float32", "center_id": None, **io.read_json(io.join(cfg.target_index, "index.json"))}
+    if meta["center_id"] != tmeta["center_id"]:
+        raise ValueError(f"--target-index is centered on {tmeta['center_id']!r} and --index on {meta['center_id']!r} "
+                         f"(None: not centered): estimates add up only on the same μ. Build the target index with "
+                         f"`forvalue-ray sketch --center-stats "
+                         f"{(meta.get('center') or {}).get('artifact', 'INDEX/center')}`"
+                         if meta["center_id"] else "--target-index is centered but --index is not: build both the "
+                         "same way (drop --center / --center-stats from the target index, or center the index)")
     check_compatible("--target-index", meta, tmeta, ("model_fingerprint", "dim", "seed", "storage"))
     targets = io.read_parts(io.join(cfg.target_index, "sketches"))
-    sk = restore_sketches(*stored_sketches(targets))
-    if cfg.normalize:
-        sk = sk / np.maximum(np.linalg.norm(sk, axis=1, keepdims=True), 1e-30)
+    target_ids = targets["id"].to_pylist()
     if cfg.mode == "pairwise":
-        ids, mat = targets["id"].to_pylist(), sk.T
+        labels = ids = [str(i) for i in range(len(target_ids))]  # a column per row, even if two share an id
     elif cfg.mode == "groups":
         if cfg.group_column not in targets.column_names:
             raise ValueError(f"the target index has no column '{cfg.group_column}': build it with "
                              f"`forvalue-ray sketch --group-column {cfg.group_column}`")
         labels = [str(g) for g in targets[cfg.group_column].to_pylist()]
         ids = sorted(set(labels))
-        mat = np.stack([sk[[i for i, g in enumerate(labels) if g == name]].mean(0) for name in ids], axis=1)
     else:
-        ids, mat = ["mean"], sk.mean(0)[:, None]
+        labels, ids = ["mean"] * len(target_ids), ["mean"]
+    values, scale, center_dot = stored_sketches(targets)
+    columns = sketch_targets(values, scale, labels, ids, normalize=cfg.normalize, center_dot=center_dot,
+                             center_sq_norm=(tmeta.get("center") or {}).get("sq_norm", 0.0))
+    ids = target_ids if cfg.mode == "pairwise" else ids
     shards = io.plan_shards(io.join(cfg.index, "sketches"), "parquet", cfg.shard_rows, cfg.shard_bytes)
     record = _plan_record(cfg, "scores", shards, {"index": meta, "target_index": tmeta,
                                                   "target_files": _file_stamp(io.join(cfg.target_index, "sketches"))})
     done = prepare_out(cfg, record)
     io.write_table_atomic(io.join(cfg.out, "targets.parquet"), _targets_table(ids))
     init_ray(cfg.ray_address)
-    stage = (ScoreSketches, {"broadcast": ray.put(mat), "out": cfg.out, "normalize": cfg.normalize,
-                            "mode": cfg.mode},
+    stage = (ScoreSketches, {"broadcast": ray.put(columns), "out": cfg.out, "mode": cfg.mode},
              actor_range(cfg.num_actors), {"num_cpus": 0.5})
     summaries, faults = run_shards(cfg, shards, done, [stage])
     return write_run_json(cfg, "scores", shards, summaries, t0, {"model": meta.get("model"),

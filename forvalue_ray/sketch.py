@@ -1,15 +1,25 @@
-"""TensorSketch of the per-sample LM-head gradient G = Σ_t α_t h_tᵀ.
+"""TensorSketch of the per-sample LM-head gradient G = Σ_t α_t h_tᵀ, and the sketch index's estimators.
 
 TS(G) = IFFT( Σ_t FFT(CS₁ α_t) ⊙ FFT(CS₂ h_t) ) with two seeded CountSketches (bucket + sign hashes of
 the vocabulary and of the hidden dimension; no V×dim matrix). ⟨TS(G), TS(G')⟩ is an unbiased estimate
 of ⟨G, G'⟩ over the random hashes. CS₁ α_t is accumulated inside the vocabulary pass
 (:class:`~forvalue_ray.readout.CountSketchOfError`); this module holds the hashes and the FFT combine.
+
+Centering (a control variate): with μ the mean gradient of a sample of the corpus, a row keeps
+c = TS(G) − TS(μ) and the exact a = ⟨G, μ⟩, and
+
+    ⟨G, G'⟩ ≈ ⟨c, c'⟩ + a + a' − ‖μ‖²
+
+is still unbiased (TS is linear; the last three terms are exact) with a variance that scales with
+‖G − μ‖²‖G' − μ‖² instead of ‖G‖²‖G'‖². A raw index is the case μ = 0 (a = 0, ‖μ‖² = 0).
 """
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -99,14 +109,94 @@ def restore_sketches(values: np.ndarray, scale: np.ndarray | None) -> np.ndarray
     return out * scale.astype(np.float64)[:, None] if scale is not None else out
 
 
-def score_sketches(values: np.ndarray, scale: np.ndarray | None, targets: np.ndarray, normalize: bool) -> np.ndarray:
-    """Stored sketches [n, dim] against target columns [dim, K], SCORE_BLOCK_ROWS rows at a time; with normalize,
-    each row is divided by its norm (cosine)."""
-    out = np.empty((len(values), targets.shape[1]))
-    for i in range(0, len(values), SCORE_BLOCK_ROWS):
-        rows = slice(i, i + SCORE_BLOCK_ROWS)
+def sketch_of_matrix(m: torch.Tensor, hashes: SketchHashes, vocab_block: int = 8192) -> torch.Tensor:
+    """TS(M) [dim] float64 of a dense [V, d] matrix such as a mean gradient μ. TS is linear, so TS(μ) is the mean
+    of the sketches of the rows μ is the mean of. M = Σ_j M[:, j] e_jᵀ: each column is a "token" whose error is
+    the column and whose hidden state is e_j, so CS₂ e_j = s_j at bucket b_j and the circular convolution is a
+    shift: TS(M) = Σ_j s_j roll(CS₁ M[:, j], b_j)."""
+    cs = torch.zeros(hashes.dim, m.shape[1], dtype=torch.float64)
+    buckets, signs = hashes.vocab_buckets.cpu(), hashes.vocab_signs.cpu().double()
+    with deterministic():
+        for v0 in range(0, m.shape[0], vocab_block):  # a float64 copy of one block of rows at a time
+            block = slice(v0, v0 + vocab_block)
+            cs.index_add_(0, buckets[block], m[block].cpu().double() * signs[block, None])
+    out = torch.zeros(hashes.dim, dtype=torch.float64)
+    for j, (b, s) in enumerate(zip(hashes.hidden_buckets.tolist(), hashes.hidden_signs.tolist())):
+        out += s * torch.roll(cs[:, j], b)
+    return out
+
+
+def center_terms(mu: torch.Tensor, hashes: SketchHashes) -> tuple[np.ndarray, float]:
+    """What centering on μ [V, d] subtracts and adds: TS(μ) as float32 (the dtype of a row's sketch) and ‖μ‖²."""
+    return sketch_of_matrix(mu, hashes).float().numpy(), float(mu.double().pow(2).sum())
+
+
+def center_id(mu: torch.Tensor) -> str:
+    """The identity of a centering μ: a digest of its bytes. An index and its target index must share it."""
+    return hashlib.blake2b(mu.detach().cpu().float().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def _blocks(n: int):
+    return (slice(i, i + SCORE_BLOCK_ROWS) for i in range(0, n, SCORE_BLOCK_ROWS))
+
+
+def _sq_norm_estimates(x: np.ndarray, center_dot: np.ndarray | None, center_sq_norm: float) -> np.ndarray:
+    """‖G‖² ≈ ‖c‖² + 2⟨G, μ⟩ − ‖μ‖² (‖TS(G)‖² for a raw index), floored above 0 for the cosine's division."""
+    sq = np.einsum("nd,nd->n", x, x)
+    if center_dot is not None:
+        sq = sq + 2 * center_dot - center_sq_norm
+    return np.maximum(sq, 1e-60)
+
+
+@dataclass
+class SketchTargets:
+    """The target side of scoring a sketch index: for each column k (the mean, a group, or one target row),
+    score(i, k) = (⟨c_i, columns[:, k]⟩ + a_i · weights[k] + offsets[k]) / N_i, where for the target rows j of k,
+    each with weight w_j = 1/|k| (÷ its estimated ‖G_j‖ for the cosine), columns[:, k] = Σ w_j c_j,
+    weights[k] = Σ w_j and offsets[k] = Σ w_j (a_j − ‖μ‖²); N_i = 1, or row i's estimated ‖G_i‖ (cosine)."""
+
+    names: list[str]
+    columns: np.ndarray  # [dim, K] float64
+    weights: np.ndarray  # [K]
+    offsets: np.ndarray  # [K]
+    normalize: bool
+    center_sq_norm: float  # ‖μ‖²; 0 for a raw index
+
+
+def sketch_targets(values: np.ndarray, scale: np.ndarray | None, labels: Sequence[str], names: Sequence[str], *,
+                   normalize: bool = False, center_dot: np.ndarray | None = None,
+                   center_sq_norm: float = 0.0) -> SketchTargets:
+    """The target columns from target index rows (stored sketches, int8 scales, ⟨G_j, μ⟩ when centered): column k
+    averages the rows labelled names[k] (one label for the mean, the group per row, or each row's own id for
+    pairwise scores)."""
+    index = {name: k for k, name in enumerate(names)}
+    missing = sorted(set(labels) - set(index))
+    if missing:
+        raise ValueError(f"target labels {missing[:5]} are not among the columns {list(names)[:5]}")
+    col = np.array([index[g] for g in labels], dtype=np.int64)
+    x = restore_sketches(values, scale)
+    a = np.zeros(len(x)) if center_dot is None else np.asarray(center_dot, np.float64)
+    w = 1.0 / np.bincount(col, minlength=len(names))[col]
+    if normalize:
+        w = w / np.sqrt(_sq_norm_estimates(x, center_dot, center_sq_norm))
+    columns = np.zeros((len(names), x.shape[1]))
+    np.add.at(columns, col, x * w[:, None])
+    return SketchTargets(list(names), columns.T, np.bincount(col, w, len(names)),
+                         np.bincount(col, w * (a - center_sq_norm), len(names)), normalize, float(center_sq_norm))
+
+
+def score_sketches(values: np.ndarray, scale: np.ndarray | None, targets: SketchTargets,
+                   center_dot: np.ndarray | None = None) -> np.ndarray:
+    """Scores [n, K] of stored index rows [n, dim] (and ⟨G_i, μ⟩ when centered) against the target columns,
+    SCORE_BLOCK_ROWS rows at a time: a part is never copied whole to float64."""
+    out = np.empty((len(values), len(targets.names)))
+    for rows in _blocks(len(values)):
         x = restore_sketches(values[rows], None if scale is None else scale[rows])
-        if normalize:
-            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
-        out[rows] = x @ targets
+        a = None if center_dot is None else np.asarray(center_dot[rows], np.float64)
+        s = x @ targets.columns + targets.offsets[None, :]
+        if a is not None:
+            s += a[:, None] * targets.weights[None, :]
+        if targets.normalize:
+            s /= np.sqrt(_sq_norm_estimates(x, a, targets.center_sq_norm))[:, None]
+        out[rows] = s
     return out

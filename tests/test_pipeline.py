@@ -389,6 +389,56 @@ def test_int8_index_scores_its_restored_sketches_and_refuses_a_float32_target(da
     assert rc != 0 and "storage: 'float32' != 'int8'" in err, err[-2000:]
 
 
+def test_centered_int8_index_is_the_core_estimate_and_refuses_a_raw_partner(data, sketch_runs, ray_local, vm):
+    """sketch --center N: the index rows are the core API's centered sketches (int8: within one rounding step) with
+    its exact ⟨G, μ⟩; a target index built with --center-stats shares μ's identity; score applies
+    ⟨c, c'⟩ + a + a' − ‖μ‖² (checked against that formula written out); raw and centered indexes do not mix."""
+    from forvalue_ray.artifacts import load_target_stats
+    from forvalue_ray.sketch import restore_sketches
+
+    common = ["--model", data.model, "--dim", DIM, "--seed", SEED, "--shard-rows", SHARD_ROWS, "--no-progress",
+              "--storage", "int8"]
+    s_train, s_target = data.root / "centered-train", data.root / "centered-target"
+    run_ok("sketch", "--data", data.train, "--out", s_train, "--center", "40", "--center-seed", "2", *common)
+    run_ok("sketch", "--data", data.target, "--out", s_target, "--center-stats", s_train / "center",
+           "--group-column", "class", *common)
+    meta, tmeta = (json.loads((o / "index.json").read_text()) for o in (s_train, s_target))
+    assert meta["center_id"] and meta["center_id"] == tmeta["center_id"] and meta["center"]["rows"] == 40
+    mu = load_target_stats(str(s_train / "center"))
+    assert mu.counts == [40]
+    stored = []
+    for out, rows in ((s_train, data.train_rows), (s_target, data.target_rows)):
+        expected = forvalue_ray.centered_sketches(vm, rows, mu, dim=DIM, seed=SEED)
+        table = fio.read_parts(str(out / "sketches"))
+        order = {i: k for k, i in enumerate(table["id"].to_pylist())}
+        pick = [order[i] for i in _ids(rows)]
+        scale = table["sketch_scale"].to_numpy()[pick]
+        x = restore_sketches(np.stack(table["sketch"].to_numpy(zero_copy_only=False))[pick], scale)
+        a = table["center_dot"].to_numpy()[pick]
+        assert np.all(np.abs(x - expected.sketch) <= scale[:, None] * 1.001)
+        assert rel_err(a, expected.center_dot) < 1e-6
+        assert meta["center"]["sq_norm"] == pytest.approx(expected.center_sq_norm, rel=1e-9)
+        stored.append((x, a))
+        _verify_ok(out)
+    (x, a), (t, b) = stored
+    classes = np.array([str(r["class"]) for r in data.target_rows])
+    names = sorted(set(classes))
+    m = meta["center"]["sq_norm"]
+    expected = np.stack([x @ t[classes == k].mean(0) + a + b[classes == k].mean() - m for k in names], axis=1)
+    out = data.root / "score-centered"
+    run_ok("score", "--index", s_train, "--target-index", s_target, "--out", out, "--mode", "groups",
+           "--group-column", "class", "--shard-rows", SHARD_ROWS, "--no-progress")
+    assert target_ids(out) == names
+    assert rel_err(as_matrix(read_scores(out), _ids(data.train_rows)), expected) < 1e-9
+    _verify_ok(out)
+    rc, _, err = cli("score", "--index", s_train, "--target-index", sketch_runs[1], "--out", data.root / "mixed-1",
+                     "--no-progress")
+    assert rc != 0 and f"--center-stats {s_train / 'center'}" in err, err[-2000:]
+    rc, _, err = cli("score", "--index", sketch_runs[0], "--target-index", s_target, "--out", data.root / "mixed-2",
+                     "--no-progress")
+    assert rc != 0 and "--target-index is centered but --index is not" in err, err[-2000:]
+
+
 # ---- bad rows -------------------------------------------------------------------------------------------------
 
 
