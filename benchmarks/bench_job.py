@@ -5,8 +5,8 @@
 - rows/s of `forvalue-ray value` on a local Ray (cluster start-up excluded: Ray is started first) against the
   in-process core (`Scorer`) on the same rows; one model actor, so the comparison is like for like;
 - the driver's and the largest worker's peak RSS during the job (sampled every 0.2 s) as rows grow: both should
-  stay flat (the in-process core run holds every row, so it runs after the job and is not sampled);
-- the resume state for a planned 10^10-row corpus: the plan (`_plan.json`) and the finished-part names — O(shards).
+  stay flat (the in-process core run holds every row, so it runs after the job and is not sampled).
+The plan and resume state at 10^4–10^6 shards are measured by bench_scale.py.
 Without --model, a tiny random Llama (the tests' config) is saved and used.
 """
 
@@ -67,7 +67,6 @@ def main():
     from forvalue_ray.api import encode_rows, target_statistics
     from forvalue_ray.cli import main as cli
     from forvalue_ray.engine import Scorer
-    from forvalue_ray.io import DEFAULT_SHARD_ROWS, Shard
 
     tmp = tempfile.mkdtemp(prefix="fv-bench-job-")
     model = args.model
@@ -108,17 +107,9 @@ def main():
         results.append(res)
         print(json.dumps(res), flush=True)
     ray.shutdown()
-    # resume state for 10^10 rows: one Shard record per DEFAULT_SHARD_ROWS rows, plus one part name each
-    example = Shard("000000-0123abcd", "s3://bucket/corpus/part-00000.parquet", "parquet", 0, 4, DEFAULT_SHARD_ROWS,
-                    "part-00000.parquet").to_dict()
-    n_shards = -(-10**10 // DEFAULT_SHARD_ROWS)
-    plan = {"rows": 10**10, "shard_rows": DEFAULT_SHARD_ROWS, "shards": n_shards,
-            "plan_json_bytes": n_shards * (len(json.dumps(example)) + 2),
-            "finished_part_names_bytes": n_shards * len("000000-0123abcd.parquet")}
-    print(json.dumps(plan))
     with open(args.out, "w") as f:
-        json.dump({"command": "python benchmarks/bench_job.py " + " ".join(sys.argv[1:]), "results": results,
-                   "resume_state_1e10_rows": plan}, f, indent=2)
+        json.dump({"command": "python benchmarks/bench_job.py " + " ".join(sys.argv[1:]), "results": results}, f,
+                  indent=2)
 
 
 if __name__ == "__main__":

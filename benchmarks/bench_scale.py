@@ -1,7 +1,8 @@
 """Scale rehearsal: how planning, resume, select and verify grow with the corpus (no model needed).
 
-1. plan + resume: an input of N shards (Parquet row groups across a few files) — planning time, listing the
-   finished parts (resume state) and the driver's peak RSS.
+1. plan + resume: an input of N shards (Parquet row groups across a few files) — planning time, writing and
+   re-reading the plan (_plan.json + _plan_shards.parquet), listing the finished parts (resume state), the plan's
+   size on disk and the driver's peak RSS.
 2. select and verify over a finished run of R rows: input Parquet plus score parts, rejected parts, plan and
    run.json in the output layout, fabricated here (the code paths that read them are the product's): wall time,
    driver peak RSS, the peak RSS summed over Ray's worker processes, and the growth exponent in R.
@@ -88,19 +89,31 @@ def make_sharded_input(root: Path, shards: int, files: int = 10) -> Path:
 
 
 def measure_plan(data: str, out: str) -> dict:
+    """Planning, writing and re-reading the plan (as a resumed run does), and listing the finished parts."""
     from forvalue_ray import io
+    from forvalue_ray.pipeline import JobConfig, _plan_record
 
     t0 = time.time()
     shards = io.plan_shards(data, shard_rows=1)
     plan_s = time.time() - t0
+    t0 = time.time()
+    cfg = JobConfig(command="value", train=data, target="fabricated", out=out, shard_rows=1)
+    io.write_plan(out, _plan_record(cfg, "scores", shards, {}), shards)
+    write_s = time.time() - t0
+    t0 = time.time()
+    _, again = io.read_plan(out)
+    read_s = time.time() - t0
+    assert again == shards
     parts = Path(out) / "scores"
     parts.mkdir(parents=True, exist_ok=True)
     for s in shards[: len(shards) // 2]:  # half finished: the resume listing
         (parts / f"{s.key}.parquet").touch()
     t0 = time.time()
     done = io.list_parts(str(parts))
-    return {"shards": len(shards), "plan_seconds": round(plan_s, 2), "resume_list_seconds": round(time.time() - t0, 2),
-            "finished_listed": len(done), "plan_json_mib": round(len(json.dumps([s.to_dict() for s in shards])) / 2**20, 1),
+    return {"shards": len(shards), "plan_seconds": round(plan_s, 2), "plan_write_seconds": round(write_s, 2),
+            "plan_read_seconds": round(read_s, 2), "resume_list_seconds": round(time.time() - t0, 2),
+            "finished_listed": len(done),
+            "plan_files_mib": round(sum(f.stat().st_size for f in Path(out).glob("_plan*")) / 2**20, 2),
             "driver_peak_rss_mib": round(peak_rss_mib(), 1)}
 
 
@@ -124,7 +137,7 @@ def fabricate_run(root: Path, rows: int) -> tuple[Path, Path]:
                        data / f"part-{f // per_file:04d}.parquet", row_group_size=SHARD_ROWS)
     shards = io.plan_shards(str(data), shard_rows=SHARD_ROWS)
     cfg = JobConfig(command="value", train=str(data), target="fabricated", out=str(out), shard_rows=SHARD_ROWS)
-    io.write_json_atomic(str(out / "_plan.json"), _plan_record(cfg, "scores", shards, {"fabricated": True}))
+    io.write_plan(str(out), _plan_record(cfg, "scores", shards, {"fabricated": True}), shards)
     tokens = 0
     for s in shards:
         ids = pq.ParquetFile(s.path).read_row_groups(list(range(s.start, s.stop)), columns=["id"])["id"]

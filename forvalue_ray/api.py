@@ -6,7 +6,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-from .encode import DEFAULT_MAX_LENGTH, Columns, Encoded, Encoder, RowError
+from .encode import Columns, Encoded, Encoder, RowError
 from .engine import (DEFAULT_MAX_TOKENS, Scorer, TargetStats, build_reference, finish_target_stats, target_form,
                      target_partial)
 from .model import ValuationModel

@@ -5,7 +5,6 @@ An artifact records the model fingerprint it was built with and refuses to mix w
 
 from __future__ import annotations
 
-import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 

@@ -142,7 +142,7 @@ def cmd_submit(args) -> int:
     return submit(args.address, args.config, wait=not args.no_wait, python=args.python, runtime_env=args.runtime_env)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forvalue-ray", description="Forward-only data valuation (For-Value) on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("value", "score training rows against a target set"),
@@ -179,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default="python",
                    help="the cluster's interpreter with forvalue-ray's dependencies (default: `python` on the head's PATH)")
     p.add_argument("--runtime-env", help="YAML of Ray runtime_env keys for the job (image_uri, pip, env_vars, ...)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     ray_was_up = _ray_is_up()
     try:
         if args.command in JOB_COMMANDS:

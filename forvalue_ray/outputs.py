@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from . import io
 from .encode import Columns, Encoder
 from .io import Shard
-from .pipeline import PART_META, digest, init_ray
+from .pipeline import PART_META, digest, init_ray, shards_dataset
 
 SELECTION = "_selection"  # OUT/_selection/<shard>.parquet: (id, score) of the selected rows of each shard
 CUT_BINS = 1024  # histogram bins per group and refinement round
@@ -35,24 +35,16 @@ CUT_CANDIDATES = 1 << 16  # rows around a cut gathered on the driver to place it
 def shard_pass(shards: list[Shard], fn, *, num_cpus: float = 0.5, **kwargs) -> Iterator[dict]:
     """``fn(shard, **kwargs)`` (a JSON-able dict) for every shard, as Ray tasks; results stream back as they
     finish. The driver holds one result at a time."""
-    import ray
-
     if not shards:
         return
-    ds = ray.data.from_items([{"shard": json.dumps(s.to_dict())} for s in shards],
-                             override_num_blocks=min(len(shards), 10_000))
-    ds = ds.map_batches(_apply, batch_size=1, fn_kwargs={"fn": fn, "kwargs": kwargs}, num_cpus=num_cpus)
+    ds = shards_dataset(shards).map_batches(_apply, batch_size=1, fn_kwargs={"fn": fn, "kwargs": kwargs},
+                                            num_cpus=num_cpus)
     for row in ds.iter_rows():
         yield json.loads(row["result"])
 
 
 def _apply(batch, fn, kwargs):
-    return {"result": [json.dumps(fn(Shard(**json.loads(s)), **kwargs)) for s in batch["shard"]]}
-
-
-def _plan(out: str) -> tuple[dict, list[Shard]]:
-    plan = io.read_json(io.join(out, "_plan.json"))
-    return plan, [Shard(**s) for s in plan["shards"]]
+    return {"result": [json.dumps(fn(s, **kwargs)) for s in io.shards_from_columns(batch)]}
 
 
 # ---- verify ---------------------------------------------------------------------------------------------------------
@@ -109,7 +101,7 @@ def verify(out: str) -> tuple[list[str], dict]:
     problems: list[str] = []
     if not io.exists(io.join(out, "_plan.json")):
         return [f"{out} has no _plan.json: not a forvalue-ray output"], {}
-    plan, shards = _plan(out)
+    plan, shards = io.read_plan(out)
     kind = plan["kind"]
     parts, rejected_parts = io.list_parts(io.join(out, kind)), io.list_parts(io.join(out, "rejected"))
     keys = {s.key for s in shards}
@@ -331,13 +323,13 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
             raise ValueError(f"{name} must be in (0, 1], got {frac}")
     if top_k is not None and top_k < 0:
         raise ValueError(f"--top-k must be >= 0, got {top_k}")
-    plan, shards = _plan(scores_dir)
+    plan, shards = io.read_plan(scores_dir)
     if plan["kind"] != "scores":
         raise ValueError(f"{scores_dir} holds {plan['kind']}, not scores: select reads a value or score output")
     settings = plan["settings"]
     scored = settings.get("train")
     if settings.get("index"):  # a `score` output: its parts are named after the index's parts, i.e. data shards
-        index_plan, data_shards = _plan(settings["index"])
+        index_plan, data_shards = io.read_plan(settings["index"])
         by_key = {s.key: s for s in data_shards}
         shards = [dataclasses.replace(by_key[s.label.rsplit(".", 1)[0]], key=s.key) for s in shards]
         settings = index_plan["settings"]

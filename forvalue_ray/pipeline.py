@@ -30,6 +30,9 @@ from .sketch import (DEFAULT_SKETCH_DIM, STORAGES, center_id, center_terms, comp
                      sketch_targets)
 
 MODES = ("mean", "groups", "pairwise")
+# `sketch` centers on the mean gradient of this many sampled rows unless told otherwise: at dim 4096 in int8 that
+# index met per-target Spearman ≥ 0.95 and AUC within 0.002 of exact where the raw one did not (benchmarks/README.md)
+SKETCH_CENTER_ROWS = 1000
 PART_META = b"forvalue"
 
 
@@ -68,12 +71,12 @@ class JobConfig:
     group_column: str | None = None
     normalize: bool = False
     target_stats: str | None = None
-    center: int = 0  # centering sample size (training rows); 0: not centered
+    center: int | None = None  # centering sample size (rows); 0: not centered; None: the command's default
     center_seed: int = 0
     center_stats: str | None = None
     dim: int = DEFAULT_SKETCH_DIM
     seed: int = 0
-    storage: str = "float32"  # sketch index: float32, float16 or int8 (+ one scale per row)
+    storage: str = "int8"  # sketch index: float32, float16 or int8 (+ one scale per row)
     index: str | None = None
     target_index: str | None = None
     # execution (never changes a result)
@@ -91,6 +94,10 @@ class JobConfig:
 
     EXECUTION = ("num_actors", "gpus_per_actor", "cpus_per_actor", "batch_tokens", "vocab_chunk", "ray_address",
                  "overwrite", "progress", "extra")
+
+    def __post_init__(self):
+        if self.center is None:  # value: the paper's score; sketch: a centered index (see SKETCH_CENTER_ROWS)
+            self.center = SKETCH_CENTER_ROWS if self.command == "sketch" and not self.center_stats else 0
 
     @classmethod
     def from_dict(cls, d: dict) -> "JobConfig":
@@ -169,7 +176,7 @@ def digest(obj) -> str:
 
 
 def _shard_of(batch) -> list[Shard]:
-    return [Shard(**json.loads(s)) for s in batch["shard"]]
+    return io.shards_from_columns(batch)
 
 
 def make_encoder(model_path: str, encode_kw: dict, trust_remote_code: bool = False) -> Encoder:
@@ -204,7 +211,8 @@ class EncodeShards:
         self.group_column = group_column
 
     def __call__(self, batch):
-        return {"shard": batch["shard"], "payload": [pickle.dumps(self.encode(s)) for s in _shard_of(batch)]}
+        return {**{f: batch[f] for f in io.SHARD_FIELDS}, "payload": [pickle.dumps(self.encode(s))
+                                                                    for s in _shard_of(batch)]}
 
     def encode(self, shard: Shard) -> dict:
         rows, rejected = io.read_shard(shard)
@@ -396,11 +404,15 @@ class OutputConflict(RuntimeError):
     pass
 
 
-def prepare_out(cfg: JobConfig, plan_record: dict) -> set[str]:
+def prepare_out(cfg: JobConfig, plan_record: dict, shards: list[Shard]) -> set[str]:
     """Create or resume ``--out``; refuse a different job there unless --overwrite. Returns finished shards."""
-    plan_url = io.join(cfg.out, "_plan.json")
+    plan_url = io.join(cfg.out, io.PLAN_FILE)
     if io.exists(plan_url):
         old = io.read_json(plan_url)
+        if "shards" in old:  # the plan of an older version (every shard in the JSON): its fingerprint, recomputed
+            old["fingerprint"] = _fingerprint(old.get("settings", {}), [Shard(**s) for s in old.pop("shards")])
+            if old["fingerprint"] == plan_record["fingerprint"]:
+                io.write_plan(cfg.out, plan_record, shards)
         if old.get("fingerprint") != plan_record["fingerprint"]:
             if not cfg.overwrite:
                 changed = sorted(k for k in set(old.get("settings", {})) | set(plan_record["settings"])
@@ -412,7 +424,7 @@ def prepare_out(cfg: JobConfig, plan_record: dict) -> set[str]:
         elif cfg.overwrite:
             io.remove_tree(cfg.out)
     if not io.exists(plan_url):
-        io.write_json_atomic(plan_url, plan_record)
+        io.write_plan(cfg.out, plan_record, shards)
     else:
         io.remove_temporaries(cfg.out)  # a writer killed mid-write; its shard is redone below
     return io.list_parts(io.join(cfg.out, plan_record["kind"]))
@@ -460,6 +472,16 @@ def run_shards(cfg: JobConfig, shards: list[Shard], done: set[str], stages: list
     return summaries, faults
 
 
+def shards_dataset(shards: list[Shard]):
+    """A Ray Dataset of shards, one row each, from a columnar table in at most 10,000 blocks (never a Python dict
+    per shard: 10⁶ shards are ~30 MB of Arrow)."""
+    import ray
+
+    table = io.shards_table(shards)
+    per_block = -(-len(shards) // min(len(shards), 10_000))
+    return ray.data.from_arrow([table.slice(i, per_block) for i in range(0, len(shards), per_block)])
+
+
 def _shard_round(todo: list[Shard], stages: list[tuple], bar, t0: float, counted: dict) -> list[dict]:
     """One Ray Data pass over ``todo``; a shard whose task fails is skipped (left for the next round)."""
     import ray
@@ -468,8 +490,7 @@ def _shard_round(todo: list[Shard], stages: list[tuple], bar, t0: float, counted
     old, ctx.max_errored_blocks = ctx.max_errored_blocks, -1
     out = []
     try:
-        ds = ray.data.from_items([{"shard": json.dumps(s.to_dict())} for s in todo],
-                                 override_num_blocks=min(len(todo), 10_000))
+        ds = shards_dataset(todo)
         for cls, kwargs, (lo, hi), remote_args in stages:
             ds = ds.map_batches(cls, batch_size=1, fn_constructor_kwargs=kwargs,
                                 compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
@@ -498,10 +519,15 @@ def _alive_nodes() -> set[str]:
     return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
 
+def _fingerprint(settings: dict, shards: list[Shard]) -> str:
+    return digest([settings, io.shards_digest(shards)])
+
+
 def _plan_record(cfg: JobConfig, kind: str, shards: list[Shard], extra: dict) -> dict:
+    """The plan's JSON: what the result depends on and its fingerprint (the shards go to OUT/_plan_shards.parquet)."""
     settings = {**cfg.result_fields(), **extra}
-    return {"kind": kind, "fingerprint": digest([settings, [s.to_dict() for s in shards]]),
-            "settings": settings, "shards": [s.to_dict() for s in shards], "forvalue_ray": __version__}
+    return {"kind": kind, "fingerprint": _fingerprint(settings, shards), "settings": settings,
+            "forvalue_ray": __version__}
 
 
 def _file_stamp(url: str) -> list:
@@ -545,11 +571,15 @@ def _model_stages(cfg, model_path, scorer_kw, broadcast, kind):
 
 def write_run_json(cfg: JobConfig, kind: str, shards: list[Shard], summaries: list[dict], t0: float,
                    extra: dict, faults: dict | None = None) -> dict:
-    """Counts from every part's footer (so a resumed run reports the whole output), plus provenance."""
+    """Counts over the whole output (a resumed run too), plus provenance: this invocation's shards from their
+    summaries, the shards finished before it from their parts' footers (no footer read on a run that did not resume).
+    """
     fs, base = io.filesystem(io.join(cfg.out, kind))
     counts = {"rows_read": 0, "scored": 0, "rejected": 0, "tokens": 0, "truncated_rows": 0, "truncated_tokens": 0}
+    now = {s["shard"]: s for s in summaries}
     for s in shards:
-        meta = json.loads(pq.read_schema(f"{base}/{s.key}.parquet", filesystem=fs).metadata[PART_META])
+        meta = now.get(s.key) or json.loads(pq.read_schema(f"{base}/{s.key}.parquet", filesystem=fs)
+                                           .metadata[PART_META])
         for k in counts:
             counts[k] += meta.get(k, 0)
     run = {"command": cfg.command, "config": asdict(cfg), "counts": {**counts, "shards": len(shards)},
@@ -591,7 +621,7 @@ def run_value(cfg: JobConfig) -> dict:
     center_id = io.read_json(io.join(cfg.center_stats, "target_stats.json"))["provenance"] if cfg.center_stats else None
     record = _plan_record(cfg, "scores", shards, {"model_fingerprint": fp, "target": target_id,
                                                   "train_files": _file_stamp(cfg.train), "center": center_id})
-    done = prepare_out(cfg, record)
+    done = prepare_out(cfg, record, shards)
     info = {"model": provenance, "model_fingerprint": fp, "mode": cfg.mode}
     if done >= {s.key for s in shards} and io.exists(io.join(cfg.out, "run.json")):
         prev = io.read_json(io.join(cfg.out, "run.json"))  # finished: no target pass, no actors
@@ -817,7 +847,7 @@ def run_sketch(cfg: JobConfig) -> dict:
     center_stamp = _file_stamp(io.join(cfg.center_stats, "target_stats.json")) if cfg.center_stats else None
     record = _plan_record(cfg, "sketches", shards, {"model_fingerprint": fp, "data_files": _file_stamp(cfg.data),
                                                     "center": center_stamp})
-    done = prepare_out(cfg, record)
+    done = prepare_out(cfg, record, shards)
     init_ray(cfg.ray_address)
     scorer_kw = {"sketch_dim": cfg.dim, "sketch_seed": cfg.seed, "vocab_chunk": cfg.vocab_chunk,
                  "max_tokens": cfg.batch_tokens}
@@ -878,7 +908,7 @@ def run_score(cfg: JobConfig) -> dict:
     shards = io.plan_shards(io.join(cfg.index, "sketches"), "parquet", cfg.shard_rows, cfg.shard_bytes)
     record = _plan_record(cfg, "scores", shards, {"index": meta, "target_index": tmeta,
                                                   "target_files": _file_stamp(io.join(cfg.target_index, "sketches"))})
-    done = prepare_out(cfg, record)
+    done = prepare_out(cfg, record, shards)
     io.write_table_atomic(io.join(cfg.out, "targets.parquet"), _targets_table(ids))
     init_ray(cfg.ray_address)
     stage = (ScoreSketches, {"broadcast": ray.put(columns), "out": cfg.out, "mode": cfg.mode},

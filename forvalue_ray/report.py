@@ -152,7 +152,7 @@ def _add_rejected(found: dict, table: pa.Table, prefix: str = "") -> None:
             entry[1].append((rid, reason))
 
 
-def scan_scores(out: str, plan: dict, names: list, top_n: int, sample_size: int, seed: int) -> Scan:
+def scan_scores(out: str, shards: list, names: list, top_n: int, sample_size: int, seed: int) -> Scan:
     """One pass over the finished score parts, in plan order; rejected parts only where a part's footer
     counts rejected rows."""
     from .pipeline import PART_META
@@ -160,8 +160,8 @@ def scan_scores(out: str, plan: dict, names: list, top_n: int, sample_size: int,
     scan = Scan(Ranked(top_n, True), Ranked(top_n, False), Sample(sample_size, np.random.default_rng(seed)),
                 Summary(list(names)))
     done = io.list_parts(io.join(out, "scores"))
-    for shard in plan["shards"]:
-        key = shard["key"]
+    for shard in shards:
+        key = shard.key
         if key not in done:
             continue
         table = _read_table(io.join(out, "scores", key + ".parquet"))
@@ -210,26 +210,24 @@ def _add_part(scan: Scan, part: dict) -> None:
 # ---- joining the shown rows back to their input ----------------------------------------------------------------
 
 
-def index_dir(plan: dict) -> str | None:
+def index_dir(plan: dict, shards: list) -> str | None:
     """A ``score`` output's sketch index: the folder whose ``sketches/`` parts its plan's shards read."""
-    if not plan["settings"].get("index") or not plan["shards"]:
+    if not plan["settings"].get("index") or not shards:
         return None
-    return posixpath.dirname(posixpath.dirname(plan["shards"][0]["path"]))
+    return posixpath.dirname(posixpath.dirname(shards[0].path))
 
 
-def input_shards(plan: dict) -> tuple[dict, dict]:
+def input_shards(plan: dict, shards: list) -> tuple[dict, dict]:
     """score-part key → the input Shard it came from, and the settings that name the input's columns.
     ``value``: the plan's own shards; ``score``: through the sketch index's plan (a score part is named after
     the index part it read, an index part after its input shard)."""
-    from .io import Shard
-
-    index = index_dir(plan)
+    index = index_dir(plan, shards)
     if index is None:
-        return {s["key"]: Shard(**s) for s in plan["shards"]}, plan["settings"]
-    index_plan = io.read_json(io.join(index, "_plan.json"))
-    by_key = {s["key"]: Shard(**s) for s in index_plan["shards"]}
-    shards = {s["key"]: by_key.get(s["label"].rsplit(".", 1)[0]) for s in plan["shards"]}
-    return {k: v for k, v in shards.items() if v is not None}, index_plan["settings"]
+        return {s.key: s for s in shards}, plan["settings"]
+    index_plan, index_shards = io.read_plan(index)
+    by_key = {s.key: s for s in index_shards}
+    joined = {s.key: by_key.get(s.label.rsplit(".", 1)[0]) for s in shards}
+    return {k: v for k, v in joined.items() if v is not None}, index_plan["settings"]
 
 
 def join_rows(chosen: list[dict], shards: dict, settings: dict) -> tuple[dict, list[str]]:
@@ -493,7 +491,7 @@ def variant_text(command: str, config: dict, index_meta: dict | None) -> str:
 
 def write_report(out: str, *, top: int = DEFAULT_TOP, sample: int = DEFAULT_SAMPLE, seed: int = 0) -> str:
     """Write ``OUT/report/index.html`` (+ one PNG per figure); returns the page's path."""
-    plan = _maybe_json(io.join(out, "_plan.json"))
+    plan, plan_shards = io.read_plan(out) if io.exists(io.join(out, io.PLAN_FILE)) else (None, [])
     is_selection = plan is None and io.exists(io.join(out, "_select.json"))
     if plan is None and not is_selection:
         raise FileNotFoundError(f"{out} is not a forvalue-ray output: no _plan.json (value, score) and no "
@@ -514,12 +512,12 @@ def write_report(out: str, *, top: int = DEFAULT_TOP, sample: int = DEFAULT_SAMP
     else:
         names = _read_table(io.join(out, "targets.parquet"))["id"].to_pylist() if io.exists(
             io.join(out, "targets.parquet")) else ["score"]
-        scan = scan_scores(out, plan, names, top, sample, seed)
-        if scan.n_parts < len(plan["shards"]):
-            problems.append(f"unfinished: {scan.n_parts} of {len(plan['shards'])} shards have a score part "
+        scan = scan_scores(out, plan_shards, names, top, sample, seed)
+        if scan.n_parts < len(plan_shards):
+            problems.append(f"unfinished: {scan.n_parts} of {len(plan_shards)} shards have a score part "
                             f"(re-run the same command to finish)")
         try:
-            shards, settings = input_shards(plan)
+            shards, settings = input_shards(plan, plan_shards)
             joined, join_problems = join_rows(scan.top.rows() + scan.bottom.rows(), shards, settings)
             problems += join_problems
         except (OSError, ValueError, KeyError) as e:
@@ -528,7 +526,7 @@ def write_report(out: str, *, top: int = DEFAULT_TOP, sample: int = DEFAULT_SAMP
         target_rejected = io.join(out, "target", "rejected.parquet")
         if io.exists(target_rejected):
             _add_rejected(scan.rejected, _read_table(target_rejected), prefix="target row: ")
-    index = None if plan is None else index_dir(plan)
+    index = None if plan is None else index_dir(plan, plan_shards)
     index_meta = _maybe_json(io.join(index, "index.json")) if index else None
     value_label = "score" if mode == "mean" else "mean score over targets"
     figs = figures(scan, mode, names, value_label)

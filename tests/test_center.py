@@ -163,3 +163,22 @@ def test_job_refuses_undefined_centering(job, extra, message):
 
     rc, _, err = cli("value", *job["common"], "--out", job["root"] / "refused", *extra)
     assert rc == 2 and message in err, err
+
+
+def test_command_defaults_center_a_sketch_index_but_not_a_value_run():
+    """`value` keeps the paper's score unless asked; `sketch` builds the compact default index (dim 4096, int8,
+    centered on 1000 sampled rows); --center-stats or --center 0 replace that sample."""
+    from forvalue_ray.cli import build_parser, job_config
+
+    def config(*argv):
+        args = build_parser().parse_args(list(argv))
+        return job_config(args.command, args)
+
+    value = config("value", "--train", "t", "--target", "g", "--out", "o")
+    assert (value.center, value.center_stats) == (0, None)
+    index = config("sketch", "--data", "d", "--out", "o")
+    assert (index.center, index.dim, index.storage) == (1000, 4096, "int8")
+    assert config("sketch", "--data", "d", "--out", "o", "--center-stats", "i/center").center == 0
+    assert config("sketch", "--data", "d", "--out", "o", "--center", "0").center == 0
+    for cfg in (value, index):
+        cfg.validate()

@@ -351,3 +351,26 @@ def test_write_table_atomic_and_remove_temporaries(tmp_path):
     assert io.remove_temporaries(str(tmp_path / "out")) == 0
     assert io.remove_temporaries(str(tmp_path / "never")) == 0
     assert io.list_parts(str(tmp_path / "never")) == set()
+
+
+# ---- the plan -------------------------------------------------------------------------------------------------------
+
+
+def test_plan_round_trips_through_its_parquet_table_and_reads_the_older_json(tmp_path, mixed_dir):
+    """OUT/_plan.json holds settings and a count; the shards live in OUT/_plan_shards.parquet and read back equal.
+    A plan of an older version (every shard in the JSON) still reads. The shard digest is a function of the shards."""
+    shards = io.plan_shards(str(mixed_dir), shard_rows=2, shard_bytes=40)
+    assert len(shards) > 3
+    io.write_plan(str(tmp_path / "new"), {"kind": "scores", "settings": {"a": 1}}, shards)
+    record = json.loads((tmp_path / "new" / "_plan.json").read_text())
+    assert record["shard_count"] == len(shards) and "shards" not in record
+    assert io.read_plan(str(tmp_path / "new")) == (record, shards)
+    table = pq.read_table(tmp_path / "new" / "_plan_shards.parquet")
+    assert table["key"].to_pylist() == [s.key for s in shards]
+    assert pa.types.is_dictionary(table.schema.field("path").type)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "_plan.json").write_text(json.dumps({"kind": "scores", "shards": [s.to_dict() for s in shards]}))
+    assert io.read_plan(str(tmp_path / "old")) == ({"kind": "scores"}, shards)
+    assert io.shards_digest(shards) == io.shards_digest(list(shards))
+    assert io.shards_digest(shards) != io.shards_digest(shards[:-1])
+    assert io.shards_digest(shards) != io.shards_digest(shards[1:] + shards[:1])

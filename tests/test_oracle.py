@@ -4,7 +4,6 @@ import copy
 
 import numpy as np
 import pytest
-import torch
 
 from forvalue_ray import encode_rows, from_hf, group_scores, pairwise_scores, value_scores
 from tiny import CONFIGS, oracle_gradients, tiny_model

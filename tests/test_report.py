@@ -4,7 +4,6 @@ figure decoded, and the top/bottom tables hold the right rows with their input t
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -46,7 +45,8 @@ def runs(tmp_path_factory):
         run_ok("value", *common, "--out", root / "pairwise", "--mode", "pairwise")
         sketch = ["sketch", "--model", model, "--dim", 64, "--form", "text", "--shard-rows", 11, "--no-progress"]
         run_ok(*sketch, "--data", train_path, "--out", root / "train-index")
-        run_ok(*sketch, "--data", target_path, "--out", root / "target-index")
+        run_ok(*sketch, "--data", target_path, "--out", root / "target-index",  # the default index is centered:
+               "--center-stats", root / "train-index" / "center")                # its targets on the same μ
         run_ok("score", "--index", root / "train-index", "--target-index", root / "target-index", "--out",
                root / "score", "--no-progress")
     finally:
@@ -173,15 +173,15 @@ def test_report_reads_only_the_shown_rows_shards(runs, monkeypatch):
     read = []
     original = io.read_shard
     monkeypatch.setattr(io, "read_shard", lambda shard: read.append(shard.key) or original(shard))
-    plan = json.loads((runs.root / "groups" / "_plan.json").read_text())
+    plan_shards = pq.read_table(runs.root / "groups" / "_plan_shards.parquet")["key"].to_pylist()
     write_report(str(runs.root / "groups"), top=1)
     ranking = expected_ranking(runs.root / "groups")
     shard_of = {}
-    for s in plan["shards"]:
-        for rid in pq.read_table(runs.root / "groups" / "scores" / f"{s['key']}.parquet")["id"].to_pylist():
-            shard_of[rid] = s["key"]
+    for key in plan_shards:
+        for rid in pq.read_table(runs.root / "groups" / "scores" / f"{key}.parquet")["id"].to_pylist():
+            shard_of[rid] = key
     assert sorted(read) == sorted({shard_of[ranking[0][0]], shard_of[ranking[-1][0]]})
-    assert len(plan["shards"]) == 3
+    assert len(plan_shards) == 3
 
 
 def test_reason_categories():
