@@ -70,9 +70,10 @@ class WorkerRss:
 def child(fn: str, *args) -> dict:
     """Run one measurement in a fresh process so its peak RSS is its own."""
     out = subprocess.run([sys.executable, __file__, "--child", fn, *map(str, args)], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    results = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not results:
+        raise RuntimeError(f"{fn} exited {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(results[-1])
 
 
 # ---- 1. plan + resume ---------------------------------------------------------------------------------------------
@@ -100,10 +101,12 @@ def measure_plan(data: str, out: str) -> dict:
     cfg = JobConfig(command="value", train=data, target="fabricated", out=out, shard_rows=1)
     io.write_plan(out, _plan_record(cfg, "scores", shards, {}), shards)
     write_s = time.time() - t0
+    planned = io.shards_digest(shards)
+    del shards  # a resumed run holds the plan it reads, not a second copy
     t0 = time.time()
-    _, again = io.read_plan(out)
+    _, shards = io.read_plan(out)
     read_s = time.time() - t0
-    assert again == shards
+    assert io.shards_digest(shards) == planned
     parts = Path(out) / "scores"
     parts.mkdir(parents=True, exist_ok=True)
     for s in shards[: len(shards) // 2]:  # half finished: the resume listing
@@ -186,12 +189,22 @@ def main() -> None:
         print(json.dumps(measure_plan(*rest) if fn == "plan" else measure_command(fn, *rest)))
         return
     root = Path(tempfile.mkdtemp(prefix="fv-scale-"))
-    results = {"plan": [], "commands": []}
+    results = {"plan": [], "commands": [], "machine": f"{os.cpu_count()} CPU cores"}
+
+    def save():  # after every measurement: a long run stopped early keeps what it measured
+        for which in args.commands:
+            pts = [(r["rows"], r["seconds"]) for r in results["commands"] if r["command"] == which]
+            if len(pts) >= 2:
+                (r0, t0), (r1, t1) = pts[0], pts[-1]
+                results.setdefault("growth_exponent", {})[which] = round(float(np.log(t1 / t0) / np.log(r1 / r0)), 2)
+        RESULTS.write_text(json.dumps(results, indent=1))
+
     try:
         for n in args.shards:
             data = make_sharded_input(root, n)
             results["plan"].append(child("plan", data, root / f"plan-out-{n}"))
             print(results["plan"][-1], flush=True)
+            save()
         for rows in args.rows:
             t0 = time.time()
             _, out = fabricate_run(root, rows)
@@ -200,15 +213,9 @@ def main() -> None:
                 r = {"rows": rows, **child(which, out, root / f"sel-{which}-{rows}")}
                 results["commands"].append(r)
                 print(r, flush=True)
+                save()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    for which in args.commands:
-        pts = [(r["rows"], r["seconds"]) for r in results["commands"] if r["command"] == which]
-        if len(pts) >= 2:
-            (r0, t0), (r1, t1) = pts[0], pts[-1]
-            results.setdefault("growth_exponent", {})[which] = round(float(np.log(t1 / t0) / np.log(r1 / r0)), 2)
-    results["machine"] = f"{os.cpu_count()} CPU cores"
-    RESULTS.write_text(json.dumps(results, indent=1))
     print(json.dumps(results.get("growth_exponent", {})))
 
 

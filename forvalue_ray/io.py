@@ -53,11 +53,19 @@ def shards_table(shards: list[Shard]) -> pa.Table:
 
 def shards_from_columns(columns) -> list[Shard]:
     """Shards from a table or a batch (a dict of arrays or lists) with the SHARD_FIELDS columns."""
-    if isinstance(columns, pa.Table):
-        columns = {f: columns[f].to_pylist() for f in SHARD_FIELDS}
+    if isinstance(columns, pa.Table):  # a dictionary column's strings are shared by its rows, not copied per row
+        columns = {f: _shared_strings(columns[f].combine_chunks()) if f in ("path", "label") else columns[f].to_pylist()
+                   for f in SHARD_FIELDS}
     n = len(columns["key"])
     return [Shard(str(columns["key"][i]), str(columns["path"][i]), str(columns["fmt"][i]), int(columns["start"][i]),
                   int(columns["stop"][i]), int(columns["rows"][i]), str(columns["label"][i])) for i in range(n)]
+
+
+def _shared_strings(column: pa.Array) -> list[str]:
+    if not pa.types.is_dictionary(column.type):
+        return column.to_pylist()
+    values = column.dictionary.to_pylist()
+    return [values[i] for i in column.indices.to_numpy()]
 
 
 def shards_digest(shards: list[Shard]) -> str:
@@ -151,6 +159,11 @@ def plan_shards(url: str, fmt: str = "auto", shard_rows: int = DEFAULT_SHARD_ROW
                 shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Shard]:
     """Split every input file into shards (reading only metadata; JSONL by byte ranges)."""
     shards: list[Shard] = []
+
+    def add(full, f, start, stop, rows, label):  # the key: position + a hash of where the shard starts
+        key = f"{len(shards):06d}-{hashlib.sha1(f'{label}:{start}'.encode()).hexdigest()[:8]}"
+        shards.append(Shard(key, full, f, start, stop, rows, label))
+
     for full, f, label in list_inputs(url, fmt):
         fs, path = filesystem(full)
         if f == "parquet":
@@ -160,18 +173,17 @@ def plan_shards(url: str, fmt: str = "auto", shard_rows: int = DEFAULT_SHARD_ROW
             for g in range(meta.num_row_groups):
                 rows += meta.row_group(g).num_rows
                 if rows >= shard_rows or g == meta.num_row_groups - 1:
-                    shards.append(Shard("", full, f, start, g + 1, rows, label))
+                    add(full, f, start, g + 1, rows, label)
                     start, rows = g + 1, 0
         elif f == "jsonl":
             size = fs.size(path)
             for a in range(0, max(size, 1), shard_bytes):
-                shards.append(Shard("", full, f, a, min(a + shard_bytes, size), -1, label))
+                add(full, f, a, min(a + shard_bytes, size), -1, label)
         else:
             n = _arrow_rows(fs, path)
             for a in range(0, max(n, 1), shard_rows):
-                shards.append(Shard("", full, f, a, min(a + shard_rows, n), min(a + shard_rows, n) - a, label))
-    return [Shard(f"{i:06d}-{hashlib.sha1(f'{s.label}:{s.start}'.encode()).hexdigest()[:8]}", s.path, s.fmt,
-                  s.start, s.stop, s.rows, s.label) for i, s in enumerate(shards)]
+                add(full, f, a, min(a + shard_rows, n), min(a + shard_rows, n) - a, label)
+    return shards
 
 
 def _arrow_rows(fs, path) -> int:
