@@ -92,21 +92,21 @@ def make_sharded_input(root: Path, shards: int, files: int = 10) -> Path:
 def measure_plan(data: str, out: str) -> dict:
     """Planning, writing and re-reading the plan (as a resumed run does), and listing the finished parts."""
     from forvalue_ray import io
-    from forvalue_ray.pipeline import JobConfig, _plan_record
+    from forvalue_ray.job import JobConfig, parts
 
     t0 = time.time()
     shards = io.plan_shards(data, shard_rows=1)
     plan_s = time.time() - t0
     t0 = time.time()
     cfg = JobConfig(command="value", train=data, target="fabricated", out=out, shard_rows=1)
-    io.write_plan(out, _plan_record(cfg, "scores", shards, {}), shards)
+    parts.write_plan(out, parts.plan_record("scores", cfg.result_fields(), shards), shards)
     write_s = time.time() - t0
-    planned = io.shards_digest(shards)
+    planned = parts.shards_digest(shards)
     del shards  # a resumed run holds the plan it reads, not a second copy
     t0 = time.time()
-    _, shards = io.read_plan(out)
+    _, shards = parts.read_plan(out)
     read_s = time.time() - t0
-    assert io.shards_digest(shards) == planned
+    assert parts.shards_digest(shards) == planned
     parts = Path(out) / "scores"
     parts.mkdir(parents=True, exist_ok=True)
     for s in shards[: len(shards) // 2]:  # half finished: the resume listing
@@ -126,7 +126,7 @@ def measure_plan(data: str, out: str) -> dict:
 def fabricate_run(root: Path, rows: int) -> tuple[Path, Path]:
     """An input of ``rows`` rows in SHARD_ROWS-row groups and a finished `value` output over it."""
     from forvalue_ray import io
-    from forvalue_ray.pipeline import PART_META, JobConfig, _plan_record
+    from forvalue_ray.job import JobConfig, parts
 
     data, out = root / f"data-{rows}", root / f"run-{rows}"
     data.mkdir(parents=True)
@@ -140,7 +140,7 @@ def fabricate_run(root: Path, rows: int) -> tuple[Path, Path]:
                        data / f"part-{f // per_file:04d}.parquet", row_group_size=SHARD_ROWS)
     shards = io.plan_shards(str(data), shard_rows=SHARD_ROWS)
     cfg = JobConfig(command="value", train=str(data), target="fabricated", out=str(out), shard_rows=SHARD_ROWS)
-    io.write_plan(str(out), _plan_record(cfg, "scores", shards, {"fabricated": True}), shards)
+    parts.write_plan(str(out), parts.plan_record("scores", {**cfg.result_fields(), "fabricated": True}, shards), shards)
     tokens = 0
     for s in shards:
         ids = pq.ParquetFile(s.path).read_row_groups(list(range(s.start, s.stop)), columns=["id"])["id"]
@@ -149,8 +149,7 @@ def fabricate_run(root: Path, rows: int) -> tuple[Path, Path]:
         tokens += 10 * n
         part = pa.table({"id": ids, "score": pa.array(rng.standard_normal(n)), "n_tokens": pa.array([10] * n),
                          "nll": pa.array(rng.random(n))})
-        io.write_table_atomic(str(out / "scores" / f"{s.key}.parquet"),
-                              part.replace_schema_metadata({PART_META: json.dumps(meta)}))
+        parts.write_with_meta(str(out / "scores" / f"{s.key}.parquet"), part, meta)
         io.write_table_atomic(str(out / "rejected" / f"{s.key}.parquet"),
                               pa.table({"id": pa.array([], pa.string()), "reason": pa.array([], pa.string())}))
     io.write_json_atomic(str(out / "run.json"), {"counts": {"rows_read": rows, "scored": rows, "rejected": 0,
@@ -159,19 +158,19 @@ def fabricate_run(root: Path, rows: int) -> tuple[Path, Path]:
 
 
 def measure_command(which: str, out: str, sel: str) -> dict:
-    from forvalue_ray import outputs
-    from forvalue_ray.pipeline import init_ray
+    from forvalue_ray import job
+    from forvalue_ray.job.executor import init_ray
 
     init_ray(None)
     with WorkerRss() as workers:
         t0 = time.time()
         if which == "verify":
-            problems, counts = outputs.verify(out)
+            problems, counts = job.verify(out)
             assert not problems, problems
             result = counts
         else:
-            result = outputs.select(out, None, sel, top_fraction=0.1, per_group="group" if which == "select-per-group"
-                                    else None)
+            result = job.select(out, None, sel, top_fraction=0.1, per_group="group" if which == "select-per-group"
+                                else None)
         seconds = time.time() - t0
     return {"command": which, "seconds": round(seconds, 2), "driver_peak_rss_mib": round(peak_rss_mib(), 1),
             "workers_peak_rss_mib": round(workers.peak, 1), "result": result}

@@ -1,4 +1,4 @@
-"""``forvalue-ray``: the command line, thin over :mod:`pipeline` (the job) and :mod:`outputs` (using results)."""
+"""``forvalue-ray``: the command line, thin over :mod:`forvalue_ray.job` (the passes) and :mod:`report`."""
 
 from __future__ import annotations
 
@@ -6,13 +6,11 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict, fields
+from dataclasses import fields
 
-from .pipeline import MODES, JobConfig
+from .job import COMMANDS, JobConfig, load_yaml, run
 from .report import DEFAULT_SAMPLE, DEFAULT_TOP
 
-JOB_COMMANDS = ("value", "sketch", "score")
-DEFAULTS = JobConfig()
 
 
 def _flag(name: str) -> str:
@@ -22,30 +20,10 @@ def _flag(name: str) -> str:
 def _add_job_flags(p: argparse.ArgumentParser, command: str) -> None:
     """Every JobConfig field as a flag; defaults are None so a --config file can fill what's not given."""
     p.add_argument("--config", help="YAML whose keys are these flags (underscores or dashes); flags override it")
-    help_text = {
-        "model": "local HF directory, hub id, .gguf file, or 'smollm2' (the embedded default)",
-        "train": "training data: file, directory, glob, s3:// or gs:// (Parquet, JSONL, HF save_to_disk)",
-        "target": "target data (same forms as --train)", "data": "data to sketch",
-        "out": "output directory (local, s3://, gs://)", "mode": f"one of {MODES}",
-        "group_column": "target column naming each row's group (groups mode; sketch keeps it in the index)",
-        "target_stats": "reuse target statistics from an earlier run (OUT/target)",
-        "center": "center on the mean gradient μ of a seeded random sample of this many rows, saved under "
-                  "OUT/center. value: μ is subtracted from the target statistics (mean/groups modes). sketch: a "
-                  "control variate, the same estimate with less variance (build the target index with "
-                  "--center-stats OUT/center)",
-        "center_seed": "seed of the centering sample", "center_stats": "reuse an earlier run's OUT/center",
-        "index": "sketch index of the rows to score", "target_index": "sketch index of the target rows",
-        "num_actors": "model replicas: N, or MIN-MAX to autoscale", "gpus_per_actor": "GPUs per replica (fractional ok)",
-        "batch_tokens": "padded tokens per forward pass", "overlong": "truncate or reject rows over --max-length",
-        "normalize": "cosine For-Value (divide by gradient norms)", "overwrite": "replace a different job's output",
-        "dim": "sketch size", "max_length": "truncate rows to this many tokens (default: the model's context length)",
-        "response_eos": "value the end-of-sequence token after each response (prompt/response rows)", "form": "auto, text, prompt_response, messages or input_ids (auto: first present)", "seed": "sketch hash seed",
-        "storage": "sketch index storage: float32, float16 or int8 (one float32 scale per row; 4x smaller)", "format": "auto, parquet, jsonl or arrow",
-    }
     for f in fields(JobConfig):
         if f.name in ("command", "extra"):
             continue
-        kw = {"dest": f.name, "default": None, "help": help_text.get(f.name)}
+        kw = {"dest": f.name, "default": None, "help": f.metadata.get("help")}
         if f.type in ("bool", bool) or isinstance(f.default, bool):
             if f.default is True:  # on by default: the flag turns it off
                 p.add_argument(_flag("no_" + f.name), action="store_false", **kw)
@@ -65,45 +43,8 @@ def job_config(command: str, args: argparse.Namespace) -> JobConfig:
     return JobConfig.from_dict({**base, **given, "command": command})
 
 
-def load_yaml(path: str) -> dict:
-    import yaml
-
-    from . import io
-
-    fs, p = io.filesystem(path)
-    with fs.open(p, "r") as fh:
-        data = yaml.safe_load(fh) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a job config must be a mapping of flag names to values")
-    return data
-
-
-def run_job(cfg: JobConfig) -> dict:
-    import yaml
-
-    from . import io, pipeline
-
-    runner = {"value": pipeline.run_value, "sketch": pipeline.run_sketch, "score": pipeline.run_score}[cfg.command]
-    run = runner(cfg)
-    fs, p = io.filesystem(io.join(cfg.out, "config.resolved.yaml"))
-    with fs.open(p, "w") as fh:
-        yaml.safe_dump({k: v for k, v in asdict(cfg).items() if k != "extra"}, fh, sort_keys=False)
-    c = run["counts"]
-    print(f"{cfg.command}: {c['scored']:,} rows scored, {c['rejected']:,} rejected, {c['tokens']:,} tokens "
-          f"in {c['shards']} shards; {run['this_invocation']['wall_seconds']:.1f} s this run → {cfg.out}",
-          file=sys.stderr)
-    if c.get("truncated_rows"):
-        print(f"{cfg.command}: {c['truncated_rows']:,} rows truncated at max_length, {c['truncated_tokens']:,} tokens "
-              f"dropped (--max-length, or --overlong reject)", file=sys.stderr)
-    inv = run["this_invocation"]
-    if inv["nodes_lost"] or inv["retried_shards"]:
-        print(f"{cfg.command}: survived {len(inv['nodes_lost'])} lost Ray nodes; {len(inv['retried_shards'])} shards "
-              f"redone (run.json: this_invocation)", file=sys.stderr)
-    return run
-
-
 def cmd_select(args) -> int:
-    from .outputs import select
+    from .job import select
 
     res = select(args.scores, args.data, args.out, top_fraction=args.top_fraction, top_k=args.top_k,
                  bottom_fraction=args.bottom_fraction, per_group=args.per_group, target=args.target,
@@ -113,7 +54,7 @@ def cmd_select(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .outputs import verify
+    from .job import verify
 
     problems, counts = verify(args.dir)
     for p in problems:
@@ -186,15 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ray_was_up = _ray_is_up()
     try:
-        if args.command in JOB_COMMANDS:
-            run_job(job_config(args.command, args))
+        if args.command in COMMANDS:
+            run(job_config(args.command, args))
             return 0
         if args.command == "run":
             data = load_yaml(args.config)
             command = data.pop("command", "value")
-            if command not in JOB_COMMANDS:
-                raise ValueError(f"{args.config}: command must be one of {JOB_COMMANDS}, not {command!r}")
-            run_job(JobConfig.from_dict({**data, "command": command}))
+            if command not in COMMANDS:
+                raise ValueError(f"{args.config}: command must be one of {COMMANDS}, not {command!r}")
+            run(JobConfig.from_dict({**data, "command": command}))
             return 0
         return {"select": cmd_select, "verify": cmd_verify, "report": cmd_report, "demo": cmd_demo,
                 "submit": cmd_submit}[args.command](args)

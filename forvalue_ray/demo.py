@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import io
-from .pipeline import JobConfig
+from .job import JobConfig, run
 from .report import write_report
-from .tasks import make_task
+from .benchmark_tasks import make_task
 
 TARGET_CLASS = 0
 N_CLASSES = 5
@@ -51,8 +51,6 @@ def own_class_contrast(scores: dict, names: list[str], classes: dict) -> dict:
 
 
 def run_demo(out: str = "forvalue-demo", *, num_actors: str = "1", model: str = "smollm2", show: int = 5) -> dict:
-    from .cli import run_job
-
     paths = write_demo_data(os.path.join(out, "data"))
     rows = {r["id"]: r for r in pq.read_table(paths["train"]).to_pylist()}
     common = dict(command="value", model=model, train=paths["train"], num_actors=num_actors, shard_rows=20,
@@ -65,7 +63,7 @@ def run_demo(out: str = "forvalue-demo", *, num_actors: str = "1", model: str = 
 
     # 1. the paper's score: all tokens of text, against one transformation
     cfg = JobConfig(**common, target=paths["target"], out=os.path.join(out, "value"), form="text")
-    run = run_job(cfg)
+    result = run(cfg)
     scores = io.read_parts(io.join(cfg.out, "scores")).to_pylist()
     ranked = sorted(scores, key=lambda r: -r["score"])
     title = make_task("sentence", n_classes=N_CLASSES, n_train_per_class=1, n_val_per_class=1)[0][TARGET_CLASS]["text"]
@@ -82,7 +80,7 @@ def run_demo(out: str = "forvalue-demo", *, num_actors: str = "1", model: str = 
     # 2. corrupted responses: response tokens, own class against the other classes
     cfg = JobConfig(**common, target=paths["classes"], out=os.path.join(out, "classes"), form="prompt_response",
                     mode="groups", group_column="class")
-    run_job(cfg)
+    run(cfg)
     table = io.read_parts(io.join(cfg.out, "scores"))
     names = pq.read_table(io.join(cfg.out, "targets.parquet"))["id"].to_pylist()
     contrast = own_class_contrast(dict(zip(table["id"].to_pylist(), table["scores"].to_pylist())), names,
@@ -98,4 +96,4 @@ def run_demo(out: str = "forvalue-demo", *, num_actors: str = "1", model: str = 
           f"of the corpus)")
     reports.append(write_report(cfg.out))
     print("\nReports (open in a browser):\n" + "\n".join(f"  {os.path.abspath(p)}" for p in reports))
-    return {"run": run, "top_class_share": hit, "corrupted_share_at_bottom": caught, "reports": reports}
+    return {"run": result, "top_class_share": hit, "corrupted_share_at_bottom": caught, "reports": reports}

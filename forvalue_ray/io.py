@@ -39,60 +39,6 @@ class Shard:
         return asdict(self)
 
 
-SHARD_FIELDS = ("key", "path", "fmt", "start", "stop", "rows", "label")
-PLAN_FILE, PLAN_SHARDS_FILE = "_plan.json", "_plan_shards.parquet"
-
-
-def shards_table(shards: list[Shard]) -> pa.Table:
-    """Shards as a columnar table (paths and labels dictionary-encoded: a few files serve many shards)."""
-    cols = {f: [getattr(s, f) for s in shards] for f in SHARD_FIELDS}
-    return pa.table({f: pa.array(v, pa.int64()) if f in ("start", "stop", "rows") else
-                     pa.array(v, pa.string()).dictionary_encode() if f in ("path", "label") else pa.array(v, pa.string())
-                     for f, v in cols.items()})
-
-
-def shards_from_columns(columns) -> list[Shard]:
-    """Shards from a table or a batch (a dict of arrays or lists) with the SHARD_FIELDS columns."""
-    if isinstance(columns, pa.Table):  # a dictionary column's strings are shared by its rows, not copied per row
-        columns = {f: _shared_strings(columns[f].combine_chunks()) if f in ("path", "label") else columns[f].to_pylist()
-                   for f in SHARD_FIELDS}
-    n = len(columns["key"])
-    return [Shard(str(columns["key"][i]), str(columns["path"][i]), str(columns["fmt"][i]), int(columns["start"][i]),
-                  int(columns["stop"][i]), int(columns["rows"][i]), str(columns["label"][i])) for i in range(n)]
-
-
-def _shared_strings(column: pa.Array) -> list[str]:
-    if not pa.types.is_dictionary(column.type):
-        return column.to_pylist()
-    values = column.dictionary.to_pylist()
-    return [values[i] for i in column.indices.to_numpy()]
-
-
-def shards_digest(shards: list[Shard]) -> str:
-    """A digest of the plan's shards, streamed (no string of the whole plan is built)."""
-    h = hashlib.sha256()
-    for s in shards:
-        h.update("\t".join(str(getattr(s, f)) for f in SHARD_FIELDS).encode() + b"\n")
-    return h.hexdigest()[:16]
-
-
-def write_plan(out: str, record: dict, shards: list[Shard]) -> None:
-    """OUT/_plan.json (settings, fingerprint, shard count) and OUT/_plan_shards.parquet (one row per shard; ~20 B
-    per shard compressed). The JSON goes last: it marks a complete plan."""
-    write_table_atomic(join(out, PLAN_SHARDS_FILE), shards_table(shards))
-    write_json_atomic(join(out, PLAN_FILE), {**record, "shard_count": len(shards), "shards_file": PLAN_SHARDS_FILE})
-
-
-def read_plan(out: str) -> tuple[dict, list[Shard]]:
-    """The plan record and its shards; a plan written before the Parquet shard table keeps them in the JSON."""
-    record = read_json(join(out, PLAN_FILE))
-    if "shards" in record:
-        return record, [Shard(**s) for s in record.pop("shards")]
-    fs, path = filesystem(join(out, record.get("shards_file", PLAN_SHARDS_FILE)))
-    with fs.open(path, "rb") as fh:
-        return record, shards_from_columns(pq.read_table(fh))
-
-
 def filesystem(url: str):
     # no listings cache: actors add parts while the driver reads, and a cached listing hides them
     fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False)

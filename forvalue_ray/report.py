@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from . import io
 from .encode import Columns, Encoder
-from .outputs import SELECTION
+from .job.parts import PART_META, PLAN_FILE, SELECTION, read_plan
 
 DEFAULT_TOP = 15
 DEFAULT_SAMPLE = 5000
@@ -155,7 +155,6 @@ def _add_rejected(found: dict, table: pa.Table, prefix: str = "") -> None:
 def scan_scores(out: str, shards: list, names: list, top_n: int, sample_size: int, seed: int) -> Scan:
     """One pass over the finished score parts, in plan order; rejected parts only where a part's footer
     counts rejected rows."""
-    from .pipeline import PART_META
 
     scan = Scan(Ranked(top_n, True), Ranked(top_n, False), Sample(sample_size, np.random.default_rng(seed)),
                 Summary(list(names)))
@@ -224,7 +223,7 @@ def input_shards(plan: dict, shards: list) -> tuple[dict, dict]:
     index = index_dir(plan, shards)
     if index is None:
         return {s.key: s for s in shards}, plan["settings"]
-    index_plan, index_shards = io.read_plan(index)
+    index_plan, index_shards = read_plan(index)
     by_key = {s.key: s for s in index_shards}
     joined = {s.key: by_key.get(s.label.rsplit(".", 1)[0]) for s in shards}
     return {k: v for k, v in joined.items() if v is not None}, index_plan["settings"]
@@ -491,7 +490,7 @@ def variant_text(command: str, config: dict, index_meta: dict | None) -> str:
 
 def write_report(out: str, *, top: int = DEFAULT_TOP, sample: int = DEFAULT_SAMPLE, seed: int = 0) -> str:
     """Write ``OUT/report/index.html`` (+ one PNG per figure); returns the page's path."""
-    plan, plan_shards = io.read_plan(out) if io.exists(io.join(out, io.PLAN_FILE)) else (None, [])
+    plan, plan_shards = read_plan(out) if io.exists(io.join(out, PLAN_FILE)) else (None, [])
     is_selection = plan is None and io.exists(io.join(out, "_select.json"))
     if plan is None and not is_selection:
         raise FileNotFoundError(f"{out} is not a forvalue-ray output: no _plan.json (value, score) and no "

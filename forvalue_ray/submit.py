@@ -24,8 +24,7 @@ def submit(address: str | None, config_path: str, *, wait: bool = True, poll_s: 
     Returns 0 when the job succeeded (or was submitted, with ``wait=False``)."""
     from ray.job_submission import JobSubmissionClient
 
-    from .cli import load_yaml
-    from .pipeline import JobConfig
+    from .job import JobConfig, load_yaml
 
     if not address:
         raise ValueError("--address is required (the cluster's dashboard URL, e.g. http://127.0.0.1:8265), "

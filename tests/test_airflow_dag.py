@@ -68,7 +68,7 @@ def s3(tmp_path_factory):
     from moto.server import ThreadedMotoServer
 
     import boto3
-    from forvalue_ray.tasks import make_task
+    from forvalue_ray.benchmark_tasks import make_task
     from jobtools import save_tiny_model, write_parquet
 
     root = tmp_path_factory.mktemp("airflow")

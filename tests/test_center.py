@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import forvalue_ray as fv
-from forvalue_ray.pipeline import sample_training_rows
-from forvalue_ray.tasks import make_task
+from forvalue_ray.job.passes import sample_training_rows
+from forvalue_ray.benchmark_tasks import make_task
 from tiny import oracle_gradients, tiny_model
 
 pytestmark = pytest.mark.timeout(1800)  # the job tests start a local Ray: slow on a loaded machine

@@ -137,7 +137,7 @@ def test_job_keeps_and_reuses_factored_statistics(tmp_path):
     import ray
 
     import forvalue_ray
-    from forvalue_ray.tasks import make_task
+    from forvalue_ray.benchmark_tasks import make_task
     from jobtools import as_matrix, read_scores, run_ok, save_tiny_model, write_parquet
 
     train, _ = make_task("sentence", n_classes=2, n_train_per_class=6, n_val_per_class=1)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from forvalue_ray import io as fio
-from forvalue_ray.tasks import make_task
+from forvalue_ray.benchmark_tasks import make_task
 from jobtools import REPO, as_matrix, read_scores, run_ok, save_tiny_model, write_parquet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -175,15 +175,15 @@ def test_the_broadcast_outlives_every_worker_node(cluster, tmp_path):
     there (a copy on a lost node could not be rebuilt: the target actors that computed its inputs are gone)."""
     import ray
 
-    from forvalue_ray import pipeline
+    from forvalue_ray.job import passes
 
     c, workers, data = cluster
-    cfg = pipeline.JobConfig(command="value", model=str(data["model"]), train=str(data["train"]),
-                             target=str(data["target"]), out=str(tmp_path / "out"), num_actors="2", cpus_per_actor=2)
+    cfg = passes.JobConfig(command="value", model=str(data["model"]), train=str(data["train"]),
+                           target=str(data["target"]), out=str(tmp_path / "out"), num_actors="2", cpus_per_actor=2)
     ray.init(address=c.address)
     try:
-        model_path, provenance, fp = pipeline._model_identity(cfg)
-        payload, names, _ = pipeline.build_target(cfg, model_path, provenance, fp)
+        model_path, provenance, fp = passes._model_identity(cfg)
+        payload, names, _ = passes.build_target(cfg, model_path, provenance, fp)
         assert ray.experimental.get_object_locations([payload])[payload]["node_ids"] == [
             ray.get_runtime_context().get_node_id()]
         while workers:

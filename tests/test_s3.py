@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from forvalue_ray import io as fio
-from forvalue_ray.tasks import make_task
+from forvalue_ray.benchmark_tasks import make_task
 from jobtools import cli, read_scores, run_ok, save_tiny_model, target_ids, write_parquet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

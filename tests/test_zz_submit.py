@@ -24,7 +24,7 @@ import psutil
 import pytest
 import yaml
 
-from forvalue_ray.tasks import make_task
+from forvalue_ray.benchmark_tasks import make_task
 from jobtools import REPO, child_env, cli, free_port, read_scores, save_tiny_model, wait_for, write_parquet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]

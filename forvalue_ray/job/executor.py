@@ -1,0 +1,260 @@
+"""The only Ray code of the job: connecting, streaming shards through actor pools in rounds, tasks over shards,
+broadcasts and reductions through the object store, progress. The passes say *what* runs; this module says *how*.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+from .. import io
+from ..io import Shard
+from . import parts
+
+
+def init_ray(address: str | None):
+    """Connect to a cluster (``--ray-address`` / RAY_ADDRESS, set by ``ray job submit``) or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # address="local": never attach to another `ray start` cluster on this machine by accident;
+            # spare logical CPUs: a pipeline whose actors take every CPU starves the read tasks and hangs
+            ray.init(address="local", num_cpus=max(4, (os.cpu_count() or 1) + 2), include_dashboard=False,
+                     log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours reports rows/s and tokens/s per shard
+
+
+@dataclass
+class Stage:
+    """One step of a streaming pass: ``step(**kwargs)`` as a pool of ``actors`` = (min, max) actors, each with
+    ``resources`` (Ray's num_cpus / num_gpus)."""
+
+    step: type
+    kwargs: dict
+    actors: tuple[int, int]
+    resources: dict
+
+
+def _as_actor(step: type) -> type:
+    """The step class as a Ray Data actor: object refs among its arguments resolved (they arrive unresolved),
+    and the node that ran each shard stamped on its summary."""
+    import ray
+
+    class Actor(step):
+        def __init__(self, **kwargs):
+            super().__init__(**{k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in kwargs.items()})
+
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            if "shard" in out:
+                out["node"] = [node_id()] * len(out["shard"])
+            return out
+
+    Actor.__name__ = Actor.__qualname__ = step.__name__
+    return Actor
+
+
+def _progress(command: str, total: int, done_before: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done_before, unit="shard", file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True, desc=command)
+
+
+# passes over the shards still without a part: a shard in flight on a lost node's actor fails fast
+# (max_task_retries=0) instead of waiting for a restart the cluster may never have room for, and is redone here
+SHARD_ROUNDS = 4
+
+
+def run_shards(command: str, shards: list[Shard], done: set[str], stages: list[Stage],
+               progress: bool = True) -> tuple[list[dict], dict]:
+    """Stream the unfinished shards through the stages, in rounds until every shard has its part.
+    Returns this invocation's per-shard summaries and what it survived (nodes lost, shards retried)."""
+    todo = [s for s in shards if s.key not in done]
+    summaries: list[dict] = []
+    faults = {"nodes_lost": [], "retried_shards": [], "shards_per_node": {}}
+    if not todo:
+        return summaries, faults
+    nodes_before = _alive_nodes()
+    bar = _progress(command, len(shards), len(shards) - len(todo), progress)
+    t0, counted = time.time(), {"rows": 0, "tokens": 0}
+    for round_ in range(SHARD_ROUNDS):
+        if round_:
+            faults["retried_shards"] += [s.key for s in todo]
+            print(f"{command}: retrying {len(todo)} shards that did not finish (first: {todo[0].key})",
+                  file=sys.stderr, flush=True)
+        summaries += _shard_round(todo, stages, bar, t0, counted)
+        finished = {s["shard"] for s in summaries}
+        todo = [s for s in todo if s.key not in finished]
+        if not todo:
+            break
+    bar.close()
+    faults["nodes_lost"] = sorted(nodes_before - _alive_nodes())
+    faults["shards_per_node"] = dict(collections.Counter(s["node"] for s in summaries))
+    if todo:
+        raise RuntimeError(f"{len(todo)} shards failed {SHARD_ROUNDS} times (first: {todo[0].key}, {todo[0].label}); "
+                           f"the Ray logs say why; the finished shards are kept: re-run the same command to retry")
+    return summaries, faults
+
+
+def shards_dataset(shards: list[Shard]):
+    """A Ray Dataset of shards, one row each, from a columnar table in at most 10,000 blocks (never a Python dict
+    per shard: 10⁶ shards are ~30 MB of Arrow)."""
+    import ray
+
+    table = parts.shards_table(shards)
+    per_block = -(-len(shards) // min(len(shards), 10_000))
+    return ray.data.from_arrow([table.slice(i, per_block) for i in range(0, len(shards), per_block)])
+
+
+def _shard_round(todo: list[Shard], stages: list[Stage], bar, t0: float, counted: dict) -> list[dict]:
+    """One Ray Data pass over ``todo``; a shard whose task fails is skipped (left for the next round)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()  # a Dataset copies the context it is created in
+    old, ctx.max_errored_blocks = ctx.max_errored_blocks, -1
+    out = []
+    try:
+        ds = shards_dataset(todo)
+        for st in stages:
+            ds = ds.map_batches(_as_actor(st.step), batch_size=1, fn_constructor_kwargs=st.kwargs,
+                                compute=ray.data.ActorPoolStrategy(min_size=st.actors[0], max_size=st.actors[1]),
+                                max_task_retries=0, **st.resources)
+        for s in ds.iter_rows():
+            out.append(dict(s))
+            counted["rows"] += s["scored"] + s["rejected"]
+            counted["tokens"] += s["tokens"]
+            dt = max(time.time() - t0, 1e-9)
+            bar.set_postfix_str(f"{counted['rows'] / dt:,.1f} rows/s {counted['tokens'] / dt:,.0f} tok/s")
+            bar.update(1)
+    finally:
+        ctx.max_errored_blocks = old
+    return out
+
+
+def node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _alive_nodes() -> set[str]:
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+# ---- tasks over shards ----------------------------------------------------------------------------------------------
+
+
+def shard_pass(shards: list[Shard], fn, *, num_cpus: float = 0.5, **kwargs) -> Iterator[dict]:
+    """``fn(shard, **kwargs)`` (a JSON-able dict) for every shard, as Ray tasks; results stream back as they
+    finish. The driver holds one result at a time."""
+    if not shards:
+        return
+    ds = shards_dataset(shards).map_batches(_apply, batch_size=1, fn_kwargs={"fn": fn, "kwargs": kwargs},
+                                            num_cpus=num_cpus)
+    for row in ds.iter_rows():
+        yield json.loads(row["result"])
+
+
+def _apply(batch, fn, kwargs):
+    return {"result": [json.dumps(fn(s, **kwargs)) for s in parts.shards_from_columns(batch)]}
+
+
+ROWS_PER_ID_PARTITION = 5_000_000  # hash partitions of the duplicate-id group-by: 200 at 10^9 rows (Ray's default)
+
+
+def duplicate_ids(out: str, kind: str, keys: list[str], n_rows: int, show: int = 3) -> tuple[int, list[str]]:
+    """Ids scored more than once across all parts (``n_rows`` of them): a distributed group-by (a rejected row may
+    repeat a scored id: that is why it was rejected, so only scored ids count)."""
+    import ray
+
+    if not keys:
+        return 0, []
+    paths = [io.join(out, kind, k + ".parquet") for k in keys]
+    fs, _ = io.filesystem(out)
+    partitions = max(1, math.ceil(n_rows / ROWS_PER_ID_PARTITION))  # a fixed 200 costs ~30 s on a small output
+    counted = ray.data.read_parquet(paths, filesystem=fs).select_columns(["id"]).groupby(
+        "id", num_partitions=partitions).count()
+    repeated = counted.filter(lambda row: row["count()"] > 1).materialize()  # usually empty; counted once
+    n = repeated.count()
+    return n, [r["id"] for r in repeated.take(show)] if n else []
+
+
+# ---- the object store: broadcasts and reductions that never pass through the driver -----------------------------
+
+
+def is_ref(x) -> bool:
+    import ray
+
+    return isinstance(x, ray.ObjectRef)
+
+
+def broadcast(obj):
+    """An object (or a ref already) in the object store, for every actor to read."""
+    import ray
+
+    return obj if is_ref(obj) else ray.put(obj)
+
+
+def get(ref):
+    import ray
+
+    return ray.get(ref)
+
+
+def on_driver_node(fn, *args):
+    """``fn(*args)`` as a task on the driver's node, for results that a broadcast depends on: a task's result lives
+    on the node that ran it, and the actors that computed its inputs are gone by then, so Ray could not rebuild it if
+    that node were lost. On the driver's node it is lost only with the driver, which ends the job anyway.
+    num_cpus=0: a KubeRay head usually offers no CPUs to tasks; these are light reductions."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, max_retries=3, scheduling_strategy=here)(fn).remote(*args)
+
+
+def fold(fn, refs: list):
+    """fn(fn(refs[0], refs[1]), refs[2])…, as a chain of tasks in list order: a fixed summation order whatever ran
+    them, and two partials in memory at a time. Pure functions of their inputs: safe to retry."""
+    import ray
+
+    task = ray.remote(num_cpus=0.5, max_retries=3)(fn)
+    total = refs[0]
+    for ref in refs[1:]:
+        total = task.remote(total, ref)
+    return total
+
+
+class ActorPool:
+    """``size`` actors of ``cls(*args)``, each with ``resources``; calls are spread over them round robin."""
+
+    def __init__(self, cls: type, args: tuple, resources: dict, size: int):
+        import ray
+
+        self.actors = [ray.remote(**resources)(cls).remote(*args) for _ in range(size)]
+
+    def submit(self, i: int, method: str, *args):
+        """Call ``method(*args)`` on actor ``i % size``; returns the result's ref."""
+        return getattr(self.actors[i % len(self.actors)], method).remote(*args)
+
+    def close(self, wait_for) -> None:
+        """Wait until ``wait_for`` is computed (not fetched), then free the actors (and their model replicas)."""
+        import ray
+
+        ray.wait([wait_for], fetch_local=False)
+        for a in self.actors:
+            ray.kill(a)

@@ -1,0 +1,370 @@
+"""The commands as passes over shards: ``value``, ``sketch`` and ``score`` (streaming, resumable, exactly once)
+and ``verify``. Each pass plans its shards, prepares the output, broadcasts what its workers need and hands
+:mod:`.steps` to :mod:`.executor`; the math is in the core (:mod:`forvalue_ray.engine`, :mod:`forvalue_ray.sketch`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import random
+import sys
+import time
+from dataclasses import replace
+
+import pyarrow as pa
+
+from .. import __version__, io
+from ..encode import Encoder
+from ..io import Shard
+from ..sketch import center_id, sketch_targets
+from . import executor, parts
+from .config import JobConfig, actor_range
+from .steps import EncodeShards, ScoreShards, ScoreSketches, TargetWorker, check_shard, encode_summary
+
+
+def run(cfg: JobConfig) -> dict:
+    """Run a value / sketch / score job to completion (or resume it); returns its run.json."""
+    runner = {"value": run_value, "sketch": run_sketch, "score": run_score}[cfg.command]
+    result = runner(cfg)
+    parts.write_resolved_config(cfg)
+    parts.print_run_summary(cfg, result)
+    return result
+
+
+def _model_identity(cfg: JobConfig) -> tuple[str, dict, str]:
+    """The loadable model path (GGUF converted once, here on the driver), its provenance and fingerprint."""
+    from ..model import adapter_provenance, model_fingerprint, resolve_model
+
+    model_path, provenance = resolve_model(cfg.model, cfg.revision)
+    provenance.update(adapter_provenance(cfg.adapter))
+    provenance["dtype"] = cfg.dtype or ("bfloat16" if cfg.gpus_per_actor else "float32")  # as the actors load it
+    return model_path, provenance, model_fingerprint(provenance)
+
+
+def _prepare(cfg: JobConfig, kind: str, shards: list[Shard], extra: dict) -> tuple[dict, set[str]]:
+    record = parts.plan_record(kind, {**cfg.result_fields(), **extra}, shards)
+    return record, parts.prepare_out(cfg.out, record, shards, cfg.overwrite)
+
+
+def _model_stages(cfg: JobConfig, model_path: str, scorer_kw: dict, broadcast, kind: str) -> list[executor.Stage]:
+    group_col = cfg.group_column if kind == "sketches" else None
+    encode = executor.Stage(EncodeShards, {"tokenizer_path": model_path, "encode_kw": cfg.encode_kw(),
+                                           "group_column": group_col, "trust_remote_code": cfg.trust_remote_code},
+                            (1, max(1, actor_range(cfg.num_actors)[1])), {"num_cpus": 0.5})
+    score = executor.Stage(ScoreShards, {"model_path": model_path, "load_kw": cfg.load_kw(), "scorer_kw": scorer_kw,
+                                         "broadcast": broadcast, "out": cfg.out, "kind": kind, "mode": cfg.mode,
+                                         "group_column": group_col, "storage": cfg.storage},
+                           actor_range(cfg.num_actors), cfg.actor_resources())
+    return [encode, score]
+
+
+def _run_stages(cfg: JobConfig, shards: list[Shard], done: set[str], stages: list) -> tuple[list[dict], dict]:
+    return executor.run_shards(cfg.command, shards, done, stages, cfg.progress)
+
+
+# ---- value ----------------------------------------------------------------------------------------------------------
+
+
+def run_value(cfg: JobConfig) -> dict:
+    """``forvalue-ray value``: target pass (or a reused artifact), then one score per training row."""
+    from ..artifacts import check_compatible, load_target_stats
+
+    t0 = time.time()
+    cfg.validate()
+    model_path, provenance, fp = _model_identity(cfg)
+    shards = io.plan_shards(cfg.train, cfg.format, cfg.shard_rows, cfg.shard_bytes)
+    target_id = (parts.file_stamp(cfg.target) if cfg.target and not cfg.target_stats
+                 else io.read_json(io.join(cfg.target_stats, "target_stats.json"))["provenance"])
+    center_prov = (io.read_json(io.join(cfg.center_stats, "target_stats.json"))["provenance"] if cfg.center_stats
+                   else None)
+    _, done = _prepare(cfg, "scores", shards, {"model_fingerprint": fp, "target": target_id,
+                                               "train_files": parts.file_stamp(cfg.train), "center": center_prov})
+    info = {"model": provenance, "model_fingerprint": fp, "mode": cfg.mode}
+    if done >= {s.key for s in shards} and io.exists(io.join(cfg.out, "run.json")):
+        prev = io.read_json(io.join(cfg.out, "run.json"))  # finished: no target pass, no actors
+        return parts.write_run_json(cfg, "scores", shards, [], t0, {
+            **info, **{k: prev.get(k) for k in ("target_rows", "target_rejected", "center_rows")}})
+    executor.init_ray(cfg.ray_address)
+    scorer_kw = {"normalize": cfg.normalize, "vocab_chunk": cfg.vocab_chunk, "max_tokens": cfg.batch_tokens}
+    if cfg.target_stats:
+        stats = load_target_stats(cfg.target_stats)
+        check_compatible("--target-stats", {"model_fingerprint": fp}, stats.provenance)
+        if stats.normalize != cfg.normalize:
+            raise ValueError(f"--target-stats was built with normalize={stats.normalize}; pass the same --normalize")
+        target_ids, target_info = stats.names, {"target_rows": sum(stats.counts), "target_rejected": None,
+                                                "target_stats_form": stats.form}
+        payload = {"stats": stats}
+    else:
+        payload, target_ids, target_info = build_target(cfg, model_path, provenance, fp)
+    if cfg.center or cfg.center_stats:
+        center, center_info = build_center(cfg, model_path, provenance, fp, shards)
+        payload = executor.on_driver_node(_center_payload, payload, center)
+        target_info.update(center_info)
+    parts.write_targets(cfg.out, target_ids)
+    stages = _model_stages(cfg, model_path, scorer_kw, executor.broadcast(payload), "scores")
+    summaries, faults = _run_stages(cfg, shards, done, stages)
+    return parts.write_run_json(cfg, "scores", shards, summaries, t0, {**info, **target_info}, faults)
+
+
+# ---- the target pass ------------------------------------------------------------------------------------------------
+
+# target rows per partial: fixed, so the reduce order never depends on the actors (tests set a smaller one
+# through the environment, which their job subprocesses inherit)
+TARGET_BLOCK_ROWS = int(os.environ.get("FORVALUE_TARGET_BLOCK_ROWS", "64"))
+
+
+def build_target(cfg: JobConfig, model_path: str, provenance: dict, fp: str, artifact: str = "target"):
+    """The target pass: encode the (small) target set on the driver; model actors compute one additive
+    partial per fixed block of target rows (or keep its tokens, pairwise); blocks are reduced in float64 in
+    block order by Ray tasks, so the result is bit-identical for any number of actors and the statistics
+    ([K, V, d]) never pass through the driver process: the last task, on the driver's node, saves the artifact and
+    holds the broadcast.
+    Returns (payload ref, target ids, info); the artifact goes to OUT/<artifact>/."""
+    # the same reading, encoding and row routing as the training rows', on the driver
+    encoder = EncodeShards(model_path, cfg.encode_kw(), cfg.group_column if cfg.mode == "groups" else None,
+                           cfg.trust_remote_code)
+    rows, groups, rejected, group_names = [], [], [], set()
+    for shard in io.plan_shards(cfg.target, cfg.format, cfg.shard_rows, cfg.shard_bytes):
+        enc = encoder.encode(shard)
+        rows += enc["rows"]
+        groups += ["mean" if g is None else g for g in enc["groups"]]
+        rejected += enc["rejected"]
+        group_names |= enc["group_names"]
+    if rejected:
+        io.write_table_atomic(io.join(cfg.out, artifact, "rejected.parquet"),
+                              pa.table({"id": [r[0] for r in rejected], "reason": [r[1] for r in rejected]}))
+    if not rows:
+        raise ValueError(f"no valid target rows in {cfg.target} ({len(rejected)} rejected: see "
+                         f"{io.join(cfg.out, artifact, 'rejected.parquet')})")
+    names = sorted(set(groups))
+    info = {"target_rows": len(rows), "target_rejected": len(rejected), **{
+        f"target_{k}": v for k, v in encode_summary(rows).items()}}
+    empty = sorted(group_names - set(names))
+    if empty:
+        info["target_groups_without_rows"] = empty
+        print(f"warning: target group(s) {empty} have no valid row (all rejected: see "
+              f"{io.join(cfg.out, artifact, 'rejected.parquet')}); they get no score column", file=sys.stderr)
+    blocks = [list(range(i, min(i + TARGET_BLOCK_ROWS, len(rows)))) for i in range(0, len(rows), TARGET_BLOCK_ROWS)]
+    pool = executor.ActorPool(TargetWorker, (model_path, cfg.load_kw(), cfg.vocab_chunk, cfg.batch_tokens),
+                              cfg.actor_resources(), min(actor_range(cfg.num_actors)[1], len(blocks)))
+    if cfg.mode == "pairwise":
+        refs = [pool.submit(b, "reference", [rows[i] for i in block], block[0]) for b, block in enumerate(blocks)]
+        payload = executor.on_driver_node(_join_references, *refs)
+    else:
+        from ..engine import target_form
+
+        index = [names.index(g) for g in groups]
+        stats_form = "dense" if cfg.center or cfg.center_stats else target_form(  # centering subtracts dense statistics
+            sum(r.n_valued for r in rows), len(names), *executor.get(pool.submit(0, "head_shape")))
+        info["target_stats_form"] = stats_form
+        refs = [pool.submit(b, "partial", [rows[i] for i in block], [index[i] for i in block], len(names),
+                            cfg.normalize, stats_form) for b, block in enumerate(blocks)]
+        payload = executor.on_driver_node(_finish_target, executor.fold(_add_partials, refs), names, cfg.normalize,
+                                          {**provenance, "model_fingerprint": fp}, io.join(cfg.out, artifact))
+    pool.close(wait_for=payload)  # free their model replicas before the value pass starts its own
+    return payload, ([r.id for r in rows] if cfg.mode == "pairwise" else names), info
+
+
+def _add_partials(a, b):
+    return a[0] + b[0], a[1] + b[1]
+
+
+def _finish_target(total, names, normalize, provenance, out_dir):
+    from ..artifacts import save_target_stats
+    from ..engine import finish_target_stats
+
+    stats = finish_target_stats(total[0], total[1], names, normalize, provenance)
+    save_target_stats(stats, out_dir)
+    return {"stats": stats}
+
+
+def _join_references(*refs):
+    from ..engine import join_references
+
+    return {"reference": join_references(refs)}
+
+
+# ---- centering ------------------------------------------------------------------------------------------------------
+
+
+CENTER_MIN_SHARDS = 16
+
+
+def sample_training_rows(shards: list[Shard], n: int, seed: int) -> tuple[list[tuple[str, dict]], list[str]]:
+    """A seeded random sample of n training rows as (fallback id, row), and the keys of the shards read.
+    Shards are read in a seeded random order until they hold n rows and CENTER_MIN_SHARDS shards (or all) were
+    read; n of their rows are drawn uniformly. The driver reads about max(n rows, 16 shards), whatever the
+    corpus size."""
+    rng = random.Random(f"forvalue-center/{seed}")
+    pool, read = [], []
+    for i in rng.sample(range(len(shards)), len(shards)):
+        if len(pool) >= n and len(read) >= min(CENTER_MIN_SHARDS, len(shards)):
+            break
+        pool += io.read_shard(shards[i])[0]
+        read.append(shards[i].key)
+    return [pool[i] for i in sorted(rng.sample(range(len(pool)), min(n, len(pool))))], read
+
+
+def build_center(cfg: JobConfig, model_path: str, provenance: dict, fp: str, shards: list[Shard]):
+    """μ for --center: the target pass over a seeded random sample of the training rows (of --data, sketching),
+    saved under OUT/center/ with the sample itself (sample.parquet or .jsonl) and its provenance (sample.json); or
+    the statistics of an earlier run's sample (--center-stats). Returns (payload, info)."""
+    from ..artifacts import check_compatible, load_target_stats
+
+    if cfg.center_stats:
+        stats = load_target_stats(cfg.center_stats)
+        check_compatible("--center-stats", {"model_fingerprint": fp}, stats.provenance)
+        return {"stats": stats}, {"center_rows": sum(stats.counts)}
+    sample, read = sample_training_rows(shards, cfg.center, cfg.center_seed)
+    rows = [row for _, row in sample]
+    if any(s.fmt == "jsonl" for s in shards if s.key in read):
+        path = io.join(cfg.out, "center", "sample.jsonl")
+        io.write_bytes_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    else:
+        path = io.join(cfg.out, "center", "sample.parquet")
+        io.write_table_atomic(path, pa.Table.from_pylist(rows))
+    enc = Encoder(None, columns=cfg.columns())
+    io.write_json_atomic(io.join(cfg.out, "center", "sample.json"), {
+        "requested_rows": cfg.center, "seed": cfg.center_seed, "rows": len(rows), "shards_read": read,
+        "ids": [enc.row_id(row, fallback) for fallback, row in sample],
+        "train_files": parts.file_stamp(cfg.train or cfg.data)})
+    payload, _, info = build_target(replace(cfg, target=path, format="auto", mode="mean", group_column=None),
+                                    model_path, provenance, fp, artifact="center")
+    return payload, {"center_rows": info["target_rows"], "center_rejected": info["target_rejected"]}
+
+
+def _center_payload(target: dict, center: dict) -> dict:
+    from ..api import center_target_stats
+
+    return {"stats": center_target_stats(target["stats"], center["stats"])}
+
+
+def _center_summary(payload: dict) -> dict:
+    mu = payload["stats"].stats[0]
+    return {"id": center_id(mu), "rows": payload["stats"].counts[0], "sq_norm": float(mu.double().pow(2).sum())}
+
+
+# ---- sketch and score -----------------------------------------------------------------------------------------------
+
+
+def run_sketch(cfg: JobConfig) -> dict:
+    """``forvalue-ray sketch``: per-row TensorSketches written as an index; with --center / --center-stats, centered
+    on μ (each row keeps TS(G) − TS(μ) and ⟨G, μ⟩; index.json records μ's identity and ‖μ‖²)."""
+    t0 = time.time()
+    cfg.validate()
+    model_path, provenance, fp = _model_identity(cfg)
+    shards = io.plan_shards(cfg.data, cfg.format, cfg.shard_rows, cfg.shard_bytes)
+    index_meta = {"dim": cfg.dim, "seed": cfg.seed, "storage": cfg.storage, "model_fingerprint": fp, "model": provenance,
+                  "group_column": cfg.group_column, "center_id": None, "forvalue_ray": __version__}
+    center_stamp = parts.file_stamp(io.join(cfg.center_stats, "target_stats.json")) if cfg.center_stats else None
+    _, done = _prepare(cfg, "sketches", shards, {"model_fingerprint": fp, "data_files": parts.file_stamp(cfg.data),
+                                                 "center": center_stamp})
+    executor.init_ray(cfg.ray_address)
+    scorer_kw = {"sketch_dim": cfg.dim, "sketch_seed": cfg.seed, "vocab_chunk": cfg.vocab_chunk,
+                 "max_tokens": cfg.batch_tokens}
+    payload, info = None, {}
+    if cfg.center or cfg.center_stats:
+        center, info = build_center(cfg, model_path, provenance, fp, shards)
+        payload = executor.broadcast(center)
+        summary = executor.get(executor.on_driver_node(_center_summary, payload))  # μ itself stays off the driver
+        index_meta.update(center_id=summary["id"], center={
+            **summary, "artifact": cfg.center_stats or io.join(cfg.out, "center")})
+        info.update(center_id=summary["id"])
+    io.write_json_atomic(io.join(cfg.out, "index.json"), index_meta)
+    summaries, faults = _run_stages(cfg, shards, done, _model_stages(cfg, model_path, scorer_kw, payload, "sketches"))
+    return parts.write_run_json(cfg, "sketches", shards, summaries, t0, {"model": provenance, "model_fingerprint": fp,
+                                                                         **info}, faults)
+
+
+def run_score(cfg: JobConfig) -> dict:
+    """``forvalue-ray score``: target statistics from a target index, scores for every row of an index."""
+    from ..artifacts import check_compatible
+
+    t0 = time.time()
+    cfg.validate()
+    # indexes from before --storage hold float32; from before centering, raw sketches
+    meta = {"storage": "float32", "center_id": None, **io.read_json(io.join(cfg.index, "index.json"))}
+    tmeta = {"storage": "float32", "center_id": None, **io.read_json(io.join(cfg.target_index, "index.json"))}
+    if meta["center_id"] != tmeta["center_id"]:
+        raise ValueError(f"--target-index is centered on {tmeta['center_id']!r} and --index on {meta['center_id']!r} "
+                         f"(None: not centered): estimates add up only on the same μ. Build the target index with "
+                         f"`forvalue-ray sketch --center-stats "
+                         f"{(meta.get('center') or {}).get('artifact', 'INDEX/center')}`"
+                         if meta["center_id"] else "--target-index is centered but --index is not: build both the "
+                         "same way (drop --center / --center-stats from the target index, or center the index)")
+    check_compatible("--target-index", meta, tmeta, ("model_fingerprint", "dim", "seed", "storage"))
+    targets = io.read_parts(io.join(cfg.target_index, "sketches"))
+    target_ids = targets["id"].to_pylist()
+    if cfg.mode == "pairwise":
+        labels = ids = [str(i) for i in range(len(target_ids))]  # a column per row, even if two share an id
+    elif cfg.mode == "groups":
+        if cfg.group_column not in targets.column_names:
+            raise ValueError(f"the target index has no column '{cfg.group_column}': build it with "
+                             f"`forvalue-ray sketch --group-column {cfg.group_column}`")
+        labels = [str(g) for g in targets[cfg.group_column].to_pylist()]
+        ids = sorted(set(labels))
+    else:
+        labels, ids = ["mean"] * len(target_ids), ["mean"]
+    values, scale, center_dot = parts.stored_sketches(targets)
+    columns = sketch_targets(values, scale, labels, ids, normalize=cfg.normalize, center_dot=center_dot,
+                             center_sq_norm=(tmeta.get("center") or {}).get("sq_norm", 0.0))
+    ids = target_ids if cfg.mode == "pairwise" else ids
+    shards = io.plan_shards(io.join(cfg.index, "sketches"), "parquet", cfg.shard_rows, cfg.shard_bytes)
+    _, done = _prepare(cfg, "scores", shards, {"index": meta, "target_index": tmeta,
+                                               "target_files": parts.file_stamp(io.join(cfg.target_index, "sketches"))})
+    parts.write_targets(cfg.out, ids)
+    executor.init_ray(cfg.ray_address)
+    stage = executor.Stage(ScoreSketches, {"targets": executor.broadcast(columns), "out": cfg.out, "mode": cfg.mode},
+                           actor_range(cfg.num_actors), {"num_cpus": 0.5})
+    summaries, faults = _run_stages(cfg, shards, done, [stage])
+    return parts.write_run_json(cfg, "scores", shards, summaries, t0, {"model": meta.get("model"),
+                                                                      "model_fingerprint": meta["model_fingerprint"]},
+                                faults)
+
+
+# ---- verify ---------------------------------------------------------------------------------------------------------
+
+
+def verify(out: str) -> tuple[list[str], dict]:
+    """Problems found (empty when the output is complete and exactly-once) and the counts checked: every shard is
+    checked by its own task; the driver aggregates counts only."""
+    problems: list[str] = []
+    if not io.exists(io.join(out, parts.PLAN_FILE)):
+        return [f"{out} has no {parts.PLAN_FILE}: not a forvalue-ray output"], {}
+    plan, shards = parts.read_plan(out)
+    kind = plan["kind"]
+    done, rejected_parts = io.list_parts(io.join(out, kind)), io.list_parts(io.join(out, "rejected"))
+    keys = {s.key for s in shards}
+    missing = sorted(keys - done)
+    if missing:
+        problems.append(f"{len(missing)} of {len(shards)} shards have no {kind} part (first: {missing[0]}); "
+                        f"re-run the same command to finish them")
+    if keys - rejected_parts - set(missing):
+        problems.append(f"{len(keys - rejected_parts - set(missing))} finished shards lack their rejected part")
+    extra = sorted((done | rejected_parts) - keys)
+    if extra:
+        problems.append(f"{len(extra)} parts belong to no planned shard (first: {extra[0]})")
+    fs, base = io.filesystem(out)
+    leftovers = [f for f in fs.find(base) if posixpath.basename(f).startswith(".tmp-")]
+    if leftovers:
+        problems.append(f"{len(leftovers)} unfinished temporary files (first: {leftovers[0]})")
+    finished = [s for s in shards if s.key in done]
+    totals = dict.fromkeys(parts.COUNTS, 0)
+    executor.init_ray(None)
+    for res in executor.shard_pass(finished, check_shard, out=out, kind=kind):
+        for k in parts.COUNTS:
+            totals[k] += res["counts"][k]
+        problems += res["problems"]
+    n_dup, examples = executor.duplicate_ids(out, kind, [s.key for s in finished], totals["scored"])
+    if n_dup:
+        problems.append(f"{n_dup} ids are scored more than once (e.g. {', '.join(map(repr, examples))}); "
+                        f"give rows unique ids, or drop the duplicates from the input")
+    if not missing and io.exists(io.join(out, "run.json")):
+        counts = io.read_json(io.join(out, "run.json"))["counts"]
+        if any(counts.get(k) != v for k, v in totals.items()):
+            problems.append(f"run.json counts {counts} disagree with the parts {totals}")
+    elif not missing:
+        problems.append("run.json is missing: the run did not finish writing its summary")
+    return problems, {**totals, "shards": len(shards), "finished_shards": len(done & keys)}

@@ -1,0 +1,356 @@
+"""Per-shard work, with no Ray in it: each step reads a shard (or its parts), computes, writes that shard's outputs
+atomically and returns a small summary. The executor runs the classes as actors (they hold a tokenizer or a model
+replica) and the functions as tasks; a test can call any of them directly.
+
+- value / sketch: :class:`EncodeShards` (CPU: read + tokenize, bad rows aside) → :class:`ScoreShards` (GPU: score
+  or sketch, write the shard's parts);
+- score: :class:`ScoreSketches` (an index part against the target sketches);
+- target pass: :class:`TargetWorker` (a model replica computing one partial per block of target rows);
+- verify: :func:`check_shard`; select: :func:`group_stats`, :func:`counts_at_or_above`, :func:`candidates`,
+  :func:`write_selected`, :func:`selection_counts`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import io
+from ..encode import Columns, Encoder, RowError
+from ..io import Shard
+from ..sketch import center_terms, score_sketches
+from . import parts
+
+
+def make_encoder(model_path: str, encode_kw: dict, trust_remote_code: bool = False) -> Encoder:
+    """The row encoder for a model directory: its tokenizer, or its processor for image-text models."""
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    from ..model import context_length
+
+    cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    vocab = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "vocab_size", None)
+    encode_kw = {**encode_kw, "max_length": encode_kw.get("max_length") or context_length(cfg)}
+    if hasattr(cfg, "vision_config"):
+        from ..vision import VisionEncoder
+
+        processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        return VisionEncoder(processor, vocab_size=vocab, **encode_kw)
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    return Encoder(tok, vocab_size=vocab, **{k: v for k, v in encode_kw.items() if k != "image_column"})
+
+
+def encode_summary(encoded: list) -> dict:
+    """Rows cut at max_length and the tokens they lost (reported in run.json and on the console)."""
+    cut = [r.truncated for r in encoded if r.truncated]
+    return {"truncated_rows": len(cut), "truncated_tokens": int(sum(cut))}
+
+
+def load_replica(model_path: str, load_kw: dict):
+    """A model replica on this worker's device: its GPU(s) when given any, else the CPU."""
+    import torch
+
+    from ..model import load_model
+
+    cuda = torch.cuda.is_available() and load_kw.get("gpus", 0) > 0
+    kw = {k: v for k, v in load_kw.items() if k != "gpus"}
+    if cuda and load_kw.get("gpus", 0) > 1:
+        kw["device_map"] = "auto"  # a model larger than one GPU spans the actor's GPUs
+    return load_model(model_path, device="cuda" if cuda else "cpu", **kw)
+
+
+def maybe_fault():
+    """Test hooks: FORVALUE_FAULT_EXIT_ONCE=<marker file> makes the first actor to see it die mid-run;
+    FORVALUE_FAULT_SLOW_S=<seconds> (set on one node) makes that node a straggler."""
+    time.sleep(float(os.environ.get("FORVALUE_FAULT_SLOW_S", "0")))
+    marker = os.environ.get("FORVALUE_FAULT_EXIT_ONCE")
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(17)
+
+
+def _summaries(results: list[dict]) -> dict:
+    return {k: [r[k] for r in results] for k in results[0]}
+
+
+class EncodeShards:
+    """Read a shard and turn its rows into token ids + loss masks, routing bad rows aside (a CPU actor)."""
+
+    def __init__(self, tokenizer_path: str, encode_kw: dict, group_column: str | None, trust_remote_code: bool):
+        self.encoder = make_encoder(tokenizer_path, encode_kw, trust_remote_code)
+        self.group_column = group_column
+
+    def __call__(self, batch):
+        return {**{f: batch[f] for f in parts.SHARD_FIELDS},
+                "payload": [pickle.dumps(self.encode(s)) for s in parts.shards_from_columns(batch)]}
+
+    def encode(self, shard: Shard) -> dict:
+        rows, rejected = io.read_shard(shard)
+        n_read = len(rows) + len(rejected)
+        encoded, groups, seen, group_names = [], [], set(), set()
+        for fallback, row in rows:
+            rid = self.encoder.row_id(row, fallback)
+            try:
+                if rid in seen:
+                    raise RowError("duplicate id within its shard")
+                group = None
+                if self.group_column:
+                    group = row.get(self.group_column)
+                    if group is None:
+                        raise RowError(f"missing group column '{self.group_column}'")
+                    group_names.add(str(group))
+                enc = self.encoder(row, fallback)
+            except RowError as e:
+                rejected.append((rid, str(e)))
+                continue
+            seen.add(rid)
+            encoded.append(enc)
+            groups.append(None if group is None else str(group))
+        return {"rows": encoded, "groups": groups, "rejected": rejected, "n_read": n_read,
+                "group_names": group_names}
+
+
+class ScoreShards:
+    """One model replica (a GPU actor): scores (or sketches) whole encoded shards and writes their parts.
+    ``broadcast`` holds the scorer's target side: {"stats": TargetStats} or {"reference": ReferenceTokens}; for a
+    centered index, {"stats": μ}."""
+
+    def __init__(self, model_path: str, load_kw: dict, scorer_kw: dict, broadcast: dict | None, out: str, kind: str,
+                 mode: str = "mean", group_column: str | None = None, storage: str = "float32"):
+        from ..engine import Scorer
+
+        self.vm = load_replica(model_path, load_kw)
+        extra = broadcast or {}
+        self.scorer = Scorer(self.vm, **scorer_kw, **extra)
+        self.out, self.kind, self.mode, self.group_column, self.storage = out, kind, mode, group_column, storage
+        self.seed = scorer_kw.get("sketch_seed", 0)
+        # a centered index: the scorer's statistics are μ; rows keep TS(G) − TS(μ) and ⟨G, μ⟩
+        self.center_sketch = (center_terms(extra["stats"].stats[0], self.scorer.hashes)[0]
+                              if kind == "sketches" and "stats" in extra else None)
+
+    def __call__(self, batch):
+        return _summaries([self.score(s, pickle.loads(p))
+                           for s, p in zip(parts.shards_from_columns(batch), batch["payload"])])
+
+    def score(self, shard: Shard, enc: dict) -> dict:
+        t0 = time.time()
+        rows = enc["rows"]
+        res = self.scorer(rows) if rows else {}
+        if rows:  # a row whose numbers overflowed is rejected, never written as NaN
+            finite = np.all([np.isfinite(v.reshape(len(rows), -1)).all(1) for v in res.values()], axis=0)
+            if not finite.all():
+                enc["rejected"] += [(r.id, "non-finite result: numerical overflow in the model (try float32, "
+                                    "bfloat16 or another --attn-implementation)") for r, ok in zip(rows, finite)
+                                   if not ok]
+                rows = [r for r, ok in zip(rows, finite) if ok]
+                res = {k: v[finite] for k, v in res.items()}
+        if rows and self.center_sketch is not None:
+            res["sketch"] = res["sketch"] - self.center_sketch
+        table = parts.result_table(self.kind, [r.id for r in rows], res, self.mode, self.storage, self.seed)
+        if self.group_column:  # a sketch index keeps the group labels that `score --mode groups` needs
+            table = table.append_column(self.group_column, pa.array(enc["groups"], pa.string()))
+        meta = {"shard": shard.key, "rows_read": enc["n_read"], "scored": len(rows),
+                "rejected": len(enc["rejected"]), "tokens": int(res["n_tokens"].sum()) if rows else 0,
+                **encode_summary(rows)}
+        parts.write_rejected(self.out, shard.key, enc["rejected"])
+        maybe_fault()
+        parts.write_part(self.out, self.kind, shard.key, table, meta)
+        return {**meta, "seconds": time.time() - t0}
+
+
+class ScoreSketches:
+    """Scores of one index part against the target sketches (a CPU actor of the score pass)."""
+
+    def __init__(self, targets, out: str, mode: str):
+        self.targets = targets  # SketchTargets
+        self.out, self.mode = out, mode
+
+    def __call__(self, batch):
+        return _summaries([self.score(s) for s in parts.shards_from_columns(batch)])
+
+    def score(self, shard: Shard) -> dict:
+        t0 = time.time()
+        fs, path = io.filesystem(shard.path)
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            columns = [c for c in ("id", "sketch", "sketch_scale", "center_dot", "n_tokens", "nll")
+                       if c in pf.schema_arrow.names]
+            table = pf.read_row_groups(list(range(shard.start, shard.stop)), columns=columns)
+        n = table.num_rows
+        values, scale, center_dot = parts.stored_sketches(table)
+        res = {"n_tokens": table["n_tokens"].to_numpy(), "nll": table["nll"].to_numpy(),
+               "scores": score_sketches(values, scale, self.targets, center_dot)}
+        out = parts.result_table("scores", table["id"].to_pylist(), res, self.mode)
+        meta = {"shard": shard.key, "rows_read": n, "scored": n, "rejected": 0, "tokens": int(res["n_tokens"].sum())}
+        parts.write_rejected(self.out, shard.key, [])
+        parts.write_part(self.out, "scores", shard.key, out, meta)
+        return {**meta, "seconds": time.time() - t0}
+
+
+class TargetWorker:
+    """A model replica of the target pass: one additive partial (or the reference tokens) per block of target rows."""
+
+    def __init__(self, model_path, load_kw, vocab_chunk, max_tokens):
+        self.vm = load_replica(model_path, load_kw)
+        self.kw = {"vocab_chunk": vocab_chunk, "max_tokens": max_tokens}
+
+    def head_shape(self) -> tuple[int, int]:
+        return tuple(self.vm.head.weight.shape)
+
+    def partial(self, rows, group_index, n_groups, normalize, stats_form):
+        from ..engine import target_partial
+
+        return target_partial(self.vm, rows, group_index, n_groups, normalize=normalize, stats_form=stats_form,
+                              **self.kw)
+
+    def reference(self, rows, first_row: int):
+        from ..engine import build_reference
+
+        return build_reference(self.vm, rows, **self.kw).to("cpu"), first_row
+
+
+# ---- verify ---------------------------------------------------------------------------------------------------------
+
+
+def check_shard(shard: Shard, out: str, kind: str) -> dict:
+    """One finished shard: footer counts against its parts and its input rows, finite values."""
+    fs, base = io.filesystem(out)
+    part = pq.read_table(f"{base}/{kind}/{shard.key}.parquet", filesystem=fs)
+    meta = json.loads(part.schema.metadata[parts.PART_META])
+    rejected = f"{base}/rejected/{shard.key}.parquet"
+    rej_rows = pq.read_metadata(rejected, filesystem=fs).num_rows if fs.exists(rejected) else 0
+    problems = []
+    if part.num_rows != meta["scored"] or rej_rows != meta["rejected"]:
+        problems.append(f"shard {shard.key}: part holds {part.num_rows} scored / {rej_rows} rejected rows, "
+                        f"its footer says {meta['scored']} / {meta['rejected']}")
+    expected = shard.rows if shard.rows >= 0 else _count_jsonl_rows(shard)
+    if meta["scored"] + meta["rejected"] != expected:
+        problems.append(f"shard {shard.key} ({shard.label}): {meta['scored']} scored + {meta['rejected']} rejected "
+                        f"!= {expected} input rows")
+    for col in ("score", "scores", "sketch"):
+        if col in part.column_names:
+            values = part[col] if col == "score" else pc.list_flatten(part[col])
+            if len(values) and not pc.all(pc.is_finite(values)).as_py():
+                problems.append(f"shard {shard.key}: non-finite {col}")
+    return {"counts": {k: meta.get(k, 0) for k in parts.COUNTS}, "problems": problems}
+
+
+def _count_jsonl_rows(shard: Shard) -> int:
+    fs, path = io.filesystem(shard.path)
+    return sum(1 for _, line in io._jsonl_lines(fs, path, shard.start, shard.stop) if line.strip())
+
+
+# ---- select ---------------------------------------------------------------------------------------------------------
+
+
+def ranked_values(scores: pa.Table, target: int | None) -> np.ndarray:
+    """The value each row is ranked by: its score (mean mode), one target's column, or the mean over targets."""
+    if "score" in scores.column_names:
+        return scores["score"].to_numpy()
+    n = scores.num_rows
+    mat = np.asarray(pc.list_flatten(scores["scores"]).to_numpy(), dtype=np.float64).reshape(n, -1) if n else \
+        np.zeros((0, 1))
+    return mat.mean(1) if target is None else mat[:, target]
+
+
+def shard_keys(shard: Shard, scores_dir: str, id_column: str, per_group: str | None,
+               target: int | None) -> tuple[list[str], np.ndarray, list]:
+    """The scored rows of one shard: ids, the values ranked, and (per group) each row's group from the input."""
+    fs, path = io.filesystem(io.join(scores_dir, "scores", shard.key + ".parquet"))
+    scores = pq.read_table(path, filesystem=fs)
+    ids = scores["id"].to_pylist()
+    values = ranked_values(scores, target)
+    if not per_group:
+        return ids, values, [None] * len(ids)
+    enc = Encoder(None, columns=Columns(id=id_column))
+    group_of = {enc.row_id(row, fb): row.get(per_group) for fb, row in io.read_shard(shard)[0]}
+    return ids, values, [_group_key(group_of.get(i)) for i in ids]
+
+
+def _group_key(g) -> str | None:
+    return None if g is None else json.dumps(g, sort_keys=True, default=str)
+
+
+def group_stats(shard: Shard, **keys_kw) -> dict:
+    """Per group: the shard's row count, lowest and highest value."""
+    ids, values, groups = shard_keys(shard, **keys_kw)
+    out: dict = {}
+    for g, v in zip(groups, values):
+        n, lo, hi = out.get(g, (0, np.inf, -np.inf))
+        out[g] = (n + 1, min(lo, v), max(hi, v))
+    return {"groups": [[g, n, lo, hi] for g, (n, lo, hi) in out.items()]}
+
+
+def counts_at_or_above(shard: Shard, edges: dict, **keys_kw) -> dict:
+    """Per group: how many of the shard's rows lie at or above each edge, within the group's interval."""
+    ids, values, groups = shard_keys(shard, **keys_kw)
+    by_group: dict = {}
+    for g, v in zip(groups, values):
+        by_group.setdefault(g, []).append(v)
+    out = []
+    for g, (lo, hi, cut_edges) in edges.items():
+        v = np.sort(np.asarray(by_group.get(g, []), dtype=np.float64))
+        v = v[(v >= lo) & (v <= hi)]
+        out.append([g, (len(v) - np.searchsorted(v, cut_edges, side="left")).tolist()])
+    return {"counts": out}
+
+
+def candidates(shard: Shard, intervals: dict, **keys_kw) -> dict:
+    """The shard's rows (group, value, id) whose value lies in their group's interval."""
+    ids, values, groups = shard_keys(shard, **keys_kw)
+    out = []
+    for i, v, g in zip(ids, values, groups):
+        spec = intervals.get(g)
+        if spec is not None and spec[0] <= v <= spec[1]:
+            out.append([g, float(v), i])
+    return {"rows": out}
+
+
+def is_before(v: float, rid: str, cut) -> bool:
+    """(v, rid) at or before the cut in (score desc, id asc) order."""
+    return v > cut[0] or (v == cut[0] and rid <= cut[1])
+
+
+def write_selected(shard: Shard, out: str, cuts: dict, bottom: bool, **keys_kw) -> dict:
+    """Filter one input shard by its own score part; write its chosen rows in the input's format, then its
+    selection part (id, score), the shard's commit marker."""
+    ids, values, groups = shard_keys(shard, **keys_kw)
+    chosen = {}
+    for i, v, g in zip(ids, values, groups):
+        cut = cuts[g]
+        before = cut == "all" or (cut is not None and is_before(v, i, cut))
+        if before != bottom:
+            chosen[i] = float(v)
+    enc = Encoder(None, columns=Columns(id=keys_kw["id_column"]))
+    keep, seen = [], set()
+    if chosen:
+        for fb, row in io.read_shard(shard)[0]:
+            rid = enc.row_id(row, fb)
+            if rid in chosen and rid not in seen:  # a repeated id was rejected by the job: skip it too
+                seen.add(rid)
+                keep.append(row)
+    if keep:
+        stem = shard.label.rsplit(".", 1)[0].replace("/", "__") + f"-{shard.key}"
+        if shard.fmt == "jsonl":
+            io.write_bytes_atomic(io.join(out, stem + ".jsonl"),
+                                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep).encode())
+        else:
+            io.write_table_atomic(io.join(out, stem + ".parquet"), pa.Table.from_pylist(keep))
+    ranked = sorted(chosen.items(), key=lambda kv: (-kv[1], kv[0]))
+    counts = {"selected": len(chosen), "written": len(keep)}
+    part = pa.table({"id": pa.array([k for k, _ in ranked], pa.string()),
+                     "score": pa.array([v for _, v in ranked], pa.float64())})
+    parts.write_with_meta(io.join(out, parts.SELECTION, shard.key + ".parquet"), part, counts)
+    return counts
+
+
+def selection_counts(shard: Shard, out: str) -> dict:
+    """A shard selected by an earlier, interrupted run: its counts from its selection part's footer."""
+    return parts.part_meta(io.join(out, parts.SELECTION, shard.key + ".parquet"))
