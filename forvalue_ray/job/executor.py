@@ -78,34 +78,43 @@ SHARD_ROUNDS = 4
 
 
 def run_shards(command: str, shards: list[Shard], done: set[str], stages: list[Stage],
-               progress: bool = True) -> tuple[list[dict], dict]:
+               progress: bool = True) -> tuple[dict, dict]:
     """Stream the unfinished shards through the stages, in rounds until every shard has its part.
-    Returns this invocation's per-shard summaries and what it survived (nodes lost, shards retried)."""
+    Returns this invocation's totals (shards and parts.RUN_COUNTS, summed as summaries arrive: the driver keeps
+    no per-shard record but the finished keys) and what it survived (nodes lost, shards retried, shards per node)."""
     todo = [s for s in shards if s.key not in done]
-    summaries: list[dict] = []
+    tally = {"shards": 0, **dict.fromkeys(parts.RUN_COUNTS, 0)}
     faults = {"nodes_lost": [], "retried_shards": [], "shards_per_node": {}}
     if not todo:
-        return summaries, faults
+        return tally, faults
     nodes_before = _alive_nodes()
     bar = _progress(command, len(shards), len(shards) - len(todo), progress)
-    t0, counted = time.time(), {"rows": 0, "tokens": 0}
+    t0, per_node, finished = time.time(), collections.Counter(), set()
     for round_ in range(SHARD_ROUNDS):
         if round_:
             faults["retried_shards"] += [s.key for s in todo]
             print(f"{command}: retrying {len(todo)} shards that did not finish (first: {todo[0].key})",
                   file=sys.stderr, flush=True)
-        summaries += _shard_round(todo, stages, bar, t0, counted)
-        finished = {s["shard"] for s in summaries}
+        for summary in _shard_round(todo, stages):
+            finished.add(summary["shard"])
+            per_node[summary["node"]] += 1
+            tally["shards"] += 1
+            for k in parts.RUN_COUNTS:
+                tally[k] += summary.get(k, 0)
+            dt = max(time.time() - t0, 1e-9)
+            bar.set_postfix_str(f"{(tally['scored'] + tally['rejected']) / dt:,.1f} rows/s "
+                                f"{tally['tokens'] / dt:,.0f} tok/s")
+            bar.update(1)
         todo = [s for s in todo if s.key not in finished]
         if not todo:
             break
     bar.close()
     faults["nodes_lost"] = sorted(nodes_before - _alive_nodes())
-    faults["shards_per_node"] = dict(collections.Counter(s["node"] for s in summaries))
+    faults["shards_per_node"] = dict(per_node)
     if todo:
         raise RuntimeError(f"{len(todo)} shards failed {SHARD_ROUNDS} times (first: {todo[0].key}, {todo[0].label}); "
                            f"the Ray logs say why; the finished shards are kept: re-run the same command to retry")
-    return summaries, faults
+    return tally, faults
 
 
 def shards_dataset(shards: list[Shard]):
@@ -118,29 +127,22 @@ def shards_dataset(shards: list[Shard]):
     return ray.data.from_arrow([table.slice(i, per_block) for i in range(0, len(shards), per_block)])
 
 
-def _shard_round(todo: list[Shard], stages: list[Stage], bar, t0: float, counted: dict) -> list[dict]:
-    """One Ray Data pass over ``todo``; a shard whose task fails is skipped (left for the next round)."""
+def _shard_round(todo: list[Shard], stages: list[Stage]) -> Iterator[dict]:
+    """One Ray Data pass over ``todo``, yielding each finished shard's summary; a shard whose task fails is skipped
+    (left for the next round)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()  # a Dataset copies the context it is created in
     old, ctx.max_errored_blocks = ctx.max_errored_blocks, -1
-    out = []
     try:
         ds = shards_dataset(todo)
         for st in stages:
             ds = ds.map_batches(_as_actor(st.step), batch_size=1, fn_constructor_kwargs=st.kwargs,
                                 compute=ray.data.ActorPoolStrategy(min_size=st.actors[0], max_size=st.actors[1]),
                                 max_task_retries=0, **st.resources)
-        for s in ds.iter_rows():
-            out.append(dict(s))
-            counted["rows"] += s["scored"] + s["rejected"]
-            counted["tokens"] += s["tokens"]
-            dt = max(time.time() - t0, 1e-9)
-            bar.set_postfix_str(f"{counted['rows'] / dt:,.1f} rows/s {counted['tokens'] / dt:,.0f} tok/s")
-            bar.update(1)
+        yield from ds.iter_rows()
     finally:
         ctx.max_errored_blocks = old
-    return out
 
 
 def node_id() -> str:

@@ -31,6 +31,7 @@ from ..sketch import compress_sketches
 
 PART_META = b"forvalue"
 COUNTS = ("rows_read", "scored", "rejected", "tokens")
+RUN_COUNTS = COUNTS + ("truncated_rows", "truncated_tokens")
 SHARD_FIELDS = ("key", "path", "fmt", "start", "stop", "rows", "label")
 PLAN_FILE, PLAN_SHARDS_FILE = "_plan.json", "_plan_shards.parquet"
 SELECTION = "_selection"
@@ -39,18 +40,24 @@ SELECTION = "_selection"
 # ---- the plan -------------------------------------------------------------------------------------------------------
 
 
+SHARED_FIELDS = ("path", "fmt", "label")  # a few distinct values serve many shards: dictionary-encoded, shared
+
+
 def shards_table(shards: list[Shard]) -> pa.Table:
-    """Shards as a columnar table (paths and labels dictionary-encoded: a few files serve many shards)."""
-    cols = {f: [getattr(s, f) for s in shards] for f in SHARD_FIELDS}
-    return pa.table({f: pa.array(v, pa.int64()) if f in ("start", "stop", "rows") else
-                     pa.array(v, pa.string()).dictionary_encode() if f in ("path", "label") else pa.array(v, pa.string())
-                     for f, v in cols.items()})
+    """Shards as a columnar table, one column built at a time."""
+    def column(f):
+        values = [getattr(s, f) for s in shards]
+        if f in ("start", "stop", "rows"):
+            return pa.array(values, pa.int64())
+        return pa.array(values, pa.string()).dictionary_encode() if f in SHARED_FIELDS else pa.array(values, pa.string())
+
+    return pa.table({f: column(f) for f in SHARD_FIELDS})
 
 
 def shards_from_columns(columns) -> list[Shard]:
     """Shards from a table or a batch (a dict of arrays or lists) with the SHARD_FIELDS columns."""
     if isinstance(columns, pa.Table):  # a dictionary column's strings are shared by its rows, not copied per row
-        columns = {f: _shared_strings(columns[f].combine_chunks()) if f in ("path", "label") else columns[f].to_pylist()
+        columns = {f: _shared_strings(columns[f].combine_chunks()) if f in SHARED_FIELDS else columns[f].to_pylist()
                    for f in SHARD_FIELDS}
     n = len(columns["key"])
     return [Shard(str(columns["key"][i]), str(columns["path"][i]), str(columns["fmt"][i]), int(columns["start"][i]),
@@ -209,21 +216,22 @@ def write_targets(out: str, ids: list[str]) -> None:
 # ---- the run's summary ----------------------------------------------------------------------------------------------
 
 
-def write_run_json(cfg, kind: str, shards: list[Shard], summaries: list[dict], t0: float,
+def write_run_json(cfg, kind: str, shards: list[Shard], done_before: set[str], tally: dict | None, t0: float,
                    extra: dict, faults: dict | None = None) -> dict:
-    """Counts over the whole output (a resumed run too), plus provenance: this invocation's shards from their
-    summaries, the shards finished before it from their parts' footers (no footer read on a run that did not resume).
+    """Counts over the whole output (a resumed run too), plus provenance: this invocation's ``tally`` (from
+    executor.run_shards) plus the footers of the shards finished before it (none read on a run that did not resume).
     """
-    counts = {"rows_read": 0, "scored": 0, "rejected": 0, "tokens": 0, "truncated_rows": 0, "truncated_tokens": 0}
-    now = {s["shard"]: s for s in summaries}
+    tally = tally or {"shards": 0, **dict.fromkeys(RUN_COUNTS, 0)}
+    counts = {k: tally[k] for k in RUN_COUNTS}
     for s in shards:
-        meta = now.get(s.key) or part_meta(io.join(cfg.out, kind, s.key + ".parquet"))
-        for k in counts:
-            counts[k] += meta.get(k, 0)
+        if s.key in done_before:
+            meta = part_meta(io.join(cfg.out, kind, s.key + ".parquet"))
+            for k in RUN_COUNTS:
+                counts[k] += meta.get(k, 0)
+    wall = time.time() - t0
     run = {"command": cfg.command, "config": asdict(cfg), "counts": {**counts, "shards": len(shards)},
-           "this_invocation": {"shards": len(summaries), "wall_seconds": round(time.time() - t0, 3),
-                               "rows_per_second": round(sum(s["scored"] + s["rejected"] for s in summaries)
-                                                        / max(time.time() - t0, 1e-9), 3),
+           "this_invocation": {"shards": tally["shards"], "wall_seconds": round(wall, 3),
+                               "rows_per_second": round((tally["scored"] + tally["rejected"]) / max(wall, 1e-9), 3),
                                **(faults or {"nodes_lost": [], "retried_shards": [], "shards_per_node": {}})},
            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "forvalue_ray": __version__, **extra}
     io.write_json_atomic(io.join(cfg.out, "run.json"), run)

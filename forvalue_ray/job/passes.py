@@ -60,7 +60,7 @@ def _model_stages(cfg: JobConfig, model_path: str, scorer_kw: dict, broadcast, k
     return [encode, score]
 
 
-def _run_stages(cfg: JobConfig, shards: list[Shard], done: set[str], stages: list) -> tuple[list[dict], dict]:
+def _run_stages(cfg: JobConfig, shards: list[Shard], done: set[str], stages: list) -> tuple[dict, dict]:
     return executor.run_shards(cfg.command, shards, done, stages, cfg.progress)
 
 
@@ -84,7 +84,7 @@ def run_value(cfg: JobConfig) -> dict:
     info = {"model": provenance, "model_fingerprint": fp, "mode": cfg.mode}
     if done >= {s.key for s in shards} and io.exists(io.join(cfg.out, "run.json")):
         prev = io.read_json(io.join(cfg.out, "run.json"))  # finished: no target pass, no actors
-        return parts.write_run_json(cfg, "scores", shards, [], t0, {
+        return parts.write_run_json(cfg, "scores", shards, done, None, t0, {
             **info, **{k: prev.get(k) for k in ("target_rows", "target_rejected", "center_rows")}})
     executor.init_ray(cfg.ray_address)
     scorer_kw = {"normalize": cfg.normalize, "vocab_chunk": cfg.vocab_chunk, "max_tokens": cfg.batch_tokens}
@@ -104,8 +104,8 @@ def run_value(cfg: JobConfig) -> dict:
         target_info.update(center_info)
     parts.write_targets(cfg.out, target_ids)
     stages = _model_stages(cfg, model_path, scorer_kw, executor.broadcast(payload), "scores")
-    summaries, faults = _run_stages(cfg, shards, done, stages)
-    return parts.write_run_json(cfg, "scores", shards, summaries, t0, {**info, **target_info}, faults)
+    tally, faults = _run_stages(cfg, shards, done, stages)
+    return parts.write_run_json(cfg, "scores", shards, done, tally, t0, {**info, **target_info}, faults)
 
 
 # ---- the target pass ------------------------------------------------------------------------------------------------
@@ -273,8 +273,8 @@ def run_sketch(cfg: JobConfig) -> dict:
             **summary, "artifact": cfg.center_stats or io.join(cfg.out, "center")})
         info.update(center_id=summary["id"])
     io.write_json_atomic(io.join(cfg.out, "index.json"), index_meta)
-    summaries, faults = _run_stages(cfg, shards, done, _model_stages(cfg, model_path, scorer_kw, payload, "sketches"))
-    return parts.write_run_json(cfg, "sketches", shards, summaries, t0, {"model": provenance, "model_fingerprint": fp,
+    tally, faults = _run_stages(cfg, shards, done, _model_stages(cfg, model_path, scorer_kw, payload, "sketches"))
+    return parts.write_run_json(cfg, "sketches", shards, done, tally, t0, {"model": provenance, "model_fingerprint": fp,
                                                                          **info}, faults)
 
 
@@ -318,8 +318,8 @@ def run_score(cfg: JobConfig) -> dict:
     executor.init_ray(cfg.ray_address)
     stage = executor.Stage(ScoreSketches, {"targets": executor.broadcast(columns), "out": cfg.out, "mode": cfg.mode},
                            actor_range(cfg.num_actors), {"num_cpus": 0.5})
-    summaries, faults = _run_stages(cfg, shards, done, [stage])
-    return parts.write_run_json(cfg, "scores", shards, summaries, t0, {"model": meta.get("model"),
+    tally, faults = _run_stages(cfg, shards, done, [stage])
+    return parts.write_run_json(cfg, "scores", shards, done, tally, t0, {"model": meta.get("model"),
                                                                       "model_fingerprint": meta["model_fingerprint"]},
                                 faults)
 
