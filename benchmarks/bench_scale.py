@@ -188,7 +188,12 @@ def main() -> None:
         print(json.dumps(measure_plan(*rest) if fn == "plan" else measure_command(fn, *rest)))
         return
     root = Path(tempfile.mkdtemp(prefix="fv-scale-"))
-    results = {"plan": [], "commands": [], "machine": f"{os.cpu_count()} CPU cores"}
+    # merged into the committed results: a measurement replaces the one of the same size (and command)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"plan": [], "commands": []}
+    results["machine"] = f"{os.cpu_count()} CPU cores"
+    results["plan"] = [r for r in results["plan"] if r["shards"] not in args.shards]
+    results["commands"] = [r for r in results["commands"]
+                           if not (r["rows"] in args.rows and r["command"] in args.commands)]
 
     def save():  # after every measurement: a long run stopped early keeps what it measured
         for which in args.commands:
@@ -202,6 +207,7 @@ def main() -> None:
         for n in args.shards:
             data = make_sharded_input(root, n)
             results["plan"].append(child("plan", data, root / f"plan-out-{n}"))
+            results["plan"].sort(key=lambda r: r["shards"])
             print(results["plan"][-1], flush=True)
             save()
         for rows in args.rows:
@@ -211,6 +217,7 @@ def main() -> None:
             for which in args.commands:
                 r = {"rows": rows, **child(which, out, root / f"sel-{which}-{rows}")}
                 results["commands"].append(r)
+                results["commands"].sort(key=lambda r: (r["command"], r["rows"]))
                 print(r, flush=True)
                 save()
     finally:

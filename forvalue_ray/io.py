@@ -18,14 +18,16 @@ import uuid
 from dataclasses import asdict, dataclass
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 DEFAULT_SHARD_ROWS = 4096
 DEFAULT_SHARD_BYTES = 64 << 20
 
 
-@dataclass(frozen=True, slots=True)  # slots: a plan of 10⁶ shards is ~10⁶ of these on the driver
+@dataclass(frozen=True, slots=True)
 class Shard:
     key: str  # stable name of the shard, used for its output part
     path: str  # full URL of the file
@@ -37,6 +39,88 @@ class Shard:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+SHARD_FIELDS = ("key", "path", "fmt", "start", "stop", "rows", "label")
+SHARED_FIELDS = ("path", "fmt", "label")  # a few distinct values serve many shards: dictionary-encoded
+SHARD_SCHEMA = pa.schema([(f, pa.int64() if f in ("start", "stop", "rows") else
+                           pa.dictionary(pa.int32(), pa.string()) if f in SHARED_FIELDS else pa.string())
+                          for f in SHARD_FIELDS])
+
+
+class Shards:
+    """A plan's shards as one Arrow table: ~50 B per shard on the driver, where a list of :class:`Shard` objects
+    costs ~300 (10⁶ shards: ~50 MB against ~300 MB). Shard objects are built only when asked for, a batch at a time.
+    """
+
+    __slots__ = ("table",)
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    @classmethod
+    def of(cls, shards) -> "Shards":
+        """From Shard objects (or a Shards)."""
+        if isinstance(shards, Shards):
+            return shards
+        shards = list(shards)
+        return cls(pa.table({f: pa.array([getattr(s, f) for s in shards], SHARD_SCHEMA.field(f).type)
+                             for f in SHARD_FIELDS}, schema=SHARD_SCHEMA))
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __iter__(self):
+        for batch in self.table.to_batches(max_chunksize=1 << 16):
+            yield from shards_from_columns(batch)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                raise ValueError("Shards slices take no step")
+            return Shards(self.table.slice(start, max(stop - start, 0)))
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return shards_from_columns(self.table.slice(i % len(self), 1))[0]
+
+    def __add__(self, other) -> "Shards":
+        return Shards(pa.concat_tables([self.table, Shards.of(other).table]))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (Shards, list, tuple)) and list(self) == list(other)
+
+    def keys(self) -> list[str]:
+        return self.table["key"].to_pylist()
+
+    def only(self, keys) -> "Shards":
+        """The shards whose key is in ``keys``, in plan order."""
+        return Shards(self.table.filter(pc.is_in(self.table["key"], value_set=pa.array(list(keys), pa.string()))))
+
+    def without(self, keys) -> "Shards":
+        """The shards whose key is not in ``keys``, in plan order."""
+        return Shards(self.table.filter(pc.invert(pc.is_in(self.table["key"],
+                                                           value_set=pa.array(list(keys), pa.string())))))
+
+
+def shards_from_columns(columns) -> list[Shard]:
+    """Shards from a table, a record batch or a Ray Data batch (a dict of arrays or lists) with the SHARD_FIELDS
+    columns. A dictionary column's strings are shared by its rows, not copied per row."""
+    if isinstance(columns, (pa.Table, pa.RecordBatch)):
+        columns = {f: _shared_strings(columns[f]) if f in SHARED_FIELDS else columns[f].to_pylist()
+                   for f in SHARD_FIELDS}
+    n = len(columns["key"])
+    return [Shard(str(columns["key"][i]), str(columns["path"][i]), str(columns["fmt"][i]), int(columns["start"][i]),
+                  int(columns["stop"][i]), int(columns["rows"][i]), str(columns["label"][i])) for i in range(n)]
+
+
+def _shared_strings(column) -> list[str]:
+    if isinstance(column, pa.ChunkedArray):
+        return [v for chunk in column.chunks for v in _shared_strings(chunk)]
+    if not pa.types.is_dictionary(column.type):
+        return column.to_pylist()
+    values = column.dictionary.to_pylist()
+    return [values[i] for i in column.indices.to_numpy(zero_copy_only=False)]
 
 
 def filesystem(url: str):
@@ -102,16 +186,13 @@ def _known(f: str) -> bool:
 
 
 def plan_shards(url: str, fmt: str = "auto", shard_rows: int = DEFAULT_SHARD_ROWS,
-                shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Shard]:
-    """Split every input file into shards (reading only metadata; JSONL by byte ranges)."""
-    shards: list[Shard] = []
-
-    def add(full, f, start, stop, rows, label):  # the key: position + a hash of where the shard starts
-        key = f"{len(shards):06d}-{hashlib.sha1(f'{label}:{start}'.encode()).hexdigest()[:8]}"
-        shards.append(Shard(key, full, f, start, stop, rows, label))
-
+                shard_bytes: int = DEFAULT_SHARD_BYTES) -> Shards:
+    """Split every input file into shards (reading only metadata; JSONL by byte ranges), one file at a time into
+    columns: no Python object per shard outlives its file."""
+    tables, count = [], 0
     for full, f, label in list_inputs(url, fmt):
         fs, path = filesystem(full)
+        spans = []  # (start, stop, rows) of this file's shards
         if f == "parquet":
             with fs.open(path, "rb") as fh:
                 meta = pq.ParquetFile(fh).metadata
@@ -119,17 +200,26 @@ def plan_shards(url: str, fmt: str = "auto", shard_rows: int = DEFAULT_SHARD_ROW
             for g in range(meta.num_row_groups):
                 rows += meta.row_group(g).num_rows
                 if rows >= shard_rows or g == meta.num_row_groups - 1:
-                    add(full, f, start, g + 1, rows, label)
+                    spans.append((start, g + 1, rows))
                     start, rows = g + 1, 0
+            del meta
         elif f == "jsonl":
             size = fs.size(path)
-            for a in range(0, max(size, 1), shard_bytes):
-                add(full, f, a, min(a + shard_bytes, size), -1, label)
+            spans = [(a, min(a + shard_bytes, size), -1) for a in range(0, max(size, 1), shard_bytes)]
         else:
             n = _arrow_rows(fs, path)
-            for a in range(0, max(n, 1), shard_rows):
-                add(full, f, a, min(a + shard_rows, n), min(a + shard_rows, n) - a, label)
-    return shards
+            spans = [(a, min(a + shard_rows, n), min(a + shard_rows, n) - a) for a in range(0, max(n, 1), shard_rows)]
+        # the key: position + a hash of where the shard starts
+        keys = [f"{count + i:06d}-{hashlib.sha1(f'{label}:{a}'.encode()).hexdigest()[:8]}"
+                for i, (a, _, _) in enumerate(spans)]
+        count += len(spans)
+        n = len(spans)
+        columns = {"key": pa.array(keys, pa.string()), "start": pa.array([x[0] for x in spans], pa.int64()),
+                   "stop": pa.array([x[1] for x in spans], pa.int64()), "rows": pa.array([x[2] for x in spans], pa.int64())}
+        for name, value in (("path", full), ("fmt", f), ("label", label)):
+            columns[name] = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value]))
+        tables.append(pa.table({k: columns[k] for k in SHARD_FIELDS}, schema=SHARD_SCHEMA))
+    return Shards(pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table())
 
 
 def _arrow_rows(fs, path) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .. import io
-from ..io import Shard
+from ..io import Shards
 from . import parts
 
 
@@ -77,12 +77,12 @@ def _progress(command: str, total: int, done_before: int, enabled: bool):
 SHARD_ROUNDS = 4
 
 
-def run_shards(command: str, shards: list[Shard], done: set[str], stages: list[Stage],
+def run_shards(command: str, shards: Shards, done: set[str], stages: list[Stage],
                progress: bool = True) -> tuple[dict, dict]:
     """Stream the unfinished shards through the stages, in rounds until every shard has its part.
     Returns this invocation's totals (shards and parts.RUN_COUNTS, summed as summaries arrive: the driver keeps
     no per-shard record but the finished keys) and what it survived (nodes lost, shards retried, shards per node)."""
-    todo = [s for s in shards if s.key not in done]
+    todo = shards.without(done)
     tally = {"shards": 0, **dict.fromkeys(parts.RUN_COUNTS, 0)}
     faults = {"nodes_lost": [], "retried_shards": [], "shards_per_node": {}}
     if not todo:
@@ -92,7 +92,7 @@ def run_shards(command: str, shards: list[Shard], done: set[str], stages: list[S
     t0, per_node, finished = time.time(), collections.Counter(), set()
     for round_ in range(SHARD_ROUNDS):
         if round_:
-            faults["retried_shards"] += [s.key for s in todo]
+            faults["retried_shards"] += todo.keys()
             print(f"{command}: retrying {len(todo)} shards that did not finish (first: {todo[0].key})",
                   file=sys.stderr, flush=True)
         for summary in _shard_round(todo, stages):
@@ -105,7 +105,7 @@ def run_shards(command: str, shards: list[Shard], done: set[str], stages: list[S
             bar.set_postfix_str(f"{(tally['scored'] + tally['rejected']) / dt:,.1f} rows/s "
                                 f"{tally['tokens'] / dt:,.0f} tok/s")
             bar.update(1)
-        todo = [s for s in todo if s.key not in finished]
+        todo = todo.without(finished)
         if not todo:
             break
     bar.close()
@@ -117,17 +117,17 @@ def run_shards(command: str, shards: list[Shard], done: set[str], stages: list[S
     return tally, faults
 
 
-def shards_dataset(shards: list[Shard]):
-    """A Ray Dataset of shards, one row each, from a columnar table in at most 10,000 blocks (never a Python dict
-    per shard: 10⁶ shards are ~30 MB of Arrow)."""
+def shards_dataset(shards: Shards):
+    """A Ray Dataset of shards, one row each, from their table in at most 10,000 blocks (never a Python object
+    per shard: 10⁶ shards are ~50 MB of Arrow)."""
     import ray
 
-    table = parts.shards_table(shards)
+    table = Shards.of(shards).table
     per_block = -(-len(shards) // min(len(shards), 10_000))
     return ray.data.from_arrow([table.slice(i, per_block) for i in range(0, len(shards), per_block)])
 
 
-def _shard_round(todo: list[Shard], stages: list[Stage]) -> Iterator[dict]:
+def _shard_round(todo: Shards, stages: list[Stage]) -> Iterator[dict]:
     """One Ray Data pass over ``todo``, yielding each finished shard's summary; a shard whose task fails is skipped
     (left for the next round)."""
     import ray
@@ -160,7 +160,7 @@ def _alive_nodes() -> set[str]:
 # ---- tasks over shards ----------------------------------------------------------------------------------------------
 
 
-def shard_pass(shards: list[Shard], fn, *, num_cpus: float = 0.5, **kwargs) -> Iterator[dict]:
+def shard_pass(shards: Shards, fn, *, num_cpus: float = 0.5, **kwargs) -> Iterator[dict]:
     """``fn(shard, **kwargs)`` (a JSON-able dict) for every shard, as Ray tasks; results stream back as they
     finish. The driver holds one result at a time."""
     if not shards:
@@ -172,7 +172,7 @@ def shard_pass(shards: list[Shard], fn, *, num_cpus: float = 0.5, **kwargs) -> I
 
 
 def _apply(batch, fn, kwargs):
-    return {"result": [json.dumps(fn(s, **kwargs)) for s in parts.shards_from_columns(batch)]}
+    return {"result": [json.dumps(fn(s, **kwargs)) for s in io.shards_from_columns(batch)]}
 
 
 ROWS_PER_ID_PARTITION = 5_000_000  # hash partitions of the duplicate-id group-by: 200 at 10^9 rows (Ray's default)

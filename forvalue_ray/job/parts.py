@@ -26,13 +26,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__, io
-from ..io import Shard
+from ..io import SHARD_FIELDS, Shard, Shards
 from ..sketch import compress_sketches
 
 PART_META = b"forvalue"
 COUNTS = ("rows_read", "scored", "rejected", "tokens")
 RUN_COUNTS = COUNTS + ("truncated_rows", "truncated_tokens")
-SHARD_FIELDS = ("key", "path", "fmt", "start", "stop", "rows", "label")
 PLAN_FILE, PLAN_SHARDS_FILE = "_plan.json", "_plan_shards.parquet"
 SELECTION = "_selection"
 
@@ -40,38 +39,7 @@ SELECTION = "_selection"
 # ---- the plan -------------------------------------------------------------------------------------------------------
 
 
-SHARED_FIELDS = ("path", "fmt", "label")  # a few distinct values serve many shards: dictionary-encoded, shared
-
-
-def shards_table(shards: list[Shard]) -> pa.Table:
-    """Shards as a columnar table, one column built at a time."""
-    def column(f):
-        values = [getattr(s, f) for s in shards]
-        if f in ("start", "stop", "rows"):
-            return pa.array(values, pa.int64())
-        return pa.array(values, pa.string()).dictionary_encode() if f in SHARED_FIELDS else pa.array(values, pa.string())
-
-    return pa.table({f: column(f) for f in SHARD_FIELDS})
-
-
-def shards_from_columns(columns) -> list[Shard]:
-    """Shards from a table or a batch (a dict of arrays or lists) with the SHARD_FIELDS columns."""
-    if isinstance(columns, pa.Table):  # a dictionary column's strings are shared by its rows, not copied per row
-        columns = {f: _shared_strings(columns[f].combine_chunks()) if f in SHARED_FIELDS else columns[f].to_pylist()
-                   for f in SHARD_FIELDS}
-    n = len(columns["key"])
-    return [Shard(str(columns["key"][i]), str(columns["path"][i]), str(columns["fmt"][i]), int(columns["start"][i]),
-                  int(columns["stop"][i]), int(columns["rows"][i]), str(columns["label"][i])) for i in range(n)]
-
-
-def _shared_strings(column: pa.Array) -> list[str]:
-    if not pa.types.is_dictionary(column.type):
-        return column.to_pylist()
-    values = column.dictionary.to_pylist()
-    return [values[i] for i in column.indices.to_numpy()]
-
-
-def shards_digest(shards: list[Shard]) -> str:
+def shards_digest(shards: Shards) -> str:
     """A digest of the plan's shards, streamed (no string of the whole plan is built)."""
     h = hashlib.sha256()
     for s in shards:
@@ -83,11 +51,11 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def fingerprint(settings: dict, shards: list[Shard]) -> str:
+def fingerprint(settings: dict, shards: Shards) -> str:
     return digest([settings, shards_digest(shards)])
 
 
-def plan_record(kind: str, settings: dict, shards: list[Shard]) -> dict:
+def plan_record(kind: str, settings: dict, shards: Shards) -> dict:
     """The plan's JSON: what the result depends on and its fingerprint (the shards go to OUT/_plan_shards.parquet)."""
     return {"kind": kind, "fingerprint": fingerprint(settings, shards), "settings": settings,
             "forvalue_ray": __version__}
@@ -103,34 +71,34 @@ def file_stamp(url: str) -> list:
     return out
 
 
-def write_plan(out: str, record: dict, shards: list[Shard]) -> None:
+def write_plan(out: str, record: dict, shards: Shards) -> None:
     """OUT/_plan.json (settings, fingerprint, shard count) and OUT/_plan_shards.parquet (one row per shard; ~20 B
     per shard compressed). The JSON goes last: it marks a complete plan."""
-    io.write_table_atomic(io.join(out, PLAN_SHARDS_FILE), shards_table(shards))
+    io.write_table_atomic(io.join(out, PLAN_SHARDS_FILE), Shards.of(shards).table)
     io.write_json_atomic(io.join(out, PLAN_FILE), {**record, "shard_count": len(shards), "shards_file": PLAN_SHARDS_FILE})
 
 
-def read_plan(out: str) -> tuple[dict, list[Shard]]:
+def read_plan(out: str) -> tuple[dict, Shards]:
     """The plan record and its shards; a plan written before the Parquet shard table keeps them in the JSON."""
     record = io.read_json(io.join(out, PLAN_FILE))
     if "shards" in record:
-        return record, [Shard(**s) for s in record.pop("shards")]
+        return record, Shards.of(Shard(**s) for s in record.pop("shards"))
     fs, path = io.filesystem(io.join(out, record.get("shards_file", PLAN_SHARDS_FILE)))
     with fs.open(path, "rb") as fh:
-        return record, shards_from_columns(pq.read_table(fh))
+        return record, Shards(pq.read_table(fh))
 
 
 class OutputConflict(RuntimeError):
     pass
 
 
-def prepare_out(out: str, record: dict, shards: list[Shard], overwrite: bool = False) -> set[str]:
+def prepare_out(out: str, record: dict, shards: Shards, overwrite: bool = False) -> set[str]:
     """Create or resume ``out``; refuse a different job there unless ``overwrite``. Returns the finished shards."""
     plan_url = io.join(out, PLAN_FILE)
     if io.exists(plan_url):
         old = io.read_json(plan_url)
         if "shards" in old:  # the plan of an older version (every shard in the JSON): its fingerprint, recomputed
-            old["fingerprint"] = fingerprint(old.get("settings", {}), [Shard(**s) for s in old.pop("shards")])
+            old["fingerprint"] = fingerprint(old.get("settings", {}), Shards.of(Shard(**s) for s in old.pop("shards")))
             if old["fingerprint"] == record["fingerprint"]:
                 write_plan(out, record, shards)
         if old.get("fingerprint") != record["fingerprint"]:
@@ -216,18 +184,17 @@ def write_targets(out: str, ids: list[str]) -> None:
 # ---- the run's summary ----------------------------------------------------------------------------------------------
 
 
-def write_run_json(cfg, kind: str, shards: list[Shard], done_before: set[str], tally: dict | None, t0: float,
+def write_run_json(cfg, kind: str, shards: Shards, done_before: set[str], tally: dict | None, t0: float,
                    extra: dict, faults: dict | None = None) -> dict:
     """Counts over the whole output (a resumed run too), plus provenance: this invocation's ``tally`` (from
     executor.run_shards) plus the footers of the shards finished before it (none read on a run that did not resume).
     """
     tally = tally or {"shards": 0, **dict.fromkeys(RUN_COUNTS, 0)}
     counts = {k: tally[k] for k in RUN_COUNTS}
-    for s in shards:
-        if s.key in done_before:
-            meta = part_meta(io.join(cfg.out, kind, s.key + ".parquet"))
-            for k in RUN_COUNTS:
-                counts[k] += meta.get(k, 0)
+    for key in shards.only(done_before).keys() if done_before else ():
+        meta = part_meta(io.join(cfg.out, kind, key + ".parquet"))
+        for k in RUN_COUNTS:
+            counts[k] += meta.get(k, 0)
     wall = time.time() - t0
     run = {"command": cfg.command, "config": asdict(cfg), "counts": {**counts, "shards": len(shards)},
            "this_invocation": {"shards": tally["shards"], "wall_seconds": round(wall, 3),

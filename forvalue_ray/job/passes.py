@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from .. import __version__, io
 from ..encode import Encoder
-from ..io import Shard
+from ..io import Shards
 from ..sketch import center_id, sketch_targets
 from . import executor, parts
 from .config import JobConfig, actor_range
@@ -43,7 +43,7 @@ def _model_identity(cfg: JobConfig) -> tuple[str, dict, str]:
     return model_path, provenance, model_fingerprint(provenance)
 
 
-def _prepare(cfg: JobConfig, kind: str, shards: list[Shard], extra: dict) -> tuple[dict, set[str]]:
+def _prepare(cfg: JobConfig, kind: str, shards: Shards, extra: dict) -> tuple[dict, set[str]]:
     record = parts.plan_record(kind, {**cfg.result_fields(), **extra}, shards)
     return record, parts.prepare_out(cfg.out, record, shards, cfg.overwrite)
 
@@ -60,7 +60,7 @@ def _model_stages(cfg: JobConfig, model_path: str, scorer_kw: dict, broadcast, k
     return [encode, score]
 
 
-def _run_stages(cfg: JobConfig, shards: list[Shard], done: set[str], stages: list) -> tuple[dict, dict]:
+def _run_stages(cfg: JobConfig, shards: Shards, done: set[str], stages: list) -> tuple[dict, dict]:
     return executor.run_shards(cfg.command, shards, done, stages, cfg.progress)
 
 
@@ -82,7 +82,7 @@ def run_value(cfg: JobConfig) -> dict:
     _, done = _prepare(cfg, "scores", shards, {"model_fingerprint": fp, "target": target_id,
                                                "train_files": parts.file_stamp(cfg.train), "center": center_prov})
     info = {"model": provenance, "model_fingerprint": fp, "mode": cfg.mode}
-    if done >= {s.key for s in shards} and io.exists(io.join(cfg.out, "run.json")):
+    if not shards.without(done) and io.exists(io.join(cfg.out, "run.json")):
         prev = io.read_json(io.join(cfg.out, "run.json"))  # finished: no target pass, no actors
         return parts.write_run_json(cfg, "scores", shards, done, None, t0, {
             **info, **{k: prev.get(k) for k in ("target_rows", "target_rejected", "center_rows")}})
@@ -192,7 +192,7 @@ def _join_references(*refs):
 CENTER_MIN_SHARDS = 16
 
 
-def sample_training_rows(shards: list[Shard], n: int, seed: int) -> tuple[list[tuple[str, dict]], list[str]]:
+def sample_training_rows(shards: Shards, n: int, seed: int) -> tuple[list[tuple[str, dict]], list[str]]:
     """A seeded random sample of n training rows as (fallback id, row), and the keys of the shards read.
     Shards are read in a seeded random order until they hold n rows and CENTER_MIN_SHARDS shards (or all) were
     read; n of their rows are drawn uniformly. The driver reads about max(n rows, 16 shards), whatever the
@@ -207,7 +207,7 @@ def sample_training_rows(shards: list[Shard], n: int, seed: int) -> tuple[list[t
     return [pool[i] for i in sorted(rng.sample(range(len(pool)), min(n, len(pool))))], read
 
 
-def build_center(cfg: JobConfig, model_path: str, provenance: dict, fp: str, shards: list[Shard]):
+def build_center(cfg: JobConfig, model_path: str, provenance: dict, fp: str, shards: Shards):
     """μ for --center: the target pass over a seeded random sample of the training rows (of --data, sketching),
     saved under OUT/center/ with the sample itself (sample.parquet or .jsonl) and its provenance (sample.json); or
     the statistics of an earlier run's sample (--center-stats). Returns (payload, info)."""
@@ -219,7 +219,7 @@ def build_center(cfg: JobConfig, model_path: str, provenance: dict, fp: str, sha
         return {"stats": stats}, {"center_rows": sum(stats.counts)}
     sample, read = sample_training_rows(shards, cfg.center, cfg.center_seed)
     rows = [row for _, row in sample]
-    if any(s.fmt == "jsonl" for s in shards if s.key in read):
+    if any(s.fmt == "jsonl" for s in shards.only(read)):
         path = io.join(cfg.out, "center", "sample.jsonl")
         io.write_bytes_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
     else:
@@ -336,35 +336,36 @@ def verify(out: str) -> tuple[list[str], dict]:
     plan, shards = parts.read_plan(out)
     kind = plan["kind"]
     done, rejected_parts = io.list_parts(io.join(out, kind)), io.list_parts(io.join(out, "rejected"))
-    keys = {s.key for s in shards}
-    missing = sorted(keys - done)
-    if missing:
-        problems.append(f"{len(missing)} of {len(shards)} shards have no {kind} part (first: {missing[0]}); "
+    pending = shards.without(done)
+    if pending:
+        problems.append(f"{len(pending)} of {len(shards)} shards have no {kind} part (first: {pending[0].key}); "
                         f"re-run the same command to finish them")
-    if keys - rejected_parts - set(missing):
-        problems.append(f"{len(keys - rejected_parts - set(missing))} finished shards lack their rejected part")
-    extra = sorted((done | rejected_parts) - keys)
+    finished = shards.only(done)
+    unrejected = finished.without(rejected_parts)
+    if unrejected:
+        problems.append(f"{len(unrejected)} finished shards lack their rejected part (first: {unrejected[0].key})")
+    planned = shards.only(done | rejected_parts).keys()
+    extra = sorted((done | rejected_parts) - set(planned))
     if extra:
         problems.append(f"{len(extra)} parts belong to no planned shard (first: {extra[0]})")
     fs, base = io.filesystem(out)
     leftovers = [f for f in fs.find(base) if posixpath.basename(f).startswith(".tmp-")]
     if leftovers:
         problems.append(f"{len(leftovers)} unfinished temporary files (first: {leftovers[0]})")
-    finished = [s for s in shards if s.key in done]
     totals = dict.fromkeys(parts.COUNTS, 0)
     executor.init_ray(None)
     for res in executor.shard_pass(finished, check_shard, out=out, kind=kind):
         for k in parts.COUNTS:
             totals[k] += res["counts"][k]
         problems += res["problems"]
-    n_dup, examples = executor.duplicate_ids(out, kind, [s.key for s in finished], totals["scored"])
+    n_dup, examples = executor.duplicate_ids(out, kind, finished.keys(), totals["scored"])
     if n_dup:
         problems.append(f"{n_dup} ids are scored more than once (e.g. {', '.join(map(repr, examples))}); "
                         f"give rows unique ids, or drop the duplicates from the input")
-    if not missing and io.exists(io.join(out, "run.json")):
+    if not pending and io.exists(io.join(out, "run.json")):
         counts = io.read_json(io.join(out, "run.json"))["counts"]
         if any(counts.get(k) != v for k, v in totals.items()):
             problems.append(f"run.json counts {counts} disagree with the parts {totals}")
-    elif not missing:
+    elif not pending:
         problems.append("run.json is missing: the run did not finish writing its summary")
-    return problems, {**totals, "shards": len(shards), "finished_shards": len(done & keys)}
+    return problems, {**totals, "shards": len(shards), "finished_shards": len(finished)}

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import io
-from ..io import Shard
+from ..io import Shards
 from . import executor, parts
 from .steps import candidates, counts_at_or_above, group_stats, ranked_values, selection_counts, write_selected
 
@@ -49,7 +49,7 @@ def _wanted(n: int, top_fraction, top_k, bottom_fraction) -> int:
     return int(round((top_fraction if top_fraction is not None else bottom_fraction) * n))
 
 
-def find_cuts(shards: list[Shard], wanted: dict, stats: dict, keys_kw: dict) -> dict:
+def find_cuts(shards: Shards, wanted: dict, stats: dict, keys_kw: dict) -> dict:
     """Per group, the ``wanted``-th row in (score desc, id asc) order: (score, id), found by refining
     histograms over the shards (each round one distributed pass, CUT_BINS bins per group) until at most
     CUT_CANDIDATES rows remain around it, which are sorted on the driver."""
@@ -111,7 +111,7 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
     if settings.get("index"):  # a `score` output: its parts are named after the index's parts, i.e. data shards
         index_plan, data_shards = parts.read_plan(settings["index"])
         by_key = {s.key: s for s in data_shards}
-        shards = [dataclasses.replace(by_key[s.label.rsplit(".", 1)[0]], key=s.key) for s in shards]
+        shards = Shards.of(dataclasses.replace(by_key[s.label.rsplit(".", 1)[0]], key=s.key) for s in shards)
         settings = index_plan["settings"]
         scored = settings["data"]
     if data is not None and [f[0] for f in io.list_inputs(data)] != [f[0] for f in io.list_inputs(scored)]:
@@ -141,8 +141,8 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
         wanted[g] = n - k if bottom_fraction is not None else k
     cuts = find_cuts(shards, wanted, stats, keys_kw)
     selected = written = 0
-    todo = [s for s in shards if s.key not in done]
-    finished = [s for s in shards if s.key in done]  # by an earlier, interrupted run: their counts from footers
+    todo = shards.without(done)
+    finished = shards.only(done)  # by an earlier, interrupted run: their counts from footers
     for res in itertools.chain(
             executor.shard_pass(todo, write_selected, out=out, cuts=cuts, bottom=bottom_fraction is not None,
                                 **keys_kw),

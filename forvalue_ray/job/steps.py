@@ -88,8 +88,8 @@ class EncodeShards:
         self.group_column = group_column
 
     def __call__(self, batch):
-        return {**{f: batch[f] for f in parts.SHARD_FIELDS},
-                "payload": [pickle.dumps(self.encode(s)) for s in parts.shards_from_columns(batch)]}
+        return {**{f: batch[f] for f in io.SHARD_FIELDS},
+                "payload": [pickle.dumps(self.encode(s)) for s in io.shards_from_columns(batch)]}
 
     def encode(self, shard: Shard) -> dict:
         rows, rejected = io.read_shard(shard)
@@ -137,7 +137,7 @@ class ScoreShards:
 
     def __call__(self, batch):
         return _summaries([self.score(s, pickle.loads(p))
-                           for s, p in zip(parts.shards_from_columns(batch), batch["payload"])])
+                           for s, p in zip(io.shards_from_columns(batch), batch["payload"])])
 
     def score(self, shard: Shard, enc: dict) -> dict:
         t0 = time.time()
@@ -173,7 +173,7 @@ class ScoreSketches:
         self.out, self.mode = out, mode
 
     def __call__(self, batch):
-        return _summaries([self.score(s) for s in parts.shards_from_columns(batch)])
+        return _summaries([self.score(s) for s in io.shards_from_columns(batch)])
 
     def score(self, shard: Shard) -> dict:
         t0 = time.time()
