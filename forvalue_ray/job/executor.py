@@ -109,7 +109,7 @@ def run_shards(command: str, shards: Shards, done: set[str], stages: list[Stage]
         if not todo:
             break
     bar.close()
-    faults["nodes_lost"] = sorted(nodes_before - _alive_nodes())
+    faults["nodes_lost"] = _lost_nodes(nodes_before, wait=bool(faults["retried_shards"]))
     faults["shards_per_node"] = dict(per_node)
     if todo:
         raise RuntimeError(f"{len(todo)} shards failed {SHARD_ROUNDS} times (first: {todo[0].key}, {todo[0].label}); "
@@ -149,6 +149,21 @@ def node_id() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id()
+
+
+# Ray declares a node that vanished abruptly dead only once its health checks have failed (~15-30 s); a retried round
+# can finish sooner than that
+NODE_DEATH_GRACE_S = 45
+
+
+def _lost_nodes(before: set[str], wait: bool) -> list[str]:
+    """Nodes alive at the start and gone now; after a retried round, given up to NODE_DEATH_GRACE_S to be noticed."""
+    deadline = time.time() + (NODE_DEATH_GRACE_S if wait else 0)
+    while True:
+        lost = before - _alive_nodes()
+        if lost or time.time() >= deadline:
+            return sorted(lost)
+        time.sleep(1)
 
 
 def _alive_nodes() -> set[str]:
