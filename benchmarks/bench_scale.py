@@ -1,13 +1,14 @@
 """Scale rehearsal: how planning, resume, select and verify grow with the corpus (no model needed).
 
-1. plan + resume: an input of N shards (Parquet row groups across a few files) — planning time, writing and
-   re-reading the plan (_plan.json + _plan_shards.parquet), listing the finished parts (resume state), the plan's
-   size on disk and the driver's peak RSS.
+1. plan + resume: an input of N shards (Parquet row groups across a few files; or N small files, one shard each,
+   locally and through a local S3 server, moto) — planning time, writing and re-reading the plan (_plan.json +
+   _plan_shards.parquet), listing the finished parts (resume state), the plan's size on disk and the driver's peak
+   RSS.
 2. select and verify over a finished run of R rows: input Parquet plus score parts, rejected parts, plan and
    run.json in the output layout, fabricated here (the code paths that read them are the product's): wall time,
    driver peak RSS, the peak RSS summed over Ray's worker processes, and the growth exponent in R.
 
-    python benchmarks/bench_scale.py --shards 10000 100000 --rows 1000000 10000000
+    python benchmarks/bench_scale.py --shards 10000 100000 --files 10000 --rows 1000000 10000000
     → benchmarks/results/scale_cpu.json
 """
 
@@ -89,6 +90,38 @@ def make_sharded_input(root: Path, shards: int, files: int = 10) -> Path:
     return data
 
 
+def make_small_files(root: Path, files: int) -> Path:
+    data = root / f"files-{files}"
+    data.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        pq.write_table(pa.table({"id": [f"r{f}"], "text": ["x"]}), data / f"part-{f:06d}.parquet")
+    return data
+
+
+def local_s3():
+    """moto's S3 server on a free port, its endpoint exported for this process and the measurements' children."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"})
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="bench")
+    return server
+
+
+def upload(local: Path, url: str) -> str:
+    import boto3
+
+    client, (bucket, prefix) = boto3.client("s3"), url[len("s3://"):].split("/", 1)
+    for f in sorted(local.iterdir()):
+        client.upload_file(str(f), bucket, f"{prefix}/{f.name}")
+    return url
+
+
 def measure_plan(data: str, out: str) -> dict:
     """Planning, writing and re-reading the plan (as a resumed run does), and listing the finished parts."""
     from forvalue_ray import io
@@ -107,16 +140,17 @@ def measure_plan(data: str, out: str) -> dict:
     _, shards = parts.read_plan(out)
     read_s = time.time() - t0
     assert parts.shards_digest(shards) == planned
-    parts = Path(out) / "scores"
-    parts.mkdir(parents=True, exist_ok=True)
-    for s in shards[: len(shards) // 2]:  # half finished: the resume listing
-        (parts / f"{s.key}.parquet").touch()
+    fs, base = io.filesystem(io.join(out, "scores"))
+    fs.makedirs(base, exist_ok=True)
+    for key in shards[: len(shards) // 2].keys():  # half finished: the resume listing
+        fs.touch(f"{base}/{key}.parquet")
     t0 = time.time()
-    done = io.list_parts(str(parts))
+    done = io.list_parts(io.join(out, "scores"))
+    list_s = time.time() - t0
+    plan_bytes = sum(fs.size(io.filesystem(io.join(out, f))[1]) for f in (parts.PLAN_FILE, parts.PLAN_SHARDS_FILE))
     return {"shards": len(shards), "plan_seconds": round(plan_s, 2), "plan_write_seconds": round(write_s, 2),
-            "plan_read_seconds": round(read_s, 2), "resume_list_seconds": round(time.time() - t0, 2),
-            "finished_listed": len(done),
-            "plan_files_mib": round(sum(f.stat().st_size for f in Path(out).glob("_plan*")) / 2**20, 2),
+            "plan_read_seconds": round(read_s, 2), "resume_list_seconds": round(list_s, 2),
+            "finished_listed": len(done), "plan_files_mib": round(plan_bytes / 2**20, 2),
             "driver_peak_rss_mib": round(peak_rss_mib(), 1)}
 
 
@@ -179,6 +213,7 @@ def measure_command(which: str, out: str, sel: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shards", type=int, nargs="*", default=[10_000, 100_000])
+    ap.add_argument("--files", type=int, nargs="*", default=[], help="small files, one shard each: local and S3")
     ap.add_argument("--rows", type=int, nargs="*", default=[1_000_000, 10_000_000])
     ap.add_argument("--commands", nargs="*", default=["verify", "select", "select-per-group"])
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -192,6 +227,7 @@ def main() -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"plan": [], "commands": []}
     results["machine"] = f"{os.cpu_count()} CPU cores"
     results["plan"] = [r for r in results["plan"] if r["shards"] not in args.shards]
+    results["plan_small_files"] = [r for r in results.get("plan_small_files", []) if r["shards"] not in args.files]
     results["commands"] = [r for r in results["commands"]
                            if not (r["rows"] in args.rows and r["command"] in args.commands)]
 
@@ -210,6 +246,17 @@ def main() -> None:
             results["plan"].sort(key=lambda r: r["shards"])
             print(results["plan"][-1], flush=True)
             save()
+        for n in args.files:
+            local = make_small_files(root, n)
+            server = local_s3()
+            try:
+                for where, data, out in (("local", local, root / f"files-out-{n}"),
+                                         ("s3", upload(local, f"s3://bench/files-{n}"), f"s3://bench/files-out-{n}")):
+                    results["plan_small_files"].append({"where": where, **child("plan", data, out)})
+                    print(results["plan_small_files"][-1], flush=True)
+                    save()
+            finally:
+                server.stop()
         for rows in args.rows:
             t0 = time.time()
             _, out = fabricate_run(root, rows)
