@@ -20,7 +20,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/forvalue-ray demo
 
 test: install
-	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -rs tests; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -rs --durations=25 tests; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 .PHONY: install demo test
 

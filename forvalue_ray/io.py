@@ -15,6 +15,7 @@ import json
 import posixpath
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import fsspec
@@ -185,46 +186,66 @@ def _known(f: str) -> bool:
         return False
 
 
+PLAN_THREADS = 32  # files whose metadata is read at once: object stores answer each footer read in ~30 ms
+
+
 def plan_shards(url: str, fmt: str = "auto", shard_rows: int = DEFAULT_SHARD_ROWS,
-                shard_bytes: int = DEFAULT_SHARD_BYTES) -> Shards:
-    """Split every input file into shards (reading only metadata; JSONL by byte ranges), one file at a time into
-    columns: no Python object per shard outlives its file."""
+                shard_bytes: int = DEFAULT_SHARD_BYTES, threads: int = PLAN_THREADS) -> Shards:
+    """Split every input file into shards, reading only metadata (JSONL: byte ranges), ``threads`` files at a
+    time: over an object store planning is bound by per-file latency, not bandwidth. Each file's shards become
+    columns as soon as its metadata is read, so no Python object per shard outlives its file."""
+    files = list_inputs(url, fmt)
     tables, count = [], 0
-    for full, f, label in list_inputs(url, fmt):
-        fs, path = filesystem(full)
-        spans = []  # (start, stop, rows) of this file's shards
-        if f == "parquet":
-            with fs.open(path, "rb") as fh:
-                meta = pq.ParquetFile(fh).metadata
-            start, rows = 0, 0
-            for g in range(meta.num_row_groups):
-                rows += meta.row_group(g).num_rows
-                if rows >= shard_rows or g == meta.num_row_groups - 1:
-                    spans.append((start, g + 1, rows))
-                    start, rows = g + 1, 0
-            del meta
-        elif f == "jsonl":
-            size = fs.size(path)
-            spans = [(a, min(a + shard_bytes, size), -1) for a in range(0, max(size, 1), shard_bytes)]
-        else:
-            n = _arrow_rows(fs, path)
-            spans = [(a, min(a + shard_rows, n), min(a + shard_rows, n) - a) for a in range(0, max(n, 1), shard_rows)]
+    for (full, f, label), (start, stop, rows) in zip(files, _spans_in_order(files, threads, shard_rows, shard_bytes)):
+        n = len(start)
         # the key: position + a hash of where the shard starts
         keys = [f"{count + i:06d}-{hashlib.sha1(f'{label}:{a}'.encode()).hexdigest()[:8]}"
-                for i, (a, _, _) in enumerate(spans)]
-        count += len(spans)
-        n = len(spans)
-        columns = {"key": pa.array(keys, pa.string()), "start": pa.array([x[0] for x in spans], pa.int64()),
-                   "stop": pa.array([x[1] for x in spans], pa.int64()), "rows": pa.array([x[2] for x in spans], pa.int64())}
+                for i, a in enumerate(start.tolist())]
+        count += n
+        columns = {"key": pa.array(keys, pa.string()), "start": pa.array(start), "stop": pa.array(stop),
+                   "rows": pa.array(rows)}
         for name, value in (("path", full), ("fmt", f), ("label", label)):
             columns[name] = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value]))
         tables.append(pa.table({k: columns[k] for k in SHARD_FIELDS}, schema=SHARD_SCHEMA))
     return Shards(pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table())
 
 
+def _spans_in_order(files, threads: int, shard_rows: int, shard_bytes: int):
+    """Each file's spans, in file order, ``threads`` files read at once; a bounded window of files in flight,
+    so a million files never means a million pending futures."""
+    window = 64 * threads
+    with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
+        for i in range(0, len(files), window):
+            yield from pool.map(lambda x: _file_spans(x[0], x[1], shard_rows, shard_bytes), files[i:i + window])
+
+
+def _file_spans(full: str, fmt: str, shard_rows: int, shard_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One file's shards as (start, stop, rows) int64 arrays; rows is -1 where unknown before reading (JSONL)."""
+    fs, path = filesystem(full)
+    if fmt == "parquet":
+        with fs.open(path, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+            groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        spans, start, rows = [], 0, 0
+        for g, n in enumerate(groups):
+            rows += n
+            if rows >= shard_rows or g == len(groups) - 1:
+                spans.append((start, g + 1, rows))
+                start, rows = g + 1, 0
+    elif fmt == "jsonl":
+        size = fs.size(path)
+        spans = [(a, min(a + shard_bytes, size), -1) for a in range(0, max(size, 1), shard_bytes)]
+    else:
+        n = _arrow_rows(fs, path)
+        spans = [(a, min(a + shard_rows, n), min(a + shard_rows, n) - a) for a in range(0, max(n, 1), shard_rows)]
+    table = np.array(spans, np.int64).reshape(-1, 3)
+    return table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy()
+
+
 def _arrow_rows(fs, path) -> int:
+    """Rows of an Arrow IPC stream, a batch at a time (the stream has no footer to read the count from)."""
     with fs.open(path, "rb") as fh:
-        return pa.ipc.open_stream(fh).read_all().num_rows
+        return sum(batch.num_rows for batch in pa.ipc.open_stream(fh))
 
 
 def read_shard(shard: Shard) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:

@@ -279,6 +279,28 @@ def test_directory_listing(mixed_dir):
     assert "sub/c.jsonl@15" in ids and "sub/deeper/d.json@0" in ids
 
 
+def test_concurrent_planning_equals_the_serial_plan(tmp_path):
+    """Files' metadata is read many at once, in windows of files: the plan is the one-file-at-a-time plan, in
+    listing order, across window boundaries (130 files at 1 thread: windows of 64, 64 and 2)."""
+    root = tmp_path / "many"
+    root.mkdir()
+    rng = random.Random(0)
+    for i in range(130):
+        n = rng.randint(1, 9)
+        if i % 3:
+            pq.write_table(pa.table({"text": [f"{i}-{j}" for j in range(n)]}), root / f"f{i:03d}.parquet",
+                           row_group_size=2)
+        else:
+            (root / f"f{i:03d}.jsonl").write_text("".join(f'{{"text": "{i}-{j}"}}\n' for j in range(n)))
+    serial = io.plan_shards(str(root), shard_rows=3, shard_bytes=40, threads=1)
+    for threads in (2, 16):
+        assert io.plan_shards(str(root), shard_rows=3, shard_bytes=40, threads=threads) == serial
+    assert [s.label for s in serial] == sorted(s.label for s in serial)  # listing order, not completion order
+    rows, _ = read_all(serial)
+    assert len(rows) == len({r["text"] for _, r in rows}) == sum(
+        len(pq.read_table(f)) if f.suffix == ".parquet" else len(f.read_text().splitlines()) for f in root.iterdir())
+
+
 def test_glob_listing(mixed_dir):
     got = [(f, lab) for _, f, lab in io.list_inputs(str(mixed_dir / "sub" / "*.parquet"))]
     assert got == [("parquet", "b.parquet")]  # labelled relative to the glob's directory
