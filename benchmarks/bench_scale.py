@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -32,6 +33,7 @@ import pyarrow.parquet as pq
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale_cpu.json"
 SHARD_ROWS = 8192
+LATENCY_MS = 30  # a typical object-store round trip within a region
 
 
 def peak_rss_mib() -> float:
@@ -122,14 +124,39 @@ def upload(local: Path, url: str) -> str:
     return url
 
 
-def measure_plan(data: str, out: str) -> dict:
+class SlowOpen:
+    """A filesystem whose every open first waits ``latency`` seconds: an object store's round trip, without the
+    CPU of a local S3 server sharing the benchmark's cores."""
+
+    def __init__(self, fs, latency: float):
+        self.fs, self.latency = fs, latency
+
+    def open(self, *args, **kw):
+        time.sleep(self.latency)
+        return self.fs.open(*args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+
+def measure_plan(data: str, out: str, latency_ms: str = "0", threads: str = "") -> dict:
     """Planning, writing and re-reading the plan (as a resumed run does), and listing the finished parts."""
+    from unittest import mock
+
     from forvalue_ray import io
     from forvalue_ray.job import JobConfig, parts
 
-    t0 = time.time()
-    shards = io.plan_shards(data, shard_rows=1)
-    plan_s = time.time() - t0
+    latency, real = float(latency_ms) / 1000, io.filesystem
+
+    def slow_filesystem(url):
+        fs, path = real(url)
+        return SlowOpen(fs, latency), path
+
+    plan_kw = {"threads": int(threads)} if threads else {}
+    with mock.patch.object(io, "filesystem", slow_filesystem) if latency else contextlib.nullcontext():
+        t0 = time.time()
+        shards = io.plan_shards(data, shard_rows=1, **plan_kw)
+        plan_s = time.time() - t0
     t0 = time.time()
     cfg = JobConfig(command="value", train=data, target="fabricated", out=out, shard_rows=1)
     parts.write_plan(out, parts.plan_record("scores", cfg.result_fields(), shards), shards)
@@ -148,7 +175,7 @@ def measure_plan(data: str, out: str) -> dict:
     done = io.list_parts(io.join(out, "scores"))
     list_s = time.time() - t0
     plan_bytes = sum(fs.size(io.filesystem(io.join(out, f))[1]) for f in (parts.PLAN_FILE, parts.PLAN_SHARDS_FILE))
-    return {"shards": len(shards), "plan_seconds": round(plan_s, 2), "plan_write_seconds": round(write_s, 2),
+    return {"shards": len(shards), "plan_threads": plan_kw.get("threads", io.PLAN_THREADS), "plan_seconds": round(plan_s, 2), "plan_write_seconds": round(write_s, 2),
             "plan_read_seconds": round(read_s, 2), "resume_list_seconds": round(list_s, 2),
             "finished_listed": len(done), "plan_files_mib": round(plan_bytes / 2**20, 2),
             "driver_peak_rss_mib": round(peak_rss_mib(), 1)}
@@ -257,6 +284,12 @@ def main() -> None:
                     save()
             finally:
                 server.stop()
+            for threads in (1, None):  # local files behind a fixed round trip per open: what concurrency buys
+                where = f"local + {LATENCY_MS} ms per open"
+                results["plan_small_files"].append({"where": where, **child(
+                    "plan", local, root / f"files-out-{n}-{threads}", LATENCY_MS, threads or "")})
+                print(results["plan_small_files"][-1], flush=True)
+                save()
         for rows in args.rows:
             t0 = time.time()
             _, out = fabricate_run(root, rows)
