@@ -222,6 +222,16 @@ def _spans_in_order(files, threads: int, shard_rows: int, shard_bytes: int):
 def _file_spans(full: str, fmt: str, shard_rows: int, shard_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One file's shards as (start, stop, rows) int64 arrays; rows is -1 where unknown before reading (JSONL)."""
     fs, path = filesystem(full)
+    try:
+        spans = _spans(fs, path, fmt, shard_rows, shard_bytes)
+    except pa.ArrowInvalid as e:  # names the file: pyarrow's message does not
+        raise ValueError(f"{full} is not a readable {fmt} file ({e}); fix or remove it, or point the job at the "
+                         "files to use (a glob)") from e
+    table = np.array(spans, np.int64).reshape(-1, 3)
+    return table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy()
+
+
+def _spans(fs, path: str, fmt: str, shard_rows: int, shard_bytes: int) -> list[tuple[int, int, int]]:
     if fmt == "parquet":
         with fs.open(path, "rb") as fh:
             meta = pq.ParquetFile(fh).metadata
@@ -238,8 +248,7 @@ def _file_spans(full: str, fmt: str, shard_rows: int, shard_bytes: int) -> tuple
     else:
         n = _arrow_rows(fs, path)
         spans = [(a, min(a + shard_rows, n), min(a + shard_rows, n) - a) for a in range(0, max(n, 1), shard_rows)]
-    table = np.array(spans, np.int64).reshape(-1, 3)
-    return table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy()
+    return spans
 
 
 def _arrow_rows(fs, path) -> int:

@@ -343,6 +343,11 @@ def test_single_file_and_errors(mixed_dir, tmp_path):
     (tmp_path / "only_junk" / "_SUCCESS").write_text("")
     with pytest.raises(FileNotFoundError):
         io.list_inputs(str(tmp_path / "only_junk"))
+    (tmp_path / "broken").mkdir()
+    pq.write_table(pa.table({"text": ["ok"]}), tmp_path / "broken" / "a.parquet")
+    (tmp_path / "broken" / "b.parquet").write_bytes(b"PAR1 truncated by a failed upload")
+    with pytest.raises(ValueError, match=r"broken/b\.parquet is not a readable parquet file"):
+        io.plan_shards(str(tmp_path / "broken"))
 
 
 # ---------------------------------------------------------------- atomic writes and temporaries
