@@ -1,7 +1,8 @@
 """Scale rehearsal: how planning, resume, select and verify grow with the corpus (no model needed).
 
 1. plan + resume: an input of N shards (Parquet row groups across a few files; or N small files, one shard each,
-   locally and through a local S3 server, moto) — planning time, writing and re-reading the plan (_plan.json +
+   locally, through a local S3 server (moto), and locally behind a fixed wait per file opened, read one file at
+   a time and many at once) — planning time, writing and re-reading the plan (_plan.json +
    _plan_shards.parquet), listing the finished parts (resume state), the plan's size on disk and the driver's peak
    RSS.
 2. select and verify over a finished run of R rows: input Parquet plus score parts, rejected parts, plan and
@@ -175,8 +176,8 @@ def measure_plan(data: str, out: str, latency_ms: str = "0", threads: str = "") 
     done = io.list_parts(io.join(out, "scores"))
     list_s = time.time() - t0
     plan_bytes = sum(fs.size(io.filesystem(io.join(out, f))[1]) for f in (parts.PLAN_FILE, parts.PLAN_SHARDS_FILE))
-    return {"shards": len(shards), "plan_threads": plan_kw.get("threads", io.PLAN_THREADS), "plan_seconds": round(plan_s, 2), "plan_write_seconds": round(write_s, 2),
-            "plan_read_seconds": round(read_s, 2), "resume_list_seconds": round(list_s, 2),
+    return {"shards": len(shards), "plan_threads": plan_kw.get("threads", io.PLAN_THREADS),
+            "plan_seconds": round(plan_s, 2), "plan_write_seconds": round(write_s, 2), "plan_read_seconds": round(read_s, 2), "resume_list_seconds": round(list_s, 2),
             "finished_listed": len(done), "plan_files_mib": round(plan_bytes / 2**20, 2),
             "driver_peak_rss_mib": round(peak_rss_mib(), 1)}
 
