@@ -177,7 +177,8 @@ def measure_plan(data: str, out: str, latency_ms: str = "0", threads: str = "") 
     list_s = time.time() - t0
     plan_bytes = sum(fs.size(io.filesystem(io.join(out, f))[1]) for f in (parts.PLAN_FILE, parts.PLAN_SHARDS_FILE))
     return {"shards": len(shards), "plan_threads": plan_kw.get("threads", io.PLAN_THREADS),
-            "plan_seconds": round(plan_s, 2), "plan_write_seconds": round(write_s, 2), "plan_read_seconds": round(read_s, 2), "resume_list_seconds": round(list_s, 2),
+            "plan_seconds": round(plan_s, 2), "plan_write_seconds": round(write_s, 2),
+            "plan_read_seconds": round(read_s, 2), "resume_list_seconds": round(list_s, 2),
             "finished_listed": len(done), "plan_files_mib": round(plan_bytes / 2**20, 2),
             "driver_peak_rss_mib": round(peak_rss_mib(), 1)}
 
