@@ -225,7 +225,7 @@ def main(args):
     saved.update(model=args.model, config=config, datasets=saved.get("datasets", {}),
                  clean_tasks=saved.get("clean_tasks", {}))
     for group in families.values():
-        saved["datasets"].update(run_family(vm, group, args))
+        saved["datasets"].update({n: {**r, "config": config} for n, r in run_family(vm, group, args).items()})
         path.write_text(json.dumps(saved, indent=1))
         for n in group:
             m = saved["datasets"][n]["metrics"]
