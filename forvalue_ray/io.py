@@ -227,8 +227,8 @@ def _file_spans(full: str, fmt: str, shard_rows: int, shard_bytes: int) -> tuple
     except pa.ArrowInvalid as e:  # names the file: pyarrow's message does not
         raise ValueError(f"{full} is not a readable {fmt} file ({e}); fix or remove it, or point the job at the "
                          "files to use (a glob)") from e
-    table = np.array(spans, np.int64).reshape(-1, 3)
-    return table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy()
+    start, stop, rows = np.ascontiguousarray(np.array(spans, np.int64).reshape(-1, 3).T)
+    return start, stop, rows
 
 
 def _spans(fs, path: str, fmt: str, shard_rows: int, shard_bytes: int) -> list[tuple[int, int, int]]:
