@@ -63,7 +63,7 @@ def load_replica(model_path: str, load_kw: dict):
     kw = {k: v for k, v in load_kw.items() if k != "gpus"}
     if cuda and load_kw.get("gpus", 0) > 1:
         kw["device_map"] = "auto"  # a model larger than one GPU spans the actor's GPUs
-    return load_model(model_path, device="cuda" if cuda else "cpu", **kw)
+    return load_model(model_path, device="cuda" if cuda else "cpu", identify=False, **kw)  # the driver identified it
 
 
 def maybe_fault():
