@@ -83,3 +83,28 @@ def test_api_raises_naming_a_target_row_that_overflows():
     with pytest.raises(RowError, match=r"target row 1 \(id 'bad'\)"):
         fv.pairwise_scores(vm, train, target)
     assert np.isfinite(fv.value_scores(vm, train, target[:1])).all()
+
+
+def test_submit_retries_transient_errors_with_backoff(capsys):
+    """HTTP 500 'No available agent' and connection errors from a just-started head are retried, with bounded
+    backoff and a log line each; a client error is not."""
+    from forvalue_ray.submit import with_retries
+
+    calls, slept = [], []
+    errors = [RuntimeError("Request failed with status code 500: No available agent to submit job, please try "
+                           "again later."), ConnectionError("refused"), RuntimeError("status code 503: busy")]
+
+    def flaky():
+        calls.append(1)
+        if errors:
+            raise errors.pop(0)
+        return "raysubmit_1"
+
+    assert with_retries(flaky, "submitting the job", sleep=slept.append) == "raysubmit_1"
+    assert len(calls) == 4 and slept == [1.0, 2.0, 4.0]
+    assert capsys.readouterr().err.count("submit: submitting the job failed") == 3
+    with pytest.raises(RuntimeError, match="status code 400"):
+        with_retries(lambda: (_ for _ in ()).throw(RuntimeError("status code 400: bad entrypoint")), "x",
+                     sleep=slept.append)
+    with pytest.raises(ConnectionError):  # bounded: gives up once the wait is spent
+        with_retries(lambda: (_ for _ in ()).throw(ConnectionError("down")), "x", wait_s=2.5, sleep=lambda s: None)
