@@ -67,7 +67,7 @@ def target_statistics(vm: ValuationModel, target_rows, *, groups: Sequence | Non
                                                                     *vm.head.weight.shape)
     total, counts = target_partial(vm, rows, index, len(names), normalize=normalize, vocab_chunk=vocab_chunk,
                                    stats_form=stats_form)
-    stats = finish_target_stats(total, counts, names, normalize, vm.provenance)
+    stats = finish_target_stats(total, counts, names, normalize, vm.provenance, dtype=vm.dtype)
     if center is None:
         return stats
     if not isinstance(center, TargetStats):

@@ -48,6 +48,36 @@ def load_target_stats(path: str) -> TargetStats:
                                                         t["weights"]))
 
 
+def artifact_identity(path: str) -> dict:
+    """What a reused artifact (``--target-stats``, ``--center-stats``) is, by content: the SHA-256 of its
+    statistics and of its metadata, plus the provenance it records. A run's plan holds it, so an artifact rebuilt
+    in place (another target, another model) is another job, never mixed into the outputs of the first."""
+    base = path[: -len("/" + STATS_FILE)] if path.endswith(STATS_FILE) else path.rstrip("/")
+    if not io.exists(io.join(base, STATS_META)):
+        raise FileNotFoundError(f"no target statistics at {path}: expected {STATS_FILE} and {STATS_META} "
+                                f"(written by `forvalue-ray value` under OUT/target/)")
+    return {"sha256": {name: content_sha256(io.join(base, name)) for name in (STATS_FILE, STATS_META)},
+            "provenance": io.read_json(io.join(base, STATS_META)).get("provenance")}
+
+
+def content_sha256(url: str) -> str:
+    """A file's SHA-256: local files through the model cache's digest cache (path, size, mtime_ns), remote ones
+    streamed."""
+    import hashlib
+
+    fs, p = io.filesystem(url)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if protocol in ("file", "local"):
+        from .model import file_sha256
+
+        return file_sha256(p)
+    h = hashlib.sha256()
+    with fs.open(p, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def check_compatible(kind: str, expected: dict, found: dict, keys=("model_fingerprint",)) -> None:
     """Refuse to mix artifacts built with different models (or seeds, dims…)."""
     diffs = [f"{k}: {found.get(k)!r} != {expected.get(k)!r}" for k in keys if found.get(k) != expected.get(k)]

@@ -273,66 +273,158 @@ def log_sum_exp(vm: ValuationModel, vt: ValuedTokens, vocab_chunk: int) -> torch
 # ---- target side: additive partials so any number of workers can contribute -------------------------------
 
 
+NON_FINITE_TARGET = ("non-finite target statistics: numerical overflow in the model (try float32, bfloat16 or "
+                     "another --attn-implementation)")
+
+
+def _finite_rows(vt: ValuedTokens, lse: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[rows] bool: every valued token of the row has finite hidden states, log-sum-exp and weight."""
+    tok = torch.isfinite(vt.h).all(1) & torch.isfinite(lse) & torch.isfinite(weights[vt.seg])
+    bad = torch.zeros(vt.n_rows, dtype=torch.long, device=tok.device).index_add_(0, vt.seg, (~tok).long())
+    return bad == 0
+
+
+def _all_finite(part) -> bool:
+    if isinstance(part, TargetTokens):
+        t = part.tokens
+        return bool(torch.isfinite(t.h).all() and torch.isfinite(t.lse).all() and torch.isfinite(part.weights).all())
+    return bool(torch.isfinite(part).all())
+
+
+def _reject_target_rows(bad: list[tuple[int, str, str]], rejected: list | None) -> None:
+    """Bad target rows go to ``rejected`` (the job: the target's rejected rows); without it they raise, naming
+    the first (the Python API: never a silent NaN)."""
+    if rejected is None:
+        from .encode import RowError
+
+        i, rid, reason = bad[0]
+        raise RowError(f"target row {i} (id {rid!r}): {reason}")
+    rejected += bad
+
+
 @torch.no_grad()
 def target_partial(vm: ValuationModel, rows: list[Encoded], group_index: list[int], n_groups: int, *,
                    normalize: bool = False, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-                   max_tokens: int = DEFAULT_MAX_TOKENS, stats_form: str = "dense"):
+                   max_tokens: int = DEFAULT_MAX_TOKENS, stats_form: str = "dense",
+                   rejected: list | None = None, first_row: int = 0):
     """Σ over these rows of G(z') (÷‖G(z')‖ if normalize), per group, and row counts [K]. ``stats_form`` "dense":
     [K, V, d] float64 (batches summed in float64 in a fixed order, so partials reduce to the same bits however
-    they are distributed); "factored": the rows' :class:`TargetTokens` (see :func:`target_form`)."""
-    head = vm.head
-    total = None
+    they are distributed); "factored": the rows' :class:`TargetTokens` (see :func:`target_form`).
+
+    A row whose statistics are not finite (an overflow in the model) is left out of the sum and its count:
+    appended to ``rejected`` as (first_row + its index, id, reason), or, without ``rejected``, raised as a
+    :class:`~forvalue_ray.encode.RowError` naming it. None of these rows valid: (None, zero counts)."""
     counts = np.bincount(np.asarray(group_index, dtype=np.int64), minlength=n_groups)
-    for idx in plan_batches([len(r.input_ids) for r in rows], max_tokens):
+    total, bad = None, []
+
+    def batch_part(idx):
         vt = valued_tokens(vm, [rows[i] for i in idx])
         lse = log_sum_exp(vm, vt, vocab_chunk)
         weights = torch.ones(vt.n_rows, dtype=lse.dtype, device=lse.device)
         if normalize:
-            weights = gradient_sq_norms(head, vt.h, vt.y, lse, vt.seg, vt.n_rows, vocab_chunk).rsqrt()
+            weights = gradient_sq_norms(vm.head, vt.h, vt.y, lse, vt.seg, vt.n_rows, vocab_chunk).rsqrt()
+        ok = _finite_rows(vt, lse, weights)
         groups = torch.tensor([group_index[i] for i in idx], device=lse.device)
         if stats_form == "factored":
             part = TargetTokens(ReferenceTokens(vt.h, vt.y, lse, groups[vt.seg]), weights[vt.seg])
         else:
-            part = weighted_gradient_sum(head, vt.h, vt.y, lse, weights[vt.seg], n_groups, groups[vt.seg],
+            part = weighted_gradient_sum(vm.head, vt.h, vt.y, lse, weights[vt.seg], n_groups, groups[vt.seg],
                                          vocab_chunk).double()
-        total = part if total is None else total + part
-    return total.cpu(), counts
+        return part, bool(ok.all()) and _all_finite(part)
+
+    for idx in plan_batches([len(r.input_ids) for r in rows], max_tokens):
+        part, finite = batch_part(idx)
+        if not finite:  # find the rows that overflow: each of this batch's rows on its own
+            part = None
+            for i in idx:
+                one, ok = batch_part([i])
+                if ok:
+                    part = one if part is None else part + one
+                else:
+                    bad.append((first_row + i, rows[i].id, NON_FINITE_TARGET))
+                    counts[group_index[i]] -= 1
+        if part is not None:
+            total = part if total is None else total + part
+    if bad:
+        _reject_target_rows(bad, rejected)
+    return (None if total is None else total.cpu()), counts
 
 
 def finish_target_stats(total, counts: np.ndarray, names: list[str], normalize: bool,
-                        provenance: dict | None = None) -> TargetStats:
-    """Ḡ_k = the summed partials of group k ÷ its row count, in the partials' form."""
+                        provenance: dict | None = None, dtype: torch.dtype | None = None,
+                        drop_empty: bool = False) -> TargetStats:
+    """Ḡ_k = the summed partials of group k ÷ its row count, in the partials' form. Dense statistics are kept in
+    float32, or float64 for a float64 model (``dtype``): an fp64 model computes in fp64 end to end.
+    ``drop_empty``: groups left without a row (every row rejected) are dropped instead of refused."""
+    counts = np.asarray(counts)
     if (counts == 0).any():
         empty = [names[i] for i in np.flatnonzero(counts == 0)]
-        raise ValueError(f"no valid target rows in group(s) {empty}")
+        if not drop_empty or total is None or len(empty) == len(names):
+            raise ValueError(f"no valid target rows in group(s) {empty}")
+        keep = np.flatnonzero(counts > 0)
+        names, counts = [names[i] for i in keep], counts[keep]
+        if isinstance(total, TargetTokens):
+            remap = torch.full((int(max(keep)) + 1 if len(keep) else 1,), -1, dtype=torch.long)
+            remap[torch.as_tensor(keep)] = torch.arange(len(keep))
+            t = total.tokens
+            total = TargetTokens(ReferenceTokens(t.h, t.y, t.lse, remap[t.seg]), total.weights)
+        else:
+            total = total[torch.as_tensor(keep)]
     meta = (list(names), normalize, [int(c) for c in counts], dict(provenance or {}))
     if isinstance(total, TargetTokens):
         w = total.weights / torch.as_tensor(counts, dtype=total.weights.dtype)[total.tokens.seg]
         return TargetStats(None, *meta, tokens=TargetTokens(total.tokens, w))
-    return TargetStats((total / torch.as_tensor(counts, dtype=total.dtype)[:, None, None]).float(), *meta)
+    mean = total / torch.as_tensor(counts, dtype=total.dtype)[:, None, None]
+    return TargetStats(mean.to(torch.float64 if dtype == torch.float64 else torch.float32), *meta)
 
 
 @torch.no_grad()
 def build_reference(vm: ValuationModel, rows: list[Encoded], *, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-                    max_tokens: int = DEFAULT_MAX_TOKENS) -> Reference:
-    """Keep every valued token of a small target set (h', y', lse') plus each row's ‖G‖²."""
+                    max_tokens: int = DEFAULT_MAX_TOKENS, rejected: list | None = None,
+                    first_row: int = 0) -> Reference:
+    """Keep every valued token of a small target set (h', y', lse') plus each row's ‖G‖². A row whose numbers are
+    not finite is left out (``rejected``, or raised: see :func:`target_partial`); the others keep their order."""
     head = vm.head
-    hs, ys, lses, segs = [], [], [], []
-    sq = torch.zeros(len(rows), dtype=torch.float64)
+    kept: dict[int, tuple] = {}
+    bad = []
     for idx in plan_batches([len(r.input_ids) for r in rows], max_tokens):
         vt = valued_tokens(vm, [rows[i] for i in idx])
         lse = log_sum_exp(vm, vt, vocab_chunk)
-        sq[idx] = gradient_sq_norms(head, vt.h, vt.y, lse, vt.seg, vt.n_rows, vocab_chunk).double().cpu()
-        hs.append(vt.h), ys.append(vt.y), lses.append(lse)
-        segs.append(torch.as_tensor(idx, device=vt.seg.device)[vt.seg])
+        sq = gradient_sq_norms(head, vt.h, vt.y, lse, vt.seg, vt.n_rows, vocab_chunk)
+        ok = (_finite_rows(vt, lse, torch.ones_like(lse)) & torch.isfinite(sq)).tolist()
+        for j, i in enumerate(idx):
+            if not ok[j]:
+                bad.append((first_row + i, rows[i].id, NON_FINITE_TARGET))
+                continue
+            m = vt.seg == j
+            kept[i] = (vt.h[m], vt.y[m], lse[m], float(sq[j].double()))
+    if bad:
+        _reject_target_rows(bad, rejected)
+    order = sorted(kept)
+    hs, ys, lses, segs = [], [], [], []
+    for k, i in enumerate(order):
+        h, y, lse, _ = kept[i]
+        hs.append(h), ys.append(y), lses.append(lse)
+        segs.append(torch.full((len(y),), k, dtype=torch.long, device=y.device))
+    if not order:
+        d = head.weight.shape[1]
+        dev = head.weight.device
+        empty = ReferenceTokens(torch.zeros(0, d, dtype=head.weight.dtype, device=dev),
+                                torch.zeros(0, dtype=torch.long, device=dev),
+                                torch.zeros(0, dtype=accumulation_dtype(head.weight.dtype), device=dev),
+                                torch.zeros(0, dtype=torch.long, device=dev))
+        return Reference(empty, [], torch.zeros(0, dtype=torch.float64))
     tokens = ReferenceTokens(torch.cat(hs), torch.cat(ys), torch.cat(lses), torch.cat(segs))
-    return Reference(tokens, [r.id for r in rows], sq)
+    return Reference(tokens, [rows[i].id for i in order], torch.tensor([kept[i][3] for i in order],
+                                                                        dtype=torch.float64))
 
 
 def join_references(parts) -> Reference:
-    """One reference from per-block references, each given with the index of its first row, in block order."""
+    """One reference from per-block references (each given with the index of its first row), in block order;
+    a block's rows are numbered after all rows kept by the blocks before it."""
     refs = [p for p, _ in parts]
-    seg = torch.cat([r.tokens.seg + int(first) for r, first in parts])
+    offsets = np.cumsum([0] + [len(r.ids) for r in refs])[:-1]
+    seg = torch.cat([r.tokens.seg + int(o) for r, o in zip(refs, offsets)])
     t = [r.tokens for r in refs]
     return Reference(ReferenceTokens(torch.cat([x.h for x in t]), torch.cat([x.y for x in t]),
                                      torch.cat([x.lse for x in t]), seg),

@@ -147,8 +147,9 @@ def detect_format(path: str) -> str:
                      f"save_to_disk directory (set --format to force one)")
 
 
-def list_inputs(url: str, fmt: str = "auto") -> list[tuple[str, str, str]]:
-    """(full path, format, label) for every data file under a path, directory, glob or HF dataset dir."""
+def list_inputs(url: str, fmt: str = "auto", exclude: str | None = None) -> list[tuple[str, str, str]]:
+    """(full path, format, label) for every data file under a path, directory, glob or HF dataset dir;
+    ``exclude``: a folder whose files are never inputs (the job's own output, when it lies inside the input)."""
     fs, path = filesystem(url)
     if any(c in path for c in "*?["):
         root = re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0]
@@ -167,10 +168,33 @@ def list_inputs(url: str, fmt: str = "auto") -> list[tuple[str, str, str]]:
         files, root = [path], posixpath.dirname(path)
     else:
         raise FileNotFoundError(f"no input at {url}")
+    if exclude:
+        ex = filesystem(exclude)[1].rstrip("/")
+        files = [f for f in files if f != ex and not f.startswith(ex + "/")]
     if not files:
         raise FileNotFoundError(f"no data files at {url}")
-    return [(_full(fs, f), detect_format(f) if fmt == "auto" else fmt, posixpath.relpath(f, root) if root else f)
-            for f in files]
+    out = []
+    for f in files:
+        f_fmt = detect_format(f) if fmt == "auto" else fmt
+        if f_fmt == "jsonl" and f.lower().endswith(".json") and _is_json_array(fs, f):
+            f_fmt = "json"  # a .json file holding one JSON array of objects, not JSON lines
+        out.append((_full(fs, f), f_fmt, posixpath.relpath(f, root) if root else f))
+    return out
+
+
+def _is_json_array(fs, path: str) -> bool:
+    """Whether a file's first non-blank character opens a JSON array."""
+    with fs.open(path, "rb") as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head[:1] == b"["
+
+
+def _json_array(fs, path: str) -> list:
+    with fs.open(path, "rb") as fh:
+        data = json.load(fh)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: a .json input must hold JSON lines or one JSON array of objects")
+    return data
 
 
 def _hidden(f: str, root: str) -> bool:
@@ -190,11 +214,11 @@ PLAN_THREADS = 32  # files whose metadata is read at once: object stores answer 
 
 
 def plan_shards(url: str, fmt: str = "auto", shard_rows: int = DEFAULT_SHARD_ROWS,
-                shard_bytes: int = DEFAULT_SHARD_BYTES, threads: int = PLAN_THREADS) -> Shards:
+                shard_bytes: int = DEFAULT_SHARD_BYTES, threads: int = PLAN_THREADS, exclude: str | None = None) -> Shards:
     """Split every input file into shards, reading only metadata (JSONL: byte ranges), ``threads`` files at a
     time: over an object store planning is bound by per-file latency, not bandwidth. Each file's shards become
     columns as soon as its metadata is read, so no Python object per shard outlives its file."""
-    files = list_inputs(url, fmt)
+    files = list_inputs(url, fmt, exclude)
     tables, count = [], 0
     for (full, f, label), (start, stop, rows) in zip(files, _spans_in_order(files, threads, shard_rows, shard_bytes)):
         n = len(start)
@@ -224,7 +248,7 @@ def _file_spans(full: str, fmt: str, shard_rows: int, shard_bytes: int) -> tuple
     fs, path = filesystem(full)
     try:
         spans = _spans(fs, path, fmt, shard_rows, shard_bytes)
-    except pa.ArrowInvalid as e:  # names the file: pyarrow's message does not
+    except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError) as e:  # names the file: pyarrow's does not
         raise ValueError(f"{full} is not a readable {fmt} file ({e}); fix or remove it, or point the job at the "
                          "files to use (a glob)") from e
     start, stop, rows = np.ascontiguousarray(np.array(spans, np.int64).reshape(-1, 3).T)
@@ -246,7 +270,7 @@ def _spans(fs, path: str, fmt: str, shard_rows: int, shard_bytes: int) -> list[t
         size = fs.size(path)
         spans = [(a, min(a + shard_bytes, size), -1) for a in range(0, max(size, 1), shard_bytes)]
     else:
-        n = _arrow_rows(fs, path)
+        n = _arrow_rows(fs, path) if fmt == "arrow" else len(_json_array(fs, path))
         spans = [(a, min(a + shard_rows, n), min(a + shard_rows, n) - a) for a in range(0, max(n, 1), shard_rows)]
     return spans
 
@@ -271,6 +295,15 @@ def read_shard(shard: Shard) -> tuple[list[tuple[str, dict]], list[tuple[str, st
         with fs.open(path, "rb") as fh:
             table = pa.ipc.open_stream(fh).read_all().slice(shard.start, shard.stop - shard.start)
         return [(f"{shard.label}:{shard.start + i}", r) for i, r in enumerate(table.to_pylist())], bad
+    if shard.fmt == "json":
+        rows = []
+        for i, row in enumerate(_json_array(fs, path)[shard.start:shard.stop], start=shard.start):
+            rid = f"{shard.label}:{i}"
+            if isinstance(row, dict):
+                rows.append((rid, row))
+            else:
+                bad.append((rid, f"JSON array element {i} is a {type(row).__name__}, not an object"))
+        return rows, bad
     rows = []
     for offset, line in _jsonl_lines(fs, path, shard.start, shard.stop):
         rid = f"{shard.label}@{offset}"

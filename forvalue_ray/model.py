@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,11 +31,48 @@ def cache_dir() -> Path:
 
 
 def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
+    """The SHA-256 of a whole file; cached under the cache dir by (path, size, mtime_ns), so an unchanged
+    checkpoint is hashed once, and a file rewritten in place (a new mtime) is hashed again."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key, stamp = str(path), [st.st_size, st.st_mtime_ns]
+    cache = _read_digest_cache()
+    hit = cache.get(key)
+    if hit and hit[:2] == stamp:
+        return hit[2]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if st.st_size >= DIGEST_CACHE_MIN_BYTES:  # small files cost less to hash than to look up
+        _write_digest_cache(key, stamp + [digest])
+    return digest
+
+
+DIGEST_CACHE_MIN_BYTES = 1 << 20
+DIGEST_CACHE_FILE = "file_digests.json"
+
+
+def _read_digest_cache() -> dict:
+    try:
+        return json.loads((cache_dir() / DIGEST_CACHE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_digest_cache(key: str, entry: list) -> None:
+    """Add one entry (read, merge, atomic replace: concurrent writers lose at most an entry, never the file)."""
+    try:
+        cache = _read_digest_cache()
+        cache[key] = entry
+        path = cache_dir() / DIGEST_CACHE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache dir: hash again next time
 
 
 def smollm2_gguf() -> Path:
@@ -158,6 +196,85 @@ def check_head(vm: "ValuationModel") -> float:
     return mismatch
 
 
+_FP64_SOFTMAX = threading.local()
+_torch_softmax = getattr(torch.nn.functional.softmax, "_forvalue_original", torch.nn.functional.softmax)
+
+
+def _softmax(input, dim=None, _stacklevel=3, dtype=None):
+    """torch's softmax, except that inside a float64 model's attention a float64 input asked for in float32
+    (transformers' eager attention does so whatever the model's dtype) stays float64."""
+    if dtype == torch.float32 and input.dtype == torch.float64 and getattr(_FP64_SOFTMAX, "on", False):
+        dtype = torch.float64
+    return _torch_softmax(input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
+
+
+_softmax._forvalue_original = _torch_softmax
+
+
+def _fp64_softmax_on(module, args):
+    module._forvalue_softmax_before = getattr(_FP64_SOFTMAX, "on", False)
+    _FP64_SOFTMAX.on = True
+
+
+def _fp64_softmax_off(module, args, output):
+    _FP64_SOFTMAX.on = getattr(module, "_forvalue_softmax_before", False)
+
+
+def _rotary64(module, args, kwargs, output):
+    """A rotary module's (cos, sin) recomputed in float64 from its own inv_freq, for float64 inputs."""
+    x = args[0] if args else kwargs.get("x")
+    position_ids = args[1] if len(args) > 1 else kwargs.get("position_ids")
+    if x is None or position_ids is None or x.dtype != torch.float64:
+        return None
+    freqs = position_ids[..., None].to(torch.float64) * module.inv_freq.to(x.device, torch.float64)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    scaling = float(getattr(module, "attention_scaling", 1.0) or 1.0)
+    return (emb.cos() * scaling), (emb.sin() * scaling)
+
+
+def float64_end_to_end(model: torch.nn.Module) -> None:
+    """A float64 model computes in float64 end to end: transformers computes rotary cos/sin and the eager
+    attention's softmax in float32 whatever the model's dtype, and float32 rounds differently with the batch's
+    shape (padding) and the CPU's vector width, which moves fp64 scores in their 8th digit (and away from an
+    autograd oracle). Both are switched to float64 for float64 inputs, by forward hooks on the model's own modules
+    (its own forward too, so an oracle built on it agrees; a copy cast to 16 or 32 bits computes as before)."""
+    if torch.nn.functional.softmax is not _softmax:
+        torch.nn.functional.softmax = _softmax
+    rotary_in_float64(model)
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention") and not getattr(module, "_forvalue_fp64", False):
+            module.register_forward_pre_hook(_fp64_softmax_on)
+            module.register_forward_hook(_fp64_softmax_off)
+            module._forvalue_fp64 = True
+
+
+ROTARY_FLOAT64_TYPES = ("default", "linear", "llama3", None)  # rope types whose inv_freq is fixed at load time
+
+
+def rotary_in_float64(model: torch.nn.Module) -> int:
+    """Each rotary-embedding module whose output the float64 formula reproduces (checked on its own output; any
+    other is left as it is) gets its cos/sin in float64 (:func:`_rotary64`). Returns how many were switched."""
+    switched = 0
+    for module in model.modules():
+        inv = getattr(module, "inv_freq", None)
+        if (not isinstance(inv, torch.Tensor) or "Rotary" not in type(module).__name__ or inv.dim() != 1
+                or getattr(module, "rope_type", None) not in ROTARY_FLOAT64_TYPES
+                or getattr(module, "_forvalue_fp64", False)):
+            continue
+        probe = torch.zeros(1, 1, dtype=torch.float64, device=inv.device)
+        pos = torch.arange(64, device=inv.device)[None]
+        try:
+            theirs = module(probe, pos)
+            ours = _rotary64(module, (probe, pos), {}, theirs)
+        except Exception:
+            continue
+        if all(a.shape == b.shape and torch.allclose(a.double(), b, rtol=0, atol=1e-5) for a, b in zip(theirs, ours)):
+            module.register_forward_hook(_rotary64, with_kwargs=True)
+            module._forvalue_fp64 = True
+            switched += 1
+    return switched
+
+
 @dataclass
 class ValuationModel:
     """A causal LM ready for valuation: the HF model, its tokenizer, its LM head and provenance."""
@@ -170,6 +287,8 @@ class ValuationModel:
     def __post_init__(self):
         self.model.eval()
         self.head = lm_head_of(self.model)
+        if self.dtype == torch.float64:
+            float64_end_to_end(self.model)
         self.head_mismatch = check_head(self)
         self.provenance.setdefault("model_class", type(self.model).__name__)
         self.provenance.setdefault("vocab_size", self.head.vocab_size)
@@ -256,8 +375,11 @@ def default_dtype(device: str | torch.device | None) -> torch.dtype:
     return torch.bfloat16 if dev.type == "cuda" else torch.float32
 
 
-def resolve_model(spec: str | None, revision: str | None = None) -> tuple[str, dict]:
-    """A loadable path (GGUF converted and cached) and the provenance of the weights it names."""
+def resolve_model(spec: str | None, revision: str | None = None, identify: bool = True) -> tuple[str, dict]:
+    """A loadable path (GGUF converted and cached; a hub id resolved to its cached snapshot) and the provenance of
+    the weights it names, by content: a local directory's files are hashed whole (cached by path, size and mtime),
+    a hub id is pinned to the snapshot's commit. ``identify=False`` skips the hashing (model replicas of a job,
+    whose driver identified the model already)."""
     spec = spec or DEFAULT_MODEL
     provenance: dict = {"spec": spec, "revision": revision}
     if spec == DEFAULT_MODEL:
@@ -269,18 +391,47 @@ def resolve_model(spec: str | None, revision: str | None = None) -> tuple[str, d
             raise FileNotFoundError(f"GGUF file not found: {spec}")
         path, digest = gguf_to_hf_dir(Path(spec))
         provenance.update(source=str(Path(spec).name), sha256=digest)
-    else:
+    elif Path(spec).is_dir():
         path = spec
         provenance["source"] = spec
-        if Path(spec).is_dir():
+        if identify:
             provenance["weights_digest"] = _dir_digest(Path(spec))
+    else:
+        path = hub_snapshot(spec, revision)
+        provenance["source"] = spec
+        # a hub id names whatever snapshot is cached (or downloaded): its commit is its identity, and the job
+        # loads that snapshot's directory, never a newer one that appears while it runs
+        provenance["weights_digest"] = f"hub:{Path(path).name}"
     return str(path), provenance
+
+
+# what a model load reads from a hub repository (not every format a repository may also hold)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.tiktoken", "*.jinja", "*.bin"]
+
+
+def hub_snapshot(spec: str, revision: str | None = None) -> str:
+    """The local snapshot directory of a hub id (``HF_HUB_OFFLINE=1``: from the cache only). Raises
+    ``FileNotFoundError("not found: SPEC …")`` for a path that does not exist and is no hub id in reach."""
+    from huggingface_hub import constants, snapshot_download
+
+    hint = ("not a local directory, a .gguf file, or a hub id in your cache "
+            "(HF_HUB_OFFLINE=1 forbids downloads)")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep in spec.replace("/", ""):
+        raise FileNotFoundError(f"not found: {spec} ({hint})")
+    try:
+        folder = snapshot_download(spec, revision=revision, allow_patterns=HUB_PATTERNS,
+                                   local_files_only=bool(constants.HF_HUB_OFFLINE))
+    except Exception as e:  # HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, network errors
+        raise FileNotFoundError(f"not found: {spec} ({hint}; {type(e).__name__})") from None
+    if not (Path(folder) / "config.json").exists():
+        raise FileNotFoundError(f"not found: {spec} (its snapshot {folder} has no config.json; {hint})")
+    return folder
 
 
 def load_model(spec: str | None = None, *, dtype: torch.dtype | str | None = None, adapter: str | None = None,
                device: str | None = None, device_map: str | dict | None = None,
                attn_implementation: str | None = None, trust_remote_code: bool = False,
-               revision: str | None = None) -> ValuationModel:
+               revision: str | None = None, identify: bool = True) -> ValuationModel:
     """Load a causal LM for valuation.
 
     ``spec``: ``None``/``"smollm2"`` (embedded default), a ``.gguf`` file, a local HF directory, or a hub id.
@@ -294,7 +445,9 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype | str | None = Non
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or default_dtype(device)
-    path, provenance = resolve_model(spec, revision)
+    path, provenance = resolve_model(spec, revision, identify)
+    if Path(path).is_dir():
+        revision = None  # a local directory (a resolved hub snapshot too) has no revisions
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -328,9 +481,10 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype | str | None = Non
     return ValuationModel(model, tokenizer, provenance, processor)
 
 
-def _dir_digest(path: Path, block: int = 1 << 16, samples: int = 32) -> str | None:
-    """Content digest of a model directory: small files whole, large (weight) files by their size and
-    ``samples`` evenly spaced blocks — seconds for a 16 GB checkpoint, and any retrained weights differ."""
+def _dir_digest(path: Path, small: int = 1 << 21) -> str | None:
+    """Content digest of a model directory: every byte of every file. Small files enter whole, large (weight)
+    files by their full SHA-256 (:func:`file_sha256`: hashed once, then cached by path, size and mtime), so
+    weights edited in place, anywhere in the file, change the digest."""
     if not path.is_dir():
         return None
     h = hashlib.sha256()
@@ -339,11 +493,8 @@ def _dir_digest(path: Path, block: int = 1 << 16, samples: int = 32) -> str | No
             continue
         size = f.stat().st_size
         h.update(f"{f.relative_to(path)}:{size}".encode())
-        with open(f, "rb") as fh:
-            if size <= block * samples:
-                h.update(fh.read())
-                continue
-            for i in range(samples):
-                fh.seek(i * (size - block) // (samples - 1))
-                h.update(fh.read(block))
+        if size <= small:
+            h.update(f.read_bytes())
+        else:
+            h.update(f"sha256:{file_sha256(f)}".encode())
     return h.hexdigest()[:24]

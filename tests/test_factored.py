@@ -48,8 +48,8 @@ def test_factored_equals_dense_equals_autograd(case, normalize, grouped):
         stats = target_statistics(vm, TARGET, groups=groups, normalize=normalize, vocab_chunk=48, stats_form=form)
         assert stats.form == form and stats.names == names
         scores[form] = score_against(vm, TRAIN, stats, vocab_chunk=37)
-        assert rel_err(scores[form], exact) < 1e-5, form
-    assert rel_err(scores["factored"], scores["dense"]) < 1e-6
+        assert rel_err(scores[form], exact) < 1e-12, form  # fp64 model: fp64 end to end
+    assert rel_err(scores["factored"], scores["dense"]) < 1e-12
 
 
 def test_factored_partials_concatenate(case):
@@ -65,7 +65,7 @@ def test_factored_partials_concatenate(case):
     assert len(joined.weights) == len(whole.weights) == sum(r.n_valued for r in rows)
     a, b = (Scorer(vm, stats=finish_target_stats(t, counts, sorted(set(GROUPS)), False))(train)["scores"]
             for t in (whole, joined))
-    assert rel_err(a, b) < 1e-9
+    assert rel_err(a, b) < 1e-12
 
 
 def test_form_chosen_by_cost():

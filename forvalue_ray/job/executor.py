@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -96,6 +97,10 @@ def run_shards(command: str, shards: Shards, done: set[str], stages: list[Stage]
             print(f"{command}: retrying {len(todo)} shards that did not finish (first: {todo[0].key})",
                   file=sys.stderr, flush=True)
         for summary in _shard_round(todo, stages):
+            if summary.get("error"):  # a deterministic failure (a damaged file): every round would fail the same
+                bar.close()
+                raise RuntimeError(f"shard {summary['shard']} ({summary.get('label') or ''}): {summary['error']}; "
+                                   f"the {len(finished)} shards finished this run are kept")
             finished.add(summary["shard"])
             per_node[summary["node"]] += 1
             tally["shards"] += 1
@@ -137,12 +142,25 @@ def _shard_round(todo: Shards, stages: list[Stage]) -> Iterator[dict]:
     try:
         ds = shards_dataset(todo)
         for st in stages:
-            ds = ds.map_batches(_as_actor(st.step), batch_size=1, fn_constructor_kwargs=st.kwargs,
-                                compute=ray.data.ActorPoolStrategy(min_size=st.actors[0], max_size=st.actors[1]),
-                                max_task_retries=0, **st.resources)
+            with warnings.catch_warnings():
+                # max_task_retries=0 (a shard in flight on a lost actor fails fast and is redone in the next round)
+                # has no named parameter in Ray 2.60, and its only other route, ray_remote_args_fn, is deprecated
+                # too: this one warning is silenced here, every resource goes by its named parameter
+                warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+                ds = ds.map_batches(_as_actor(st.step), batch_size=1, fn_constructor_kwargs=st.kwargs,
+                                    compute=ray.data.ActorPoolStrategy(min_size=st.actors[0], max_size=st.actors[1]),
+                                    max_task_retries=0, **_named_resources(st.resources))
         yield from ds.iter_rows()
     finally:
         ctx.max_errored_blocks = old
+
+
+def _named_resources(resources: dict) -> dict:
+    """A stage's resources as map_batches' named parameters (num_cpus, num_gpus, memory, resources): passing
+    them as ray_remote_args is deprecated (removed in Ray 2.64)."""
+    named = {k: resources[k] for k in ("num_cpus", "num_gpus", "memory") if resources.get(k) is not None}
+    custom = {k: v for k, v in resources.items() if k not in ("num_cpus", "num_gpus", "memory")}
+    return {**named, **({"resources": custom} if custom else {})}
 
 
 def node_id() -> str:
@@ -264,14 +282,16 @@ class ActorPool:
 
         self.actors = [ray.remote(**resources)(cls).remote(*args) for _ in range(size)]
 
-    def submit(self, i: int, method: str, *args):
-        """Call ``method(*args)`` on actor ``i % size``; returns the result's ref."""
-        return getattr(self.actors[i % len(self.actors)], method).remote(*args)
+    def submit(self, i: int, method: str, *args, num_returns: int = 1):
+        """Call ``method(*args)`` on actor ``i % size``; returns the result's ref (``num_returns`` refs)."""
+        call = getattr(self.actors[i % len(self.actors)], method)
+        return (call.options(num_returns=num_returns) if num_returns != 1 else call).remote(*args)
 
     def close(self, wait_for) -> None:
         """Wait until ``wait_for`` is computed (not fetched), then free the actors (and their model replicas)."""
         import ray
 
-        ray.wait([wait_for], fetch_local=False)
+        if wait_for is not None:
+            ray.wait([wait_for], fetch_local=False)
         for a in self.actors:
             ray.kill(a)

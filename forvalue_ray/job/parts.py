@@ -61,10 +61,11 @@ def plan_record(kind: str, settings: dict, shards: Shards) -> dict:
             "forvalue_ray": __version__}
 
 
-def file_stamp(url: str) -> list:
-    """Input identity without reading data: paths, sizes and modification times."""
+def file_stamp(url: str, exclude: str | None = None) -> list:
+    """Input identity without reading data: paths, sizes and modification times (``exclude``: the job's own
+    output folder, never one of its inputs)."""
     out = []
-    for full, _, _ in io.list_inputs(url):
+    for full, _, _ in io.list_inputs(url, exclude=exclude):
         fs, p = io.filesystem(full)
         info = fs.info(p)
         out.append([full, info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")])
@@ -102,6 +103,10 @@ def prepare_out(out: str, record: dict, shards: Shards, overwrite: bool = False)
             if old["fingerprint"] == record["fingerprint"]:
                 write_plan(out, record, shards)
         if old.get("fingerprint") != record["fingerprint"]:
+            if not overwrite and not io.list_parts(io.join(out, old.get("kind", record["kind"]))):
+                # a job that failed before finishing any shard (a typo, a bad target): nothing to keep, replace it
+                print(f"{out}: replacing the plan of a job that finished no shard", file=sys.stderr)
+                overwrite = True
             if not overwrite:
                 changed = sorted(k for k in set(old.get("settings", {})) | set(record["settings"])
                                  if old.get("settings", {}).get(k) != record["settings"].get(k))

@@ -30,7 +30,41 @@ def run(cfg: JobConfig) -> dict:
     result = runner(cfg)
     parts.write_resolved_config(cfg)
     parts.print_run_summary(cfg, result)
+    counts = result["counts"]
+    if cfg.command in ("value", "sketch") and counts["scored"] == 0:
+        raise RuntimeError(nothing_scored(cfg, counts))
     return result
+
+
+def nothing_scored(cfg: JobConfig, counts: dict) -> str:
+    """Why a run scored no row: its commonest rejection reasons (from a few rejected parts) and the columns found."""
+    import collections
+
+    import pyarrow.parquet as pq
+
+    reasons: collections.Counter = collections.Counter()
+    fs, base = io.filesystem(io.join(cfg.out, "rejected"))
+    names = sorted(fs.ls(base, detail=False))[:20] if fs.exists(base) else []
+    for f in names:
+        if f.endswith(".parquet") and not posixpath.basename(f).startswith("."):
+            reasons.update(pq.read_table(f, filesystem=fs, columns=["reason"])["reason"].to_pylist())
+    top = "; ".join(f"{n}× {r}" for r, n in reasons.most_common(2)) or "none rejected"
+    return (f"no row was scored ({counts['rows_read']:,} read, {counts['rejected']:,} rejected: {top}); columns "
+            f"found: {', '.join(input_columns(cfg.train or cfg.data, cfg.format, cfg.out)) or 'none'}. Name the "
+            f"row's columns (--text-column, --prompt-column/--response-column, --messages-column, --form) and re-run; "
+            f"rejected rows and their reasons: {io.join(cfg.out, 'rejected')}")
+
+
+def input_columns(url: str, fmt: str = "auto", exclude: str | None = None, rows: int = 100) -> list[str]:
+    """The columns of an input's first shard (the keys of its first rows, for JSON)."""
+    try:
+        shard = io.plan_shards(url, fmt, exclude=exclude)[0]
+        found = {}
+        for _, row in io.read_shard(shard)[0][:rows]:
+            found.update(dict.fromkeys(row))
+        return list(found)
+    except Exception:  # an explanation's detail: never the error itself
+        return []
 
 
 def _model_identity(cfg: JobConfig) -> tuple[str, dict, str]:
@@ -41,6 +75,13 @@ def _model_identity(cfg: JobConfig) -> tuple[str, dict, str]:
     provenance.update(adapter_provenance(cfg.adapter))
     provenance["dtype"] = cfg.dtype or ("bfloat16" if cfg.gpus_per_actor else "float32")  # as the actors load it
     return model_path, provenance, model_fingerprint(provenance)
+
+
+def _artifact(path: str | None):
+    """A reused artifact's identity in the plan: its content (see artifacts.artifact_identity)."""
+    from ..artifacts import artifact_identity
+
+    return artifact_identity(path) if path else None
 
 
 def _prepare(cfg: JobConfig, kind: str, shards: Shards, extra: dict) -> tuple[dict, set[str]]:
@@ -74,13 +115,15 @@ def run_value(cfg: JobConfig) -> dict:
     t0 = time.time()
     cfg.validate()
     model_path, provenance, fp = _model_identity(cfg)
-    shards = io.plan_shards(cfg.train, cfg.format, cfg.shard_rows, cfg.shard_bytes)
-    target_id = (parts.file_stamp(cfg.target) if cfg.target and not cfg.target_stats
-                 else io.read_json(io.join(cfg.target_stats, "target_stats.json"))["provenance"])
-    center_prov = (io.read_json(io.join(cfg.center_stats, "target_stats.json"))["provenance"] if cfg.center_stats
-                   else None)
+    shards = io.plan_shards(cfg.train, cfg.format, cfg.shard_rows, cfg.shard_bytes, exclude=cfg.out)
+    # reused artifacts by content: one rebuilt in place is another job, never mixed into this one's outputs
+    target_id = (parts.file_stamp(cfg.target, exclude=cfg.out) if cfg.target and not cfg.target_stats
+                 else _artifact(cfg.target_stats))
+    # the model and the target are checked before the plan is written: a typo fails with nothing to replace
+    target = encode_target(cfg, model_path) if cfg.target and not cfg.target_stats else None
     _, done = _prepare(cfg, "scores", shards, {"model_fingerprint": fp, "target": target_id,
-                                               "train_files": parts.file_stamp(cfg.train), "center": center_prov})
+                                               "train_files": parts.file_stamp(cfg.train, exclude=cfg.out),
+                                               "center": _artifact(cfg.center_stats)})
     info = {"model": provenance, "model_fingerprint": fp, "mode": cfg.mode}
     if not shards.without(done) and io.exists(io.join(cfg.out, "run.json")):
         prev = io.read_json(io.join(cfg.out, "run.json"))  # finished: no target pass, no actors
@@ -97,7 +140,7 @@ def run_value(cfg: JobConfig) -> dict:
                                                 "target_stats_form": stats.form}
         payload = {"stats": stats}
     else:
-        payload, target_ids, target_info = build_target(cfg, model_path, provenance, fp)
+        payload, target_ids, target_info = build_target(cfg, model_path, provenance, fp, encoded=target)
     if cfg.center or cfg.center_stats:
         center, center_info = build_center(cfg, model_path, provenance, fp, shards)
         payload = executor.on_driver_node(_center_payload, payload, center)
@@ -115,43 +158,58 @@ def run_value(cfg: JobConfig) -> dict:
 TARGET_BLOCK_ROWS = int(os.environ.get("FORVALUE_TARGET_BLOCK_ROWS", "64"))
 
 
-def build_target(cfg: JobConfig, model_path: str, provenance: dict, fp: str, artifact: str = "target"):
-    """The target pass: encode the (small) target set on the driver; model actors compute one additive
-    partial per fixed block of target rows (or keep its tokens, pairwise); blocks are reduced in float64 in
-    block order by Ray tasks, so the result is bit-identical for any number of actors and the statistics
-    ([K, V, d]) never pass through the driver process: the last task, on the driver's node, saves the artifact and
-    holds the broadcast.
-    Returns (payload ref, target ids, info); the artifact goes to OUT/<artifact>/."""
-    # the same reading, encoding and row routing as the training rows', on the driver
+def encode_target(cfg: JobConfig, model_path: str) -> dict:
+    """The target rows read and encoded on the driver (the same reading, encoding and row routing as the training
+    rows'); raises, saying why, when no row is valid."""
     encoder = EncodeShards(model_path, cfg.encode_kw(), cfg.group_column if cfg.mode == "groups" else None,
                            cfg.trust_remote_code)
-    rows, groups, rejected, group_names = [], [], [], set()
-    for shard in io.plan_shards(cfg.target, cfg.format, cfg.shard_rows, cfg.shard_bytes):
+    rows, groups, rejected, group_names, columns = [], [], [], set(), {}
+    for shard in io.plan_shards(cfg.target, cfg.format, cfg.shard_rows, cfg.shard_bytes, exclude=cfg.out):
         enc = encoder.encode(shard)
         rows += enc["rows"]
         groups += ["mean" if g is None else g for g in enc["groups"]]
         rejected += enc["rejected"]
         group_names |= enc["group_names"]
-    if rejected:
-        io.write_table_atomic(io.join(cfg.out, artifact, "rejected.parquet"),
-                              pa.table({"id": [r[0] for r in rejected], "reason": [r[1] for r in rejected]}))
+        columns.update(dict.fromkeys(enc["columns"]))
     if not rows:
-        raise ValueError(f"no valid target rows in {cfg.target} ({len(rejected)} rejected: see "
-                         f"{io.join(cfg.out, artifact, 'rejected.parquet')})")
+        raise ValueError(no_valid_rows(cfg.target, rejected, list(columns), cfg.group_column if cfg.mode == "groups"
+                                       else None))
+    return {"rows": rows, "groups": groups, "rejected": rejected, "group_names": group_names}
+
+
+def no_valid_rows(what: str, rejected: list, columns: list[str], group_column: str | None) -> str:
+    import collections
+
+    if not rejected:
+        return f"no target rows: {what} holds no rows"
+    found = ", ".join(map(repr, columns)) or "none"
+    if group_column and group_column not in columns:
+        return (f"no valid target rows in {what}: it has no column '{group_column}' (--group-column); its columns "
+                f"are {found}")
+    top = "; ".join(f"{n}× {r}" for r, n in collections.Counter(r for _, r in rejected).most_common(2))
+    return f"no valid target rows in {what} ({len(rejected)} rejected: {top}); its columns are {found}"
+
+
+def build_target(cfg: JobConfig, model_path: str, provenance: dict, fp: str, artifact: str = "target",
+                 encoded: dict | None = None):
+    """The target pass: encode the (small) target set on the driver; model actors compute one additive
+    partial per fixed block of target rows (or keep its tokens, pairwise); blocks are reduced in float64 in
+    block order by Ray tasks, so the result is bit-identical for any number of actors and the statistics
+    ([K, V, d]) never pass through the driver process: the last task, on the driver's node, saves the artifact and
+    holds the broadcast. A target row whose statistics overflow (not finite) is rejected with its reason, like a
+    row that cannot be encoded, and left out of the statistics.
+    Returns (payload ref, target ids, info); the artifact goes to OUT/<artifact>/."""
+    enc = encoded or encode_target(cfg, model_path)
+    rows, groups, rejected, group_names = enc["rows"], enc["groups"], list(enc["rejected"]), enc["group_names"]
+    rejected_url = io.join(cfg.out, artifact, "rejected.parquet")
     names = sorted(set(groups))
-    info = {"target_rows": len(rows), "target_rejected": len(rejected), **{
-        f"target_{k}": v for k, v in encode_summary(rows).items()}}
-    empty = sorted(group_names - set(names))
-    if empty:
-        info["target_groups_without_rows"] = empty
-        print(f"warning: target group(s) {empty} have no valid row (all rejected: see "
-              f"{io.join(cfg.out, artifact, 'rejected.parquet')}); they get no score column", file=sys.stderr)
     blocks = [list(range(i, min(i + TARGET_BLOCK_ROWS, len(rows)))) for i in range(0, len(rows), TARGET_BLOCK_ROWS)]
     pool = executor.ActorPool(TargetWorker, (model_path, cfg.load_kw(), cfg.vocab_chunk, cfg.batch_tokens),
                               cfg.actor_resources(), min(actor_range(cfg.num_actors)[1], len(blocks)))
+    info = {}
     if cfg.mode == "pairwise":
-        refs = [pool.submit(b, "reference", [rows[i] for i in block], block[0]) for b, block in enumerate(blocks)]
-        payload = executor.on_driver_node(_join_references, *refs)
+        calls = [pool.submit(b, "reference", [rows[i] for i in block], block[0], num_returns=2)
+                 for b, block in enumerate(blocks)]
     else:
         from ..engine import target_form
 
@@ -159,23 +217,53 @@ def build_target(cfg: JobConfig, model_path: str, provenance: dict, fp: str, art
         stats_form = "dense" if cfg.center or cfg.center_stats else target_form(  # centering subtracts dense statistics
             sum(r.n_valued for r in rows), len(names), *executor.get(pool.submit(0, "head_shape")))
         info["target_stats_form"] = stats_form
-        refs = [pool.submit(b, "partial", [rows[i] for i in block], [index[i] for i in block], len(names),
-                            cfg.normalize, stats_form) for b, block in enumerate(blocks)]
+        calls = [pool.submit(b, "partial", [rows[i] for i in block], [index[i] for i in block], len(names),
+                             cfg.normalize, stats_form, block[0], num_returns=2) for b, block in enumerate(blocks)]
+    overflowed = [bad for _, bad_ref in calls for bad in executor.get(bad_ref)]  # (row, id, reason): a few
+    rejected += [(rid, reason) for _, rid, reason in overflowed]
+    if rejected:
+        io.write_table_atomic(rejected_url, pa.table({"id": pa.array([r[0] for r in rejected], pa.string()),
+                                                      "reason": pa.array([r[1] for r in rejected], pa.string())}))
+    dropped = {i for i, _, _ in overflowed}
+    kept = [i for i in range(len(rows)) if i not in dropped]
+    if not kept:
+        pool.close(wait_for=None)
+        raise ValueError(f"no valid target rows in {cfg.target} ({len(rejected)} rejected: see {rejected_url})")
+    if overflowed:
+        print(f"warning: {len(overflowed)} target row(s) rejected: non-finite statistics (first: "
+              f"{overflowed[0][1]!r}; see {rejected_url})", file=sys.stderr)
+    kept_names = sorted({groups[i] for i in kept})
+    info.update({"target_rows": len(kept), "target_rejected": len(rejected), **{
+        f"target_{k}": v for k, v in encode_summary([rows[i] for i in kept]).items()}})
+    empty = sorted(group_names - set(kept_names))
+    if empty:
+        info["target_groups_without_rows"] = empty
+        print(f"warning: target group(s) {empty} have no valid row (all rejected: see "
+              f"{rejected_url}); they get no score column", file=sys.stderr)
+    refs = [ref for ref, _ in calls]
+    if cfg.mode == "pairwise":
+        payload = executor.on_driver_node(_join_references, *refs)
+    else:
         payload = executor.on_driver_node(_finish_target, executor.fold(_add_partials, refs), names, cfg.normalize,
                                           {**provenance, "model_fingerprint": fp}, io.join(cfg.out, artifact))
     pool.close(wait_for=payload)  # free their model replicas before the value pass starts its own
-    return payload, ([r.id for r in rows] if cfg.mode == "pairwise" else names), info
+    return payload, ([rows[i].id for i in kept] if cfg.mode == "pairwise" else kept_names), info
 
 
 def _add_partials(a, b):
-    return a[0] + b[0], a[1] + b[1]
+    """Partials (sum, counts) in block order; a block whose every row overflowed has no sum (None)."""
+    total = b[0] if a[0] is None else a[0] if b[0] is None else a[0] + b[0]
+    return total, a[1] + b[1]
 
 
 def _finish_target(total, names, normalize, provenance, out_dir):
+    import torch
+
     from ..artifacts import save_target_stats
     from ..engine import finish_target_stats
 
-    stats = finish_target_stats(total[0], total[1], names, normalize, provenance)
+    dtype = torch.float64 if provenance.get("dtype") == "float64" else torch.float32  # fp64 models: fp64 Ḡ
+    stats = finish_target_stats(total[0], total[1], names, normalize, provenance, dtype=dtype, drop_empty=True)
     save_target_stats(stats, out_dir)
     return {"stats": stats}
 
@@ -219,7 +307,7 @@ def build_center(cfg: JobConfig, model_path: str, provenance: dict, fp: str, sha
         return {"stats": stats}, {"center_rows": sum(stats.counts)}
     sample, read = sample_training_rows(shards, cfg.center, cfg.center_seed)
     rows = [row for _, row in sample]
-    if any(s.fmt == "jsonl" for s in shards.only(read)):
+    if any(s.fmt in ("jsonl", "json") for s in shards.only(read)):
         path = io.join(cfg.out, "center", "sample.jsonl")
         io.write_bytes_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
     else:
@@ -229,9 +317,10 @@ def build_center(cfg: JobConfig, model_path: str, provenance: dict, fp: str, sha
     io.write_json_atomic(io.join(cfg.out, "center", "sample.json"), {
         "requested_rows": cfg.center, "seed": cfg.center_seed, "rows": len(rows), "shards_read": read,
         "ids": [enc.row_id(row, fallback) for fallback, row in sample],
-        "train_files": parts.file_stamp(cfg.train or cfg.data)})
-    payload, _, info = build_target(replace(cfg, target=path, format="auto", mode="mean", group_column=None),
-                                    model_path, provenance, fp, artifact="center")
+        "train_files": parts.file_stamp(cfg.train or cfg.data, exclude=cfg.out)})
+    sample_cfg = replace(cfg, target=path, format="auto", mode="mean", group_column=None)
+    payload, _, info = build_target(sample_cfg, model_path, provenance, fp, artifact="center",
+                                    encoded=encode_target(sample_cfg, model_path))
     return payload, {"center_rows": info["target_rows"], "center_rejected": info["target_rejected"]}
 
 
@@ -255,12 +344,12 @@ def run_sketch(cfg: JobConfig) -> dict:
     t0 = time.time()
     cfg.validate()
     model_path, provenance, fp = _model_identity(cfg)
-    shards = io.plan_shards(cfg.data, cfg.format, cfg.shard_rows, cfg.shard_bytes)
+    shards = io.plan_shards(cfg.data, cfg.format, cfg.shard_rows, cfg.shard_bytes, exclude=cfg.out)
     index_meta = {"dim": cfg.dim, "seed": cfg.seed, "storage": cfg.storage, "model_fingerprint": fp, "model": provenance,
                   "group_column": cfg.group_column, "center_id": None, "forvalue_ray": __version__}
-    center_stamp = parts.file_stamp(io.join(cfg.center_stats, "target_stats.json")) if cfg.center_stats else None
-    _, done = _prepare(cfg, "sketches", shards, {"model_fingerprint": fp, "data_files": parts.file_stamp(cfg.data),
-                                                 "center": center_stamp})
+    _, done = _prepare(cfg, "sketches", shards, {"model_fingerprint": fp,
+                                                 "data_files": parts.file_stamp(cfg.data, exclude=cfg.out),
+                                                 "center": _artifact(cfg.center_stats)})
     executor.init_ray(cfg.ray_address)
     scorer_kw = {"sketch_dim": cfg.dim, "sketch_seed": cfg.seed, "vocab_chunk": cfg.vocab_chunk,
                  "max_tokens": cfg.batch_tokens}
@@ -288,12 +377,7 @@ def run_score(cfg: JobConfig) -> dict:
     meta = {"storage": "float32", "center_id": None, **io.read_json(io.join(cfg.index, "index.json"))}
     tmeta = {"storage": "float32", "center_id": None, **io.read_json(io.join(cfg.target_index, "index.json"))}
     if meta["center_id"] != tmeta["center_id"]:
-        raise ValueError(f"--target-index is centered on {tmeta['center_id']!r} and --index on {meta['center_id']!r} "
-                         f"(None: not centered): estimates add up only on the same μ. Build the target index with "
-                         f"`forvalue-ray sketch --center-stats "
-                         f"{(meta.get('center') or {}).get('artifact', 'INDEX/center')}`"
-                         if meta["center_id"] else "--target-index is centered but --index is not: build both the "
-                         "same way (drop --center / --center-stats from the target index, or center the index)")
+        raise ValueError(center_mismatch(cfg, meta, tmeta))
     check_compatible("--target-index", meta, tmeta, ("model_fingerprint", "dim", "seed", "storage"))
     targets = io.read_parts(io.join(cfg.target_index, "sketches"))
     target_ids = targets["id"].to_pylist()
@@ -322,6 +406,21 @@ def run_score(cfg: JobConfig) -> dict:
     return parts.write_run_json(cfg, "scores", shards, done, tally, t0, {"model": meta.get("model"),
                                                                       "model_fingerprint": meta["model_fingerprint"]},
                                 faults)
+
+
+def center_mismatch(cfg: JobConfig, meta: dict, tmeta: dict) -> str:
+    """Why an index and a target index do not pair by their centering μ, and the command that fixes it."""
+    artifact = (meta.get("center") or {}).get("artifact") or io.join(cfg.index, "center")
+    rebuild = f"rebuild the target index with `forvalue-ray sketch --center-stats {artifact} ...`"
+    if meta["center_id"] and not tmeta["center_id"]:
+        return (f"--index {cfg.index} is centered (μ {meta['center_id']}) but --target-index {cfg.target_index} is "
+                f"raw (built with --center 0): estimates add up only on the same μ; {rebuild}")
+    if tmeta["center_id"] and not meta["center_id"]:
+        return (f"--target-index {cfg.target_index} is centered (μ {tmeta['center_id']}) but --index {cfg.index} is "
+                f"raw (built with --center 0): rebuild the target index raw (`forvalue-ray sketch --center 0 ...`), "
+                f"or center the index (`forvalue-ray sketch` without --center 0) and then the target index on it")
+    return (f"--index {cfg.index} and --target-index {cfg.target_index} are centered on different μ "
+            f"({meta['center_id']} and {tmeta['center_id']}): estimates add up only on the same μ; {rebuild}")
 
 
 # ---- verify ---------------------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def load_replica(model_path: str, load_kw: dict):
     kw = {k: v for k, v in load_kw.items() if k != "gpus"}
     if cuda and load_kw.get("gpus", 0) > 1:
         kw["device_map"] = "auto"  # a model larger than one GPU spans the actor's GPUs
-    return load_model(model_path, device="cuda" if cuda else "cpu", **kw)
+    return load_model(model_path, device="cuda" if cuda else "cpu", identify=False, **kw)  # the driver identified it
 
 
 def maybe_fault():
@@ -74,6 +74,9 @@ def maybe_fault():
     if marker and not os.path.exists(marker):
         open(marker, "w").close()
         os._exit(17)
+
+
+READ_RETRY_S = 1.0  # before reading a shard that failed once again, to tell a damaged file from a transient error
 
 
 def _summaries(results: list[dict]) -> dict:
@@ -89,13 +92,31 @@ class EncodeShards:
 
     def __call__(self, batch):
         return {**{f: batch[f] for f in io.SHARD_FIELDS},
-                "payload": [pickle.dumps(self.encode(s)) for s in io.shards_from_columns(batch)]}
+                "payload": [pickle.dumps(self.encode_or_fail(s)) for s in io.shards_from_columns(batch)]}
+
+    def encode_or_fail(self, shard: Shard) -> dict:
+        """The shard encoded, or {"error": why} when reading it fails the same way twice (a damaged file: every
+        retry would fail alike, so the job stops at once naming the file); a read that fails once (a network
+        error) raises, and the shard is redone in the next round."""
+        try:
+            return self.encode(shard)
+        except Exception as first:  # noqa: BLE001 - told apart below: deterministic or not
+            time.sleep(READ_RETRY_S)
+            try:
+                return self.encode(shard)
+            except Exception as second:  # noqa: BLE001
+                if type(second) is not type(first) or str(second) != str(first):
+                    raise
+                return {"error": f"cannot read {shard.path}: {type(second).__name__}: {second} (a damaged or "
+                                 f"unreadable file fails the same way on every retry: fix or remove it, or "
+                                 f"point the job at the files to use)"}
 
     def encode(self, shard: Shard) -> dict:
         rows, rejected = io.read_shard(shard)
         n_read = len(rows) + len(rejected)
-        encoded, groups, seen, group_names = [], [], set(), set()
+        encoded, groups, seen, group_names, columns = [], [], set(), set(), {}
         for fallback, row in rows:
+            columns.update(dict.fromkeys(row))
             rid = self.encoder.row_id(row, fallback)
             try:
                 if rid in seen:
@@ -114,7 +135,7 @@ class EncodeShards:
             encoded.append(enc)
             groups.append(None if group is None else str(group))
         return {"rows": encoded, "groups": groups, "rejected": rejected, "n_read": n_read,
-                "group_names": group_names}
+                "group_names": group_names, "columns": list(columns)}
 
 
 class ScoreShards:
@@ -141,6 +162,8 @@ class ScoreShards:
 
     def score(self, shard: Shard, enc: dict) -> dict:
         t0 = time.time()
+        if "error" in enc:  # unreadable: nothing written, the driver stops the job naming the file
+            return {"shard": shard.key, "label": shard.label, "error": enc["error"], "seconds": 0.0}
         rows = enc["rows"]
         res = self.scorer(rows) if rows else {}
         if rows:  # a row whose numbers overflowed is rejected, never written as NaN
@@ -150,6 +173,7 @@ class ScoreShards:
                                     "bfloat16 or another --attn-implementation)") for r, ok in zip(rows, finite)
                                    if not ok]
                 rows = [r for r, ok in zip(rows, finite) if ok]
+                enc["groups"] = [g for g, ok in zip(enc["groups"], finite) if ok]  # aligned with the kept rows
                 res = {k: v[finite] for k, v in res.items()}
         if rows and self.center_sketch is not None:
             res["sketch"] = res["sketch"] - self.center_sketch
@@ -162,7 +186,7 @@ class ScoreShards:
         parts.write_rejected(self.out, shard.key, enc["rejected"])
         maybe_fault()
         parts.write_part(self.out, self.kind, shard.key, table, meta)
-        return {**meta, "seconds": time.time() - t0}
+        return {**meta, "label": shard.label, "error": "", "seconds": time.time() - t0}
 
 
 class ScoreSketches:
@@ -204,16 +228,22 @@ class TargetWorker:
     def head_shape(self) -> tuple[int, int]:
         return tuple(self.vm.head.weight.shape)
 
-    def partial(self, rows, group_index, n_groups, normalize, stats_form):
+    def partial(self, rows, group_index, n_groups, normalize, stats_form, first_row: int = 0):
+        """((sum, counts), rejected): rows whose statistics overflow are left out and returned as
+        (row index, id, reason) (two results: the driver fetches the small second one only)."""
         from ..engine import target_partial
 
-        return target_partial(self.vm, rows, group_index, n_groups, normalize=normalize, stats_form=stats_form,
-                              **self.kw)
+        rejected: list = []
+        total = target_partial(self.vm, rows, group_index, n_groups, normalize=normalize, stats_form=stats_form,
+                               rejected=rejected, first_row=first_row, **self.kw)
+        return total, rejected
 
     def reference(self, rows, first_row: int):
         from ..engine import build_reference
 
-        return build_reference(self.vm, rows, **self.kw).to("cpu"), first_row
+        rejected: list = []
+        ref = build_reference(self.vm, rows, rejected=rejected, first_row=first_row, **self.kw).to("cpu")
+        return (ref, first_row), rejected
 
 
 # ---- verify ---------------------------------------------------------------------------------------------------------
@@ -338,7 +368,7 @@ def write_selected(shard: Shard, out: str, cuts: dict, bottom: bool, **keys_kw) 
                 keep.append(row)
     if keep:
         stem = shard.label.rsplit(".", 1)[0].replace("/", "__") + f"-{shard.key}"
-        if shard.fmt == "jsonl":
+        if shard.fmt in ("jsonl", "json"):
             io.write_bytes_atomic(io.join(out, stem + ".jsonl"),
                                   "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep).encode())
         else:
