@@ -180,6 +180,8 @@ def round_robin_cuts(shards: Shards, want: dict, stats: dict, keys_kw: dict, tok
                         lo[g], f_lo[g] = p, sizes.get((g, p), 0)
                 elif p < hi[g]:
                     hi[g] = p
+    if not lo:
+        return cuts, extras
     # R = lo complete rounds; round R adds target t's row at rank R (the (R+1)-th), unless taken
     wanted = {(g, t, q): lo[g] + q for g in lo for t in range(k_targets) for q in (0, 1)}
     edge_cuts = find_cuts(shards, wanted, {lane: lane_stats[lane[:2]] for lane in wanted}, keys_kw, exact=True)
