@@ -47,8 +47,8 @@ def cmd_select(args) -> int:
     from .job import select
 
     res = select(args.scores, args.data, args.out, top_fraction=args.top_fraction, top_k=args.top_k,
-                 bottom_fraction=args.bottom_fraction, per_group=args.per_group, target=args.target,
-                 overwrite=args.overwrite)
+                 bottom_fraction=args.bottom_fraction, budget_tokens=args.budget_tokens, per_group=args.per_group,
+                 target=args.target, combine=args.combine, overwrite=args.overwrite)
     print(json.dumps(res))
     return 0
 
@@ -100,9 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-fraction", type=float)
     g.add_argument("--top-k", type=int)
     g.add_argument("--bottom-fraction", type=float)
+    g.add_argument("--budget-tokens", type=int,
+                   help="the longest prefix of the ranking whose valued tokens (n_tokens) sum to at most this")
     p.add_argument("--per-group", help="select within each value of this data column")
     p.add_argument("--target", help="groups/pairwise: rank by this target (default: mean over targets)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--combine", choices=["max", "round-robin"],
+                   help="groups/pairwise: rank by a row's max over targets, or interleave the targets' rankings "
+                        "(round-robin: each target's best, then each one's second best, ..., a row once)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier, different selection in --out (never any other folder)")
     p = sub.add_parser("verify", help="check an output is complete and exactly-once against its input")
     p.add_argument("dir")
     p = sub.add_parser("report", help="an HTML page about a value/score/select output: OUT/report/index.html")

@@ -700,7 +700,8 @@ def test_select_writes_the_chosen_rows_in_the_input_format(data, run_a, run_json
     assert rc == 0, err
     want = _expected_selection(run.scores, data.train_rows, **kw)
     res = json.loads(stdout.strip().splitlines()[-1])
-    assert res == {"selected": len(want), "written": len(want), "scored": 96}
+    tokens = read_column(run.out, "scores", "n_tokens")
+    assert res == {"selected": len(want), "written": len(want), "scored": 96, "tokens": sum(tokens[i] for i in want)}
     rows = _read_selection(sel, fmt)
     assert sorted(r["id"] for r in rows) == sorted(want)
     by_id = {r["id"]: r for r in data.train_rows}

@@ -14,7 +14,7 @@ import pytest
 
 from forvalue_ray import io as fio
 from forvalue_ray.benchmark_tasks import make_task
-from jobtools import cli, read_scores, run_ok, save_tiny_model, target_ids, write_parquet
+from jobtools import cli, read_column, read_scores, run_ok, save_tiny_model, target_ids, write_parquet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -116,7 +116,9 @@ def test_select_on_s3_equals_a_full_sort(s3, s3_run):
     assert rc == 0, err
     scores = s3_run.scores
     want = sorted(sorted(scores, key=lambda i: (-scores[i], i))[:round(0.25 * len(scores))])
-    assert json.loads(stdout.strip().splitlines()[-1]) == {"selected": len(want), "written": len(want), "scored": 24}
+    tokens = read_column(s3_run.out, "scores", "n_tokens")
+    assert json.loads(stdout.strip().splitlines()[-1]) == {"selected": len(want), "written": len(want), "scored": 24,
+                                                           "tokens": sum(tokens[i] for i in want)}
     chosen = fio.read_parts(f"{sel}/_selection")
     assert sorted(chosen["id"].to_pylist()) == want
     fs, path = fio.filesystem(sel)

@@ -2,15 +2,19 @@
 
 Scores are shard-aligned with the input (``scores/<shard>.parquet`` holds the rows of input shard ``<shard>``), so
 each input shard is filtered by its own score part with no global join. The threshold is exact: per group,
-histograms of the scores over the shards are refined until the rows around the cut fit in memory, which are then
-sorted (ties broken by id): the same set a full sort gives (:func:`selected_ids` is that full sort, kept as the
-reference). The driver holds the plan and per-group counts, never ids or scores.
+histograms of the scores (counts, or token sums for ``budget_tokens``) over the shards are refined until the rows
+around the cut fit in memory, which are then sorted (ties broken by id): the same set a full sort gives
+(:func:`selected_ids` is that full sort, kept as the reference). ``combine="round-robin"`` searches the number of
+complete rounds with the same cuts (one per target) and counting passes, then places the last, partial round
+exactly. The driver holds the plan and per-group counts, never ids or scores.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import posixpath
 
 import numpy as np
 import pyarrow as pa
@@ -19,27 +23,57 @@ import pyarrow.parquet as pq
 from .. import io
 from ..io import Shards
 from . import executor, parts
-from .steps import candidates, counts_at_or_above, group_stats, ranked_values, selection_counts, write_selected
+from .steps import (COMBINES, candidates, counts_at_or_above, group_stats, is_before, rows_by_id,
+                    score_matrix, ranked_values, selection_counts, union_counts, write_selected)
 
-CUT_BINS = 1024  # histogram bins per group and refinement round
+CUT_BINS = 1024  # histogram bins per lane and refinement round
 CUT_CANDIDATES = 1 << 16  # rows around a cut gathered on the driver to place it exactly
+ROUND_PROBES = 3  # round-robin: numbers of rounds tried per counting pass (a (PROBES+1)-ary search)
 
 
-def selected_ids(scores: pa.Table, *, top_fraction=None, top_k=None, bottom_fraction=None,
-                 groups: dict | None = None, target: int | None = None) -> dict[str, float]:
-    """The reference selection by a full sort (small data, tests): ids → score of the chosen rows; per group
-    when ``groups`` maps id → group. Order: score descending, ties by id ascending; bottom is its tail."""
+# ---- the reference: a full sort -------------------------------------------------------------------------------------
+
+
+def selected_ids(scores: pa.Table, *, top_fraction=None, top_k=None, bottom_fraction=None, budget_tokens=None,
+                 groups: dict | None = None, target: int | None = None, combine: str | None = None
+                 ) -> dict[str, float]:
+    """The reference selection by a full sort (in memory): ids → score of the chosen rows; per group when ``groups``
+    maps id → group. Order: score descending, ties by id ascending; bottom is its tail. ``combine="max"`` ranks by
+    the max over targets; ``combine="round-robin"`` orders rows by (their best rank over the targets' rankings, the
+    first target reaching it) — the targets' rankings interleaved, each row where it first appears — and reports
+    the max over targets as the score. ``budget_tokens``: the longest prefix of that order whose ``n_tokens`` sum is
+    at most the budget (``scores`` needs an ``n_tokens`` column)."""
     ids = scores["id"].to_pylist()
-    values = ranked_values(scores, target)
-    by_group: dict = {}
-    for i, rid in enumerate(ids):
-        by_group.setdefault(None if groups is None else groups.get(rid), []).append(i)
+    n = len(ids)
+    id_rank = np.empty(n, np.int64)
+    id_rank[np.argsort(np.asarray(ids, dtype=str), kind="stable")] = np.arange(n)
+    if combine == "round-robin":
+        mat = score_matrix(scores)
+        shown = mat.max(1)
+    else:
+        shown = np.asarray(ranked_values(scores, target, combine), dtype=np.float64)
+    tokens = np.asarray(scores["n_tokens"].to_numpy(), dtype=np.int64) if budget_tokens is not None else None
+    codes: dict = {}
+    label = np.fromiter((codes.setdefault(None if groups is None else groups.get(i), len(codes)) for i in ids),
+                        dtype=np.int64, count=n)
     chosen = {}
-    for members in by_group.values():
-        order = sorted(members, key=lambda i: (-values[i], ids[i]))
-        k = _wanted(len(order), top_fraction, top_k, bottom_fraction)
-        chosen.update({ids[i]: float(values[i]) for i in (order[len(order) - k:] if bottom_fraction is not None
-                                                           else order[:k])})
+    for code in range(len(codes)):
+        members = np.nonzero(label == code)[0]
+        m = len(members)
+        if combine == "round-robin":
+            sub = mat[members]
+            rank = np.empty(sub.shape, np.int64)
+            for t in range(sub.shape[1]):
+                rank[np.lexsort((id_rank[members], -sub[:, t])), t] = np.arange(m)
+            order = members[np.lexsort((rank.argmin(1), rank.min(1)))]
+        else:
+            order = members[np.lexsort((id_rank[members], -shown[members]))]
+        if budget_tokens is not None:
+            take = order[:int(np.searchsorted(np.cumsum(tokens[order]), budget_tokens, side="right"))]
+        else:
+            k = _wanted(m, top_fraction, top_k, bottom_fraction)
+            take = order[m - k:] if bottom_fraction is not None else order[:k]
+        chosen.update({ids[i]: float(shown[i]) for i in take})
     return chosen
 
 
@@ -49,63 +83,168 @@ def _wanted(n: int, top_fraction, top_k, bottom_fraction) -> int:
     return int(round((top_fraction if top_fraction is not None else bottom_fraction) * n))
 
 
-def find_cuts(shards: Shards, wanted: dict, stats: dict, keys_kw: dict) -> dict:
-    """Per group, the ``wanted``-th row in (score desc, id asc) order: (score, id), found by refining
-    histograms over the shards (each round one distributed pass, CUT_BINS bins per group) until at most
-    CUT_CANDIDATES rows remain around it, which are sorted on the driver."""
+# ---- the distributed cut ----------------------------------------------------------------------------------------
+
+
+def find_cuts(shards: Shards, wanted: dict, stats: dict, keys_kw: dict, tokens: bool = False,
+              exact: bool = False) -> dict:
+    """Per lane, the cut of its ranking (score desc, id asc) found by refining histograms over the shards (each
+    round one distributed pass, CUT_BINS bins per lane) until at most CUT_CANDIDATES rows remain around it, which
+    are sorted on the driver. Counts (``tokens`` false): the ``wanted``-th row, [score, id, True] (rows at or before
+    it: the first ``wanted``). Tokens: the first row whose running ``n_tokens`` sum exceeds ``wanted``,
+    [score, id, False] (the rows before it: the longest prefix within the budget). None: no row; "all": every row.
+    ``stats``: lane → (rows, lowest, highest, tokens). ``exact``: the last row is placed too, not called "all"."""
     cuts: dict = {}
-    state = {}  # group → [lo, hi, rows above hi, rows within [lo, hi]]
-    for g, m in wanted.items():
-        n, lo, hi = stats[g]
-        if m <= 0 or m >= n:
-            cuts[g] = None if m <= 0 else "all"
-        else:
-            state[g] = [lo, hi, 0, n]
+    state = {}  # lane → [lo, hi, measure above hi, rows within [lo, hi]]
+    for lane, m in wanted.items():
+        n, lo, hi, tok = stats[lane]
+        if tokens:
+            if tok <= m:
+                cuts[lane] = "all"
+                continue
+        elif m <= 0 or m > n or (m == n and not exact):
+            cuts[lane] = None if m <= 0 else "all"
+            continue
+        state[lane] = [lo, hi, 0, n]
     while any(s[3] > CUT_CANDIDATES and s[0] < s[1] for s in state.values()):
-        refine = {g: s for g, s in state.items() if s[3] > CUT_CANDIDATES and s[0] < s[1]}
+        refine = {lane: s for lane, s in state.items() if s[3] > CUT_CANDIDATES and s[0] < s[1]}
         edges = {}
-        for g, (lo, hi, _, _) in refine.items():
+        for lane, (lo, hi, _, _) in refine.items():
             inner = np.unique(np.linspace(lo, hi, CUT_BINS + 1)[1:])
-            edges[g] = [lo, hi, [float(lo)] + [float(e) for e in inner if lo < e <= hi]]
-        totals = {g: np.zeros(len(e[2]), dtype=np.int64) for g, e in edges.items()}
+            edges[lane] = [lo, hi, [float(lo)] + [float(e) for e in inner if lo < e <= hi]]
+        ge = {lane: np.zeros(len(e[2]), dtype=np.int64) for lane, e in edges.items()}
+        tok_ge = {lane: np.zeros(len(e[2]), dtype=np.int64) for lane, e in edges.items()}
         for res in executor.shard_pass(shards, counts_at_or_above, edges=edges, **keys_kw):
-            for g, counts in res["counts"]:
-                totals[g] += np.asarray(counts, dtype=np.int64)
-        for g, (lo, hi, above, _) in refine.items():
-            e, ge = edges[g][2], totals[g]  # ge[j]: rows of the interval with value >= e[j]; e[0] = lo
-            j = int(np.nonzero(above + ge >= wanted[g])[0].max())  # the highest edge with ≥ m rows at or above
-            new_hi = hi if j == len(e) - 1 else float(np.nextafter(e[j + 1], -np.inf))
-            new_above = above + (0 if j == len(e) - 1 else int(ge[j + 1]))
-            state[g] = [e[j], new_hi, new_above, int(ge[j]) - (new_above - above)]
+            for lane, counts, toks in res["counts"]:
+                ge[tuple(lane)] += np.asarray(counts, dtype=np.int64)
+                tok_ge[tuple(lane)] += np.asarray(toks, dtype=np.int64)
+        for lane, (lo, hi, above, _) in refine.items():
+            e = edges[lane][2]  # measure[j]: of the interval's rows with value >= e[j]; e[0] = lo
+            measure = tok_ge[lane] if tokens else ge[lane]
+            # the highest edge with the cut's row at or above it
+            hit = above + measure > wanted[lane] if tokens else above + measure >= wanted[lane]
+            j = int(np.nonzero(hit)[0].max())
+            last = j == len(e) - 1
+            new_hi = hi if last else float(np.nextafter(e[j + 1], -np.inf))
+            new_above = above + (0 if last else int(measure[j + 1]))
+            state[lane] = [e[j], new_hi, new_above, int(ge[lane][j]) - (0 if last else int(ge[lane][j + 1]))]
     rows: dict = {}
     if state:
-        for res in executor.shard_pass(shards, candidates, intervals={g: s[:2] for g, s in state.items()}, **keys_kw):
-            for g, v, i in res["rows"]:
-                rows.setdefault(g, []).append((-v, i))
-    for g, s in state.items():
-        ordered = sorted(rows.get(g, []))
-        neg_v, rid = ordered[wanted[g] - s[2] - 1]
-        cuts[g] = (-neg_v, rid)
+        for res in executor.shard_pass(shards, candidates, intervals={lane: s[:2] for lane, s in state.items()},
+                                       **keys_kw):
+            for lane, v, i, t in res["rows"]:
+                rows.setdefault(tuple(lane), []).append((-v, i, t))
+    for lane, s in state.items():
+        ordered = sorted(rows.get(lane, []))
+        if tokens:
+            running = s[2] + np.cumsum([t for _, _, t in ordered])
+            neg_v, rid, _ = ordered[int(np.nonzero(running > wanted[lane])[0][0])]
+            cuts[lane] = [-neg_v, rid, False]
+        else:
+            neg_v, rid, _ = ordered[wanted[lane] - s[2] - 1]
+            cuts[lane] = [-neg_v, rid, True]
     return cuts
 
 
+def round_robin_cuts(shards: Shards, want: dict, stats: dict, keys_kw: dict, tokens: bool) -> tuple[dict, dict]:
+    """Round-robin over K targets, per group: rows in the order (best rank over the targets, first target reaching
+    it), the first ``want`` (rows, or tokens). After R complete rounds the rows taken are the union of every target's
+    top R: its size is counted by one pass over the targets' cuts at rank R, so R is searched (ROUND_PROBES values
+    per pass); the next round's rows (each target's row at rank R, if not taken) are fetched by id and placed in
+    target order. Returns the write's cuts (lanes (group, target, 0): the top R) and extras (group → ids)."""
+    lane_stats = {lane: s for lane, s in stats.items()}
+    k_targets = 1 + max(c for _, c in stats)
+    groups = sorted({g for g, _ in stats}, key=json.dumps)
+    size = {g: (stats[(g, 0)][3] if tokens else stats[(g, 0)][0]) for g in groups}
+    cuts: dict = {}
+    extras: dict = {}
+    lo, f_lo, hi = {}, {}, {}  # rounds known to fit (and their size), rounds known not to
+    for g in groups:
+        if size[g] <= want[g] or (not tokens and want[g] <= 0):
+            cuts[(g, 0, 0)] = "all" if size[g] <= want[g] else None
+        else:
+            lo[g], f_lo[g], hi[g] = 0, 0, stats[(g, 0)][0]
+    while any(hi[g] - lo[g] > 1 for g in lo):
+        probes = {g: sorted({int(p) for p in np.linspace(lo[g], hi[g], ROUND_PROBES + 2)[1:-1].round()}
+                            - {lo[g], hi[g]}) for g in lo if hi[g] - lo[g] > 1}
+        wanted = {(g, t, p): p for g, ps in probes.items() for p in ps for t in range(k_targets)}
+        probe_cuts = find_cuts(shards, wanted, {lane: lane_stats[lane[:2]] for lane in wanted}, keys_kw)
+        sizes: dict = {}
+        for res in executor.shard_pass(shards, union_counts, cuts=probe_cuts, **keys_kw):
+            for g, p, n, tok in res["counts"]:
+                sizes[(g, p)] = sizes.get((g, p), 0) + (tok if tokens else n)
+        for g, ps in probes.items():
+            for p in ps:
+                if sizes.get((g, p), 0) <= want[g]:
+                    if p > lo[g]:
+                        lo[g], f_lo[g] = p, sizes.get((g, p), 0)
+                elif p < hi[g]:
+                    hi[g] = p
+    if not lo:
+        return cuts, extras
+    # R = lo complete rounds; round R adds target t's row at rank R (the (R+1)-th), unless taken
+    wanted = {(g, t, q): lo[g] + q for g in lo for t in range(k_targets) for q in (0, 1)}
+    edge_cuts = find_cuts(shards, wanted, {lane: lane_stats[lane[:2]] for lane in wanted}, keys_kw, exact=True)
+    next_rows = {g: [edge_cuts[(g, t, 1)][1] for t in range(k_targets)] for g in lo}
+    found: dict = {}
+    for res in executor.shard_pass(shards, rows_by_id, wanted={g: set(r) for g, r in next_rows.items()}, **keys_kw):
+        for g, rid, values, tok in res["rows"]:
+            found[(g, rid)] = (values, tok)
+    for g in lo:
+        top = {t: edge_cuts[(g, t, 0)] for t in range(k_targets)}
+        cuts.update({(g, t, 0): cut for t, cut in top.items()})
+        room, picked = want[g] - f_lo[g], []
+        for rid in next_rows[g]:
+            values, tok = found[(g, rid)]
+            if rid in picked or any(is_before(values[t], rid, top[t]) for t in range(k_targets)):
+                continue
+            cost = tok if tokens else 1
+            if cost > room:
+                break
+            picked.append(rid)
+            room -= cost
+        extras[g] = picked
+    return cuts, extras
+
+
+# ---- the command ----------------------------------------------------------------------------------------------------
+
+
 def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, top_k=None, bottom_fraction=None,
-           per_group: str | None = None, target: str | None = None, overwrite: bool = False) -> dict:
+           budget_tokens=None, per_group: str | None = None, target: str | None = None, combine: str | None = None,
+           overwrite: bool = False) -> dict:
     """Write the chosen rows of the scored data in its own format (Parquet or JSONL; HF Arrow → Parquet).
 
     ``data`` defaults to the input the scores were computed from (it must be that input: scores are
-    shard-aligned with it). Exactly once and resumable like ``value``: re-running the same selection into the
-    same ``out`` finishes it; a different one is refused unless ``overwrite``."""
-    if sum(x is not None for x in (top_fraction, top_k, bottom_fraction)) != 1:
-        raise ValueError("give exactly one of --top-fraction, --top-k, --bottom-fraction")
+    shard-aligned with it). ``budget_tokens``: the longest prefix of the ranking whose valued tokens sum to at most
+    the budget. ``combine`` (several targets): ``max`` ranks by a row's best score; ``round-robin`` interleaves the
+    targets' rankings. Exactly once and resumable like ``value``: re-running the same selection into the same
+    ``out`` finishes it; a different one is refused unless ``overwrite`` (and only a selection is ever replaced).
+    Returns the rows selected and written, the rows scored and the tokens selected."""
+    if sum(x is not None for x in (top_fraction, top_k, bottom_fraction, budget_tokens)) != 1:
+        raise ValueError("give exactly one of --top-fraction, --top-k, --bottom-fraction, --budget-tokens")
     for name, frac in (("--top-fraction", top_fraction), ("--bottom-fraction", bottom_fraction)):
         if frac is not None and not 0 < frac <= 1:
             raise ValueError(f"{name} must be in (0, 1], got {frac}")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"--top-k must be >= 0, got {top_k}")
+    for name, count in (("--top-k", top_k), ("--budget-tokens", budget_tokens)):
+        if count is not None and count < 0:
+            raise ValueError(f"{name} must be >= 0, got {count}")
+    if combine is not None and combine not in COMBINES:
+        raise ValueError(f"--combine must be one of {', '.join(COMBINES)}, not {combine!r}")
+    if combine is not None and target is not None:
+        raise ValueError("--combine and --target exclude each other: --target ranks by one target only")
+    if combine == "round-robin" and bottom_fraction is not None:
+        raise ValueError("--combine round-robin takes the top of each target; it has no bottom (use --combine max)")
+    if not io.exists(io.join(scores_dir, parts.PLAN_FILE)):
+        raise FileNotFoundError(f"{scores_dir} has no {parts.PLAN_FILE}: not a value or score output")
     plan, shards = parts.read_plan(scores_dir)
     if plan["kind"] != "scores":
         raise ValueError(f"{scores_dir} holds {plan['kind']}, not scores: select reads a value or score output")
+    missing = shards.without(io.list_parts(io.join(scores_dir, "scores")))
+    if missing:
+        raise ValueError(f"{scores_dir} is incomplete: {len(missing)} of {len(shards)} shards have no scores part "
+                         f"(an unfinished or crashed run); `forvalue-ray verify {scores_dir}` tells which, and "
+                         f"re-running the value (or score) command finishes them")
     settings = plan["settings"]
     scored = settings.get("train")
     if settings.get("index"):  # a `score` output: its parts are named after the index's parts, i.e. data shards
@@ -117,6 +256,15 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
     if data is not None and [f[0] for f in io.list_inputs(data)] != [f[0] for f in io.list_inputs(scored)]:
         raise ValueError(f"--data {data} is not the data {scores_dir} scored ({scored}): scores are aligned with "
                          f"the scored input's shards; omit --data to use it")
+    for name, url in (("scores", scores_dir), ("data", scored), ("index", plan["settings"].get("index"))):
+        if url and _overlaps(out, url):
+            raise ValueError(f"--out {out} is, lies inside or contains the {name} ({url}): select would write "
+                             f"into (or replace) what it reads; choose another --out")
+    if per_group is not None:
+        found = _columns(shards)
+        if found is not None and per_group not in found:
+            raise ValueError(f"--per-group {per_group!r} is not a column of the data {scored}; its columns: "
+                             f"{', '.join(found)}")
     target_index = None
     if target is not None:
         names = pq.read_table(io.join(scores_dir, "targets.parquet"))["id"].to_pylist()
@@ -125,45 +273,62 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
         target_index = names.index(target)
     criteria = {"scores": plan["fingerprint"], "top_fraction": top_fraction, "top_k": top_k,
                 "bottom_fraction": bottom_fraction, "per_group": per_group, "target": target}
-    record = {"kind": "selection", "fingerprint": parts.digest(criteria), "settings": criteria}
-    done = _prepare_selection(out, record, overwrite)
+    new = {"budget_tokens": budget_tokens, "combine": combine}
+    # criteria added later count only when given: a selection written before them keeps its fingerprint
+    record = {"kind": "selection", "fingerprint": parts.digest({**criteria, **{k: v for k, v in new.items() if v is not None}}),
+              "settings": {**criteria, **new}}
+    replace = _check_out(out, record, overwrite)
     executor.init_ray(None)
     keys_kw = {"scores_dir": scores_dir, "id_column": settings.get("id_column", "id"), "per_group": per_group,
-               "target": target_index}
-    stats: dict = {}
+               "target": target_index, "combine": combine}
+    stats: dict = {}  # lane (group, column) → rows, lowest, highest, tokens
     for res in executor.shard_pass(shards, group_stats, **keys_kw):
-        for g, n, lo, hi in res["groups"]:
-            n0, lo0, hi0 = stats.get(g, (0, np.inf, -np.inf))
-            stats[g] = (n0 + n, min(lo0, lo), max(hi0, hi))
-    wanted = {}
-    for g, (n, _, _) in stats.items():
-        k = _wanted(n, top_fraction, top_k, bottom_fraction)
-        wanted[g] = n - k if bottom_fraction is not None else k
-    cuts = find_cuts(shards, wanted, stats, keys_kw)
-    selected = written = 0
+        for g, c, n, lo, hi, tok in res["lanes"]:
+            n0, lo0, hi0, tok0 = stats.get((g, c), (0, np.inf, -np.inf, 0))
+            stats[(g, c)] = (n0 + n, min(lo0, lo), max(hi0, hi), tok0 + tok)
+    by_tokens = budget_tokens is not None
+    want = {}
+    for (g, c), (n, _, _, _) in stats.items():
+        if c == 0:
+            want[g] = budget_tokens if by_tokens else _wanted(n, top_fraction, top_k, bottom_fraction)
+    extras = None
+    if combine == "round-robin":
+        cuts, extras = round_robin_cuts(shards, want, stats, keys_kw, by_tokens)
+    else:
+        wanted = {(g, 0): (m if bottom_fraction is None else stats[(g, 0)][0] - m) for g, m in want.items()}
+        cuts = find_cuts(shards, wanted, stats, keys_kw, tokens=by_tokens)
+    done = _open_out(out, record, replace)
+    selected = written = tokens = 0
     todo = shards.without(done)
     finished = shards.only(done)  # by an earlier, interrupted run: their counts from footers
     for res in itertools.chain(
             executor.shard_pass(todo, write_selected, out=out, cuts=cuts, bottom=bottom_fraction is not None,
-                                **keys_kw),
+                                extras=extras, **keys_kw),
             executor.shard_pass(finished, selection_counts, out=out)):
-        selected, written = selected + res["selected"], written + res["written"]
-    return {"selected": selected, "written": written, "scored": int(sum(n for n, _, _ in stats.values()))}
+        selected, written, tokens = selected + res["selected"], written + res["written"], tokens + res["tokens"]
+    return {"selected": selected, "written": written, "scored": int(sum(s[0] for (_, c), s in stats.items() if c == 0)),
+            "tokens": tokens}
 
 
-def _prepare_selection(out: str, record: dict, overwrite: bool) -> set[str]:
-    """Create or resume a selection's --out; refuse another selection (or other files) there unless overwrite."""
+def _check_out(out: str, record: dict, overwrite: bool) -> bool:
+    """Before any work: may this selection go to ``out``? True when an earlier selection there is to be replaced.
+    Only a folder holding a selection (its _select.json) is ever replaced, and only with ``overwrite``; any other
+    non-empty folder is refused."""
     marker = io.join(out, "_select.json")
     if io.exists(marker):
-        if io.read_json(marker).get("fingerprint") != record["fingerprint"]:
-            if not overwrite:
-                raise FileExistsError(f"{out} holds a different selection; choose another --out or pass --overwrite")
-            io.remove_tree(out)
-        elif overwrite:
-            io.remove_tree(out)
-    elif io.exists(out) and _listing(out):
-        if not overwrite:
-            raise FileExistsError(f"{out} is not empty; choose another --out or pass --overwrite")
+        if io.read_json(marker).get("fingerprint") != record["fingerprint"] and not overwrite:
+            raise FileExistsError(f"{out} holds a different selection; choose another --out or pass --overwrite")
+        return overwrite
+    if io.exists(out) and _listing(out):
+        raise FileExistsError(f"{out} is not empty and holds no selection (no _select.json): select replaces only "
+                              f"an earlier selection, even with --overwrite; choose another --out or empty it")
+    return False
+
+
+def _open_out(out: str, record: dict, replace: bool) -> set[str]:
+    """Create, replace or resume the selection in ``out`` (once the cuts are known); its finished shards."""
+    marker = io.join(out, "_select.json")
+    if replace:
         io.remove_tree(out)
     if not io.exists(marker):
         io.write_json_atomic(marker, record)
@@ -174,3 +339,37 @@ def _prepare_selection(out: str, record: dict, overwrite: bool) -> set[str]:
 def _listing(url: str) -> list[str]:
     fs, path = io.filesystem(url)
     return fs.ls(path, detail=False) if fs.exists(path) else []
+
+
+def _location(url: str) -> tuple[str, str]:
+    fs, path = io.filesystem(url)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        import os
+
+        path = os.path.realpath(path)
+    return protocol, posixpath.normpath(path.rstrip("/") or "/")
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """The two locations are the same, or one lies inside the other."""
+    (pa_, a), (pb, b) = _location(a), _location(b)
+    return pa_ == pb and (a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/"))
+
+
+def _columns(shards: Shards) -> list[str] | None:
+    """The data's column names, from its first shard (Parquet/Arrow: the schema; JSONL: the keys of its rows)."""
+    if not shards:
+        return None
+    shard = shards[0]
+    fs, path = io.filesystem(shard.path)
+    if shard.fmt == "parquet":
+        with fs.open(path, "rb") as fh:
+            return pq.ParquetFile(fh).schema_arrow.names
+    if shard.fmt == "arrow":
+        with fs.open(path, "rb") as fh:
+            return pa.ipc.open_stream(fh).schema.names
+    names: dict = {}
+    for _, row in io.read_shard(shard)[0]:
+        names.update(dict.fromkeys(row))
+    return list(names)

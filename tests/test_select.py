@@ -1,0 +1,275 @@
+"""`select` on a real local Ray over real score outputs of the tiny model (groups and pairwise mode, several shards,
+ties): the distributed selection equals the full-sort reference `selected_ids` for --budget-tokens and --combine;
+the reference itself equals the literal definitions; and what `select` refuses (an --out that is not a selection,
+or is/holds/lies in what it reads, a missing group column, incomplete scores) or keeps (every column's type).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from forvalue_ray import io as fio
+from forvalue_ray.benchmark_tasks import make_task
+from forvalue_ray.job import selection
+from jobtools import cli, run_ok, save_tiny_model, write_parquet
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+SHARD_ROWS = 8
+NULL_SHARD = 1  # the int64 column `weight` is null in every row of this shard
+
+
+# ---- the reference against the literal definitions (no Ray) ---------------------------------------------------------
+
+
+def _table(mat: np.ndarray, ids: list[str], tokens: np.ndarray) -> pa.Table:
+    return pa.table({"id": ids, "scores": pa.array(list(mat.astype(np.float64)), pa.list_(pa.float64())),
+                     "n_tokens": pa.array(tokens, pa.int64())})
+
+
+def _interleaved(mat: np.ndarray, ids: list[str]) -> list[str]:
+    """Round-robin by its definition: target 0's best, target 1's best, ..., then every target's second best, ...,
+    a row kept where it first appears (each ranking: score desc, ties by id asc)."""
+    rankings = [sorted(range(len(ids)), key=lambda i: (-mat[i, t], ids[i])) for t in range(mat.shape[1])]
+    seq, seen = [], set()
+    for r in range(len(ids)):
+        for ranking in rankings:
+            if ranking[r] not in seen:
+                seen.add(ranking[r])
+                seq.append(ids[ranking[r]])
+    return seq
+
+
+def _prefix_within(seq: list[str], tokens: dict, budget: int) -> list[str]:
+    out, total = [], 0
+    for rid in seq:
+        if total + tokens[rid] > budget:
+            break
+        total += tokens[rid]
+        out.append(rid)
+    return out
+
+
+def test_reference_round_robin_and_budget_follow_their_definitions():
+    rng = np.random.default_rng(7)
+    n, k_targets = 37, 5
+    mat = rng.integers(0, 4, (n, k_targets)).astype(float)  # many ties
+    ids = [f"r{i:02d}" for i in rng.permutation(n)]
+    tokens = rng.integers(0, 9, n)
+    tok = dict(zip(ids, tokens.tolist()))
+    table = _table(mat, ids, tokens)
+    seq = _interleaved(mat, ids)
+    assert sorted(seq) == sorted(ids)
+    for k in (0, 1, 4, 5, 6, 17, 36, 37, 40):
+        got = selection.selected_ids(table, top_k=k, combine="round-robin")
+        assert set(got) == set(seq[:k]), k
+        assert all(got[i] == mat[ids.index(i)].max() for i in got)
+    for budget in (0, 3, 40, 100, int(tokens.sum()) - 1, int(tokens.sum())):
+        assert set(selection.selected_ids(table, budget_tokens=budget, combine="round-robin")) == \
+            set(_prefix_within(seq, tok, budget)), budget
+        by_max = sorted(ids, key=lambda i: (-mat[ids.index(i)].max(), i))
+        assert set(selection.selected_ids(table, budget_tokens=budget, combine="max")) == \
+            set(_prefix_within(by_max, tok, budget)), budget
+        by_mean = sorted(ids, key=lambda i: (-mat[ids.index(i)].mean(), i))
+        assert set(selection.selected_ids(table, budget_tokens=budget)) == set(_prefix_within(by_mean, tok, budget))
+    groups = {i: int(i[1:]) % 3 for i in ids}  # per group: each group's own interleaving
+    got = selection.selected_ids(table, top_k=4, combine="round-robin", groups=groups)
+    want = set()
+    for g in range(3):
+        members = [j for j, i in enumerate(ids) if groups[i] == g]
+        want |= set(_interleaved(mat[members], [ids[j] for j in members])[:4])
+    assert set(got) == want
+
+
+# ---- data, model, Ray, runs ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("select")
+    train, target = make_task("sentence", n_classes=3, n_train_per_class=16, n_val_per_class=2)
+    for i, r in enumerate(train):
+        r["weight"] = None if i // SHARD_ROWS == NULL_SHARD else i
+    d = SimpleNamespace(root=root, train_rows=train)
+    d.model = save_tiny_model(root / "model")
+    d.train = write_parquet(train, root / "train.parquet", row_group_size=SHARD_ROWS)
+    assert pq.read_schema(d.train).field("weight").type == pa.int64()
+    d.target = write_parquet(target, root / "target.parquet")
+    d.n_shards = pq.ParquetFile(d.train).metadata.num_row_groups
+    return d
+
+
+@pytest.fixture(scope="module")
+def ray_local(data):
+    import ray
+
+    assert not ray.is_initialized(), "another test left Ray initialised"
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def _tied_copy(src: Path, dest: Path, levels: int = 5) -> Path:
+    """The run with every score rounded to a few levels (ties in every target); parts keep their schema and
+    footers."""
+    shutil.copytree(src, dest)
+    all_scores = fio.read_parts(str(src / "scores"))["scores"].to_pylist()
+    lo, hi = float(np.min(all_scores)), float(np.max(all_scores))
+    for part in sorted((dest / "scores").glob("*.parquet")):
+        table = pq.read_table(part)
+        mat = np.asarray(table["scores"].to_pylist(), dtype=np.float64)
+        rounded = lo + np.round((mat - lo) / (hi - lo) * levels) * (hi - lo) / levels
+        col = pa.array(list(rounded), pa.list_(pa.float64()))
+        table = table.set_column(table.column_names.index("scores"), "scores", col)
+        pq.write_table(table.replace_schema_metadata(pq.read_schema(part).metadata), part)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def runs(data, ray_local):
+    r = {}
+    for mode, extra in (("groups", ["--group-column", "class"]), ("pairwise", [])):
+        out = data.root / mode
+        run_ok("value", "--model", data.model, "--train", data.train, "--target", data.target, "--out", out,
+               "--shard-rows", SHARD_ROWS, "--no-progress", "--mode", mode, *extra)
+        r[mode] = _tied_copy(out, data.root / f"{mode}-tied")
+    return r
+
+
+def _reference(run: Path, data, **kw) -> dict:
+    per_group = kw.pop("per_group", None)
+    groups = {r["id"]: json.dumps(r[per_group]) for r in data.train_rows} if per_group else None
+    return selection.selected_ids(fio.read_parts(str(run / "scores")), groups=groups, **kw)
+
+
+def _selection(sel: Path) -> dict:
+    table = fio.read_parts(str(sel / "_selection"))
+    return dict(zip(table["id"].to_pylist(), table["score"].to_pylist()))
+
+
+def _written(sel: Path) -> pa.Table:
+    return pads.dataset([str(f) for f in sorted(sel.glob("*.parquet"))]).to_table()
+
+
+# ---- the distributed selection equals the reference -------------------------------------------------------------
+
+
+CASES = [
+    ("groups", ["--top-k", "10", "--combine", "round-robin"], dict(top_k=10, combine="round-robin")),
+    ("pairwise", ["--top-fraction", "0.3", "--combine", "round-robin", "--per-group", "class"],
+     dict(top_fraction=0.3, combine="round-robin", per_group="class")),
+    ("pairwise", ["--top-k", "7", "--combine", "max"], dict(top_k=7, combine="max")),
+    ("groups", ["--bottom-fraction", "0.25", "--combine", "max", "--per-group", "class"],
+     dict(bottom_fraction=0.25, combine="max", per_group="class")),
+    ("pairwise", ["--budget-tokens", "{third}"], dict(budget_tokens="{third}")),
+    ("groups", ["--budget-tokens", "{third}", "--combine", "max", "--per-group", "class"],
+     dict(budget_tokens="{third}", combine="max", per_group="class")),
+    ("pairwise", ["--budget-tokens", "{third}", "--combine", "round-robin"],
+     dict(budget_tokens="{third}", combine="round-robin")),
+    ("groups", ["--budget-tokens", "{tenth}", "--combine", "round-robin", "--per-group", "class"],
+     dict(budget_tokens="{tenth}", combine="round-robin", per_group="class")),
+]
+
+
+@pytest.mark.parametrize("mode,flags,kw", CASES, ids=[f"{m}-{'-'.join(f[0::2]).replace('--', '')}-{i}"
+                                                        for i, (m, f, _) in enumerate(CASES)])
+def test_select_equals_the_full_sort(data, runs, tmp_path, monkeypatch, mode, flags, kw):
+    """Small histograms (8 bins, at most 5 rows around a cut) force refinement rounds on the tied scores."""
+    monkeypatch.setattr(selection, "CUT_BINS", 8)
+    monkeypatch.setattr(selection, "CUT_CANDIDATES", 5)
+    run = runs[mode]
+    total = int(fio.read_parts(str(run / "scores"))["n_tokens"].to_numpy().sum())
+    fill = {"{third}": str(total // 3), "{tenth}": str(total // 10)}
+    flags = [fill.get(f, f) for f in flags]
+    kw = {k: int(fill[v]) if v in fill else v for k, v in kw.items()}
+    want = _reference(run, data, **kw)
+    assert 0 < len(want) < len(data.train_rows)
+    sel = tmp_path / "sel"
+    rc, stdout, err = cli("select", "--scores", run, "--out", sel, *flags)
+    assert rc == 0, err[-3000:]
+    tokens = dict(zip(*fio.read_parts(str(run / "scores"), ["id", "n_tokens"]).to_pydict().values()))
+    res = json.loads(stdout.strip().splitlines()[-1])
+    assert res == {"selected": len(want), "written": len(want), "scored": len(data.train_rows),
+                   "tokens": sum(tokens[i] for i in want)}
+    if "budget_tokens" in kw and "per_group" not in kw:  # per group: each group's own budget
+        assert res["tokens"] <= kw["budget_tokens"]
+    assert _selection(sel) == want  # the ids, and each row's score (round-robin: its max over targets)
+    assert sorted(_written(sel)["id"].to_pylist()) == sorted(want)
+    record = json.loads((sel / "_select.json").read_text())["settings"]
+    assert {k: record[k] for k in kw if k != "per_group"} == {k: v for k, v in kw.items() if k != "per_group"}
+
+
+# ---- refusals and what is kept ----------------------------------------------------------------------------------------
+
+
+def _tree(path: Path) -> dict:
+    return {f: f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def test_select_overwrite_replaces_only_a_selection(data, runs, tmp_path):
+    run = runs["groups"]
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("x")
+    rc, _, err = cli("select", "--scores", run, "--out", keep, "--top-k", "3", "--overwrite")
+    assert rc == 2 and "holds no selection" in err and "even with --overwrite" in err, err
+    assert (keep / "notes.txt").read_text() == "x" and len(list(keep.iterdir())) == 1
+    before = _tree(data.root)
+    for out in (run, run / "scores", run / "sub", data.root, data.train, data.root / "train.parquet" / "x"):
+        rc, _, err = cli("select", "--scores", run, "--out", out, "--top-k", "3", "--overwrite")
+        assert rc == 2 and "is, lies inside or contains the" in err, (out, err)
+    assert _tree(data.root) == before  # nothing read was touched, nothing written
+    # an earlier selection is replaced by a different one with --overwrite (and refused without)
+    sel = tmp_path / "sel"
+    run_ok("select", "--scores", run, "--out", sel, "--top-k", "3")
+    assert cli("select", "--scores", run, "--out", sel, "--top-k", "5")[0] == 2
+    run_ok("select", "--scores", run, "--out", sel, "--top-k", "5", "--overwrite")
+    assert set(_selection(sel)) == set(_reference(run, data, top_k=5))
+
+
+def test_select_keeps_every_column_type(data, runs, tmp_path):
+    """An int64 column null in every row of one shard stays int64 there: the selection reads back as one dataset
+    with the input's schema and values."""
+    sel = tmp_path / "sel"
+    run_ok("select", "--scores", runs["groups"], "--out", sel, "--top-fraction", "1.0")
+    files = [f for f in sorted(sel.glob("*.parquet"))]
+    assert len(files) == data.n_shards
+    schema = pq.read_schema(data.train).remove_metadata()
+    assert all(pq.read_schema(f).remove_metadata() == schema for f in files)
+    table = _written(sel)
+    assert table.schema.remove_metadata() == schema
+    by_id = {r["id"]: r for r in data.train_rows}
+    rows = table.to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(by_id) and all(r == by_id[r["id"]] for r in rows)
+    assert sum(r["weight"] is None for r in rows) == SHARD_ROWS
+
+
+def test_select_refuses_a_group_column_missing_from_the_data(data, runs, tmp_path):
+    out = tmp_path / "sel"
+    rc, _, err = cli("select", "--scores", runs["groups"], "--out", out, "--top-k", "2", "--per-group", "klass")
+    assert rc == 2 and "--per-group 'klass' is not a column" in err and "class" in err and "weight" in err, err
+    assert not out.exists()
+
+
+def test_select_refuses_incomplete_scores(data, runs, tmp_path):
+    """A crashed value run (two scores parts missing): refused up front, nothing left in --out."""
+    crashed = tmp_path / "crashed"
+    shutil.copytree(runs["groups"], crashed)
+    for part in sorted((crashed / "scores").glob("*.parquet"))[:2]:
+        part.unlink()
+    out = tmp_path / "sel"
+    rc, _, err = cli("select", "--scores", crashed, "--out", out, "--top-k", "2")
+    assert rc == 2, err
+    assert f"is incomplete: 2 of {data.n_shards} shards have no scores part" in err and \
+        f"forvalue-ray verify {crashed}" in err, err
+    assert not out.exists()
