@@ -8,9 +8,15 @@ centered, pairwise (plain and cosine)."""
 from __future__ import annotations
 
 import copy
+import html
+import json
+import re
 from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -158,3 +164,140 @@ def test_hand_checkable_prompt_response_row(vm):
     a = fv.token_contributions(vm, [long_row], stats)
     b = fv.token_contributions(vm, [long_row], stats, vocab_chunk=17, max_tokens=64)
     assert rel_err(a.contributions[0], b.contributions[0]) < 1e-10
+
+
+# ---- forvalue-ray explain: the job and the command line on a real local Ray ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """Three value runs of the tiny model on a Parquet corpus (mean centered, groups, pairwise cosine), in 3 shards."""
+    import ray
+
+    from forvalue_ray.benchmark_tasks import make_task
+    from jobtools import run_ok, save_tiny_model, write_parquet
+
+    root = tmp_path_factory.mktemp("explain")
+    train, target = make_task("sentence", n_classes=3, n_train_per_class=5, n_val_per_class=1, seed=2)
+    train.append({"id": "html-row", "prompt": "<i>x</i> ->", "response": " <script>alert(1)</script> & co", "class": 0,
+                  "text": "", "corrupted": False})
+    model = save_tiny_model(root / "model")
+    train_path = write_parquet(train, root / "train.parquet", row_group_size=6)
+    target_path = write_parquet(target, root / "target.parquet")
+    common = ["--model", model, "--train", train_path, "--target", target_path, "--shard-rows", 6, "--no-progress",
+              "--form", "prompt_response"]
+    assert not ray.is_initialized(), "another test left Ray initialised"
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        run_ok("value", *common, "--out", root / "mean", "--center", 4)
+        run_ok("value", *common, "--out", root / "groups", "--mode", "groups", "--group-column", "class")
+        run_ok("value", *common, "--out", root / "pairwise", "--mode", "pairwise", "--normalize")
+        yield SimpleNamespace(root=root, train=train, target=target, train_path=train_path)
+    finally:
+        ray.shutdown()
+
+
+def _explained(d) -> dict:
+    t = pq.read_table(d / "tokens.parquet").to_pylist()
+    return {r["id"]: r for r in t}
+
+
+def _check_sums(rows: dict, scores: dict, column=None):
+    """Σ_t c_t (float32 terms) equals the score in OUT's parts; the table's score is that score."""
+    for rid, r in rows.items():
+        s = scores[rid] if column is None else (np.mean(scores[rid]) if column == "mean" else scores[rid][column])
+        c = np.asarray(r["contributions"], dtype=np.float64)
+        assert len(c) == len(r["tokens"]) == len(r["offsets"]) == len(r["valued"])
+        assert abs(c.sum() - s) <= 1e-5 * max(np.abs(c).sum(), 1e-12), (rid, c.sum(), s)
+        assert r["score"] == pytest.approx(s, rel=1e-12)
+        assert not np.any(c[~np.asarray(r["valued"])])
+        text = "".join(r["tokens"])
+        assert [text[o:o + len(p)] for o, p in zip(r["offsets"], r["tokens"])] == r["tokens"]
+
+
+def test_explain_bottom_rows_of_a_centered_mean_run(job):
+    from jobtools import read_scores, run_ok
+
+    out = job.root / "mean" / "explain"
+    run_ok("explain", "--scores", job.root / "mean", "--bottom", 4, "--out", out)
+    rows, scores = _explained(out), read_scores(job.root / "mean")
+    assert list(rows) == sorted(scores, key=lambda i: (scores[i], i))[:4]  # the bottom 4, lowest first
+    _check_sums(rows, scores)
+    meta = json.loads((out / "explain.json").read_text())
+    assert meta["centered"] and meta["in_process"] and meta["mode"] == "mean"
+
+
+def test_explain_groups_per_group_against_one_target(job):
+    from jobtools import read_scores, run_ok, target_ids
+
+    out = job.root / "groups-explain"
+    names = target_ids(job.root / "groups")
+    run_ok("explain", "--scores", job.root / "groups", "--top", 2, "--per-group", "class", "--target", names[1],
+           "--out", out)
+    rows, scores = _explained(out), read_scores(job.root / "groups")
+    by_class = {}
+    for r in job.train:
+        by_class.setdefault(str(r["class"]), []).append(r["id"])
+    assert sorted(rows) == sorted(i for ids in by_class.values()
+                                  for i in sorted(ids, key=lambda i: (-scores[i][1], i))[:2])
+    assert {r["group"] for r in rows.values()} == set(by_class)
+    _check_sums(rows, scores, column=1)
+    rc_ok, _, err = _cli("explain", "--scores", job.root / "groups", "--top", 2, "--target", "nope", "--out", out)
+    assert rc_ok == 2 and "not a target of this output" in err
+
+
+def test_explain_pairwise_ids_and_the_mean_over_targets(job):
+    from jobtools import read_scores, run_ok, target_ids
+
+    scores, names = read_scores(job.root / "pairwise"), target_ids(job.root / "pairwise")
+    ids = ["html-row", job.train[0]["id"]]
+    out = job.root / "pw-one"
+    run_ok("explain", "--scores", job.root / "pairwise", "--ids", ",".join(ids), "--target", names[2], "--out", out)
+    rows = _explained(out)
+    assert list(rows) == ids
+    _check_sums(rows, scores, column=2)
+    out_all = job.root / "pw-all"
+    run_ok("explain", "--scores", job.root / "pairwise", "--ids", ids[1], "--out", out_all)
+    _check_sums(_explained(out_all), scores, column="mean")
+    page = (out / "index.html").read_text()
+    assert "<script" not in page and "&lt;" in page  # every text escaped: the row's own tags are text
+    shown = html.unescape(re.sub(r"<[^>]+>", "", page))
+    assert "".join(rows["html-row"]["tokens"]) in shown and "<" in "".join(rows["html-row"]["tokens"])
+    assert "class='p'" in page and "class='legend'" in page
+    rc, _, err = _cli("explain", "--scores", job.root / "pairwise", "--ids", "no-such-id", "--out", out)
+    assert rc == 2 and "not scored" in err
+
+
+def test_explain_through_model_actors_equals_in_process(job):
+    """More rows than --local-rows go through the executor's model actors: the same table."""
+    from jobtools import run_ok
+
+    local, remote = job.root / "groups-local", job.root / "groups-actors"
+    run_ok("explain", "--scores", job.root / "groups", "--bottom", 5, "--out", local)
+    run_ok("explain", "--scores", job.root / "groups", "--bottom", 5, "--out", remote, "--local-rows", 0)
+    a, b = pq.read_table(local / "tokens.parquet"), pq.read_table(remote / "tokens.parquet")
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()
+    assert not json.loads((remote / "explain.json").read_text())["in_process"]
+    for x, y in zip(a.to_pylist(), b.to_pylist()):
+        assert x["tokens"] == y["tokens"]
+        np.testing.assert_allclose(x["contributions"], y["contributions"], rtol=1e-4, atol=1e-6)
+
+
+def test_report_links_the_explanation_and_shows_worst_spans(job):
+    from forvalue_ray.report import write_report
+
+    out = job.root / "mean"
+    if not (out / "explain" / "tokens.parquet").exists():
+        test_explain_bottom_rows_of_a_centered_mean_run(job)
+    page = Path(write_report(str(out), top=4)).read_text()
+    assert "explain/index.html" in page
+    bottom = page[page.index("id='bottom-rows'"):]
+    bottom = bottom[:bottom.index("</table>")]
+    assert "worst 3-token span" in bottom and bottom.count("class='span'") == 4
+
+
+def _cli(*args):
+    from jobtools import cli
+
+    return cli(*args)
