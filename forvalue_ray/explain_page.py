@@ -9,6 +9,9 @@ import json
 
 import numpy as np
 
+from . import io
+
+RECORD = "explained.json"  # OUT/explained.json: where explanations of this output were written (for the report)
 SPAN = 3  # tokens in the worst span
 NEGATIVE, POSITIVE = (202, 0, 32), (5, 113, 176)  # the ends of a diverging red–white–blue palette (ColorBrewer RdBu)
 
@@ -129,3 +132,38 @@ def render(table, meta: dict) -> str:
                    f"<div class='text'>{''.join(cells)}</div></div>")
     out.append(f"<p class='note'>Settings: <code>{_esc(json.dumps(meta, default=str))}</code></p></body></html>")
     return "\n".join(out)
+
+
+def explained_dirs(scores: str) -> list[str]:
+    """Explanations of an output: OUT/explain when it holds one, and those recorded in OUT/explained.json."""
+    dirs = []
+    if io.exists(io.join(scores, "explain", "tokens.parquet")):
+        dirs.append(io.join(scores, "explain"))
+    path = io.join(scores, RECORD)
+    if io.exists(path):
+        dirs += [d for d in io.read_json(path).get("dirs", []) if io.exists(io.join(d, "tokens.parquet"))]
+    return list(dict.fromkeys(dirs))
+
+
+def worst_spans(dirs: list[str], ids) -> dict[str, tuple[str, float]]:
+    """id → (text, sum) of the worst span of each of ``ids`` explained in ``dirs`` (the first explanation found)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    wanted, out = set(ids), {}
+    for d in dirs:
+        fs, path = io.filesystem(io.join(d, "tokens.parquet"))
+        with fs.open(path, "rb") as fh:
+            t = pq.read_table(fh, columns=["id", "tokens", "contributions", "valued"])
+        t = t.filter(pc.is_in(t["id"], value_set=pa_strings(wanted - set(out))))
+        for r in t.to_pylist():
+            span = worst_span(r["contributions"], r["valued"])
+            if span is not None and r["id"] not in out:
+                out[r["id"]] = (span_text(r["tokens"], span), span[2])
+    return out
+
+
+def pa_strings(values):
+    import pyarrow as pa
+
+    return pa.array(sorted(values), pa.string())

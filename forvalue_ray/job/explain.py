@@ -16,6 +16,7 @@ rows, read them, encode and explain the chosen rows only, and write one part per
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import io
-from ..explain_page import offsets, render, token_pieces
+from ..explain_page import RECORD, offsets, render, token_pieces
 from ..io import Shard
 from . import executor, parts
 from .config import JobConfig, actor_range
@@ -33,7 +34,6 @@ LOCAL_SHARDS = 64  # score parts scanned on the driver; more: Ray tasks
 LOCAL_ROWS = 256  # rows explained in-process; more: model actors through the executor
 MAX_ROWS = 10_000
 PARTS = "_parts"
-RECORD = "explained.json"  # OUT/explained.json: where explanations of this output were written (for the report)
 
 SCHEMA = pa.schema([("id", pa.string()), ("tokens", pa.list_(pa.string())), ("offsets", pa.list_(pa.int64())),
                     ("contributions", pa.list_(pa.float32())), ("valued", pa.list_(pa.bool_())),
@@ -310,6 +310,10 @@ def _variant(cfg: JobConfig) -> str:
 
 def _record(scores: str, out: str) -> None:
     """Note DIR in OUT/explained.json so the report can link it (best effort: OUT may be read-only)."""
+    if "://" not in out:
+        out = os.path.abspath(out)
+    if out.rstrip("/") == io.join(scores if "://" in scores else os.path.abspath(scores), "explain"):
+        return  # found without a record
     path = io.join(scores, RECORD)
     try:
         dirs = io.read_json(path).get("dirs", []) if io.exists(path) else []
@@ -317,15 +321,3 @@ def _record(scores: str, out: str) -> None:
             io.write_json_atomic(path, {"dirs": dirs + [out]})
     except OSError:
         pass
-
-
-def explained_dirs(scores: str) -> list[str]:
-    """Explanations of this output: OUT/explain when it holds one, and those recorded in OUT/explained.json."""
-    dirs = []
-    if io.exists(io.join(scores, "explain", "tokens.parquet")):
-        dirs.append(io.join(scores, "explain"))
-    path = io.join(scores, RECORD)
-    if io.exists(path):
-        dirs += [d for d in io.read_json(path).get("dirs", []) if io.exists(io.join(d, "tokens.parquet"))]
-    return list(dict.fromkeys(dirs))
-
