@@ -127,8 +127,9 @@ def render(table, meta: dict) -> str:
         group = f" · group <b>{_esc(r['group'])}</b>" if r.get("group") is not None else ""
         worst_txt = ("—" if span is None else
                      f"<span class='span'>{_esc(span_text(r['tokens'], span))}</span> ({_num(span[2])})")
-        out.append(f"<div class='row' id='row-{i}'><div class='meta'>#{i} · id <b>{_esc(r['id'])}</b> · score "
-                   f"<b>{_num(r['score'])}</b>{group} · worst span {worst_txt} · colour scale ±{_num(scale)}</div>"
+        out.append(f"<div class='row' id='row-{i}'><div class='meta'>#{i} · id <b class='rid'>{_esc(r['id'])}</b> · "
+                   f"score <b>{_num(r['score'])}</b>{group} · worst span {worst_txt} · colour scale "
+                   f"±{_num(scale)}</div>"
                    f"<div class='text'>{''.join(cells)}</div></div>")
     out.append(f"<p class='note'>Settings: <code>{_esc(json.dumps(meta, default=str))}</code></p></body></html>")
     return "\n".join(out)

@@ -301,3 +301,39 @@ def _cli(*args):
     from jobtools import cli
 
     return cli(*args)
+
+
+def test_explain_page_in_a_browser(job):
+    """The page loads cleanly in headless Chromium; rows are ordered by their worst span, most negative first."""
+    from browser import headless_chromium, missing
+
+    from forvalue_ray.explain_page import worst_span
+
+    if missing():
+        pytest.skip(f"the headless browser test {missing()}")
+    out = job.root / "mean" / "explain"
+    if not (out / "tokens.parquet").exists():
+        test_explain_bottom_rows_of_a_centered_mean_run(job)
+    import shutil
+    import tempfile
+
+    profile = tempfile.mkdtemp(prefix="forvalue-chromium-")
+    driver = headless_chromium(profile)
+    try:
+        driver.get((out / "index.html").as_uri())
+        page = driver.execute_script("""
+            return {ready: document.readyState,
+                    rows: Array.from(document.querySelectorAll('.row .meta .rid')).map(b => b.textContent),
+                    coloured: document.querySelectorAll('.text span.t').length,
+                    worst: document.querySelectorAll('.text span.w').length,
+                    grey: document.querySelectorAll('.text span.p').length};""")
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+    assert not errors and page["ready"] == "complete"
+    rows = _explained(out)
+    order = sorted(rows, key=lambda i: (worst_span(rows[i]["contributions"], rows[i]["valued"])[2], i))
+    assert page["rows"] == order
+    assert page["worst"] == 3 * len(rows) and page["grey"] > 0
+    assert page["coloured"] == sum(sum(r["valued"]) for r in rows.values())

@@ -142,7 +142,7 @@ def pairwise_target_rows(cfg: JobConfig, model_path: str, names: list[str], colu
     return rows if column is None else [rows[column]]
 
 
-# ---- explaining the rows of one shard (no Ray) ------------------------------------------------------------------------
+# ---- explaining the rows of one shard (no Ray) ----------------------------------------------------------------------
 
 
 class ExplainShards:
@@ -196,7 +196,7 @@ class ExplainShards:
             "group": [wanted[r.id][1] for r in rows]}, schema=SCHEMA)
 
 
-# ---- the command ------------------------------------------------------------------------------------------------------
+# ---- the command ----------------------------------------------------------------------------------------------------
 
 
 def explain(scores: str, out: str, *, ids: list[str] | None = None, top: int | None = None,
