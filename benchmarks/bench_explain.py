@@ -12,7 +12,9 @@ its span lengths and inserted words):
 - ``replace``: L consecutive words replaced by words of another problem's solution (plausible vocabulary).
 
 Every row is valued on its response tokens against clean validation rows of the same classes, and explained
-(:func:`forvalue_ray.token_contributions`) with the paper's mean score (``mean``) and its cosine (``cosine``).
+(:func:`forvalue_ray.token_contributions`) with the paper's mean score (``mean``), its cosine (``cosine``) and
+centered on the mean gradient of 24 clean rows of the same problems (``centered``); ``abs`` ranks by |c_t| of the
+mean score (a large term of either sign).
 A valued token is damaged when its characters overlap a damaged word. Per row: the token-level AUC of −c_t
 (more negative = more damaged; 0.5 = chance) and whether the worst 3-token window (of valued tokens, as the
 report shows it) overlaps the damaged span, against chance (the share of 3-token windows that do). Baseline: the
@@ -33,8 +35,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 KINDS = ("delete", "insert", "replace")
-METHODS = ("mean", "cosine", "nll")
+METHODS = ("mean", "cosine", "centered", "abs", "nll")  # abs: |c_t| of the mean score (large either way)
 MAX_SPAN = 4
+SAMPLE_PER_CLASS = 4  # clean rows per class: the centering sample
 
 
 def damage(response: str, rng: random.Random, kind: str, donor_words: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -72,8 +75,10 @@ def make_rows(n_rows: int, n_classes: int, n_val: int, seed: int):
     from forvalue_ray.benchmark_tasks import make_task
 
     per_class = -(-n_rows // n_classes)
-    train, val = make_task("math_steps", seed=seed, n_classes=n_classes, n_train_per_class=per_class,
+    train, val = make_task("math_steps", seed=seed, n_classes=n_classes, n_train_per_class=per_class + SAMPLE_PER_CLASS,
                            n_val_per_class=n_val)
+    sample = [r for j, r in enumerate(train) if j % (per_class + SAMPLE_PER_CLASS) >= per_class]
+    train = [r for j, r in enumerate(train) if j % (per_class + SAMPLE_PER_CLASS) < per_class]
     rng = random.Random(f"bench-explain/{seed}")
     rows = []
     for j, r in enumerate(train[:n_rows]):
@@ -82,7 +87,7 @@ def make_rows(n_rows: int, n_classes: int, n_val: int, seed: int):
         response, spans = damage(r["response"], rng, kind, donor)
         rows.append({"id": r["id"], "prompt": r["prompt"], "response": response, "kind": kind, "spans": spans,
                      "class": r["class"]})
-    return rows, val
+    return rows, val, sample
 
 
 def token_surprisal(vm, encoded) -> list[np.ndarray]:
@@ -158,19 +163,22 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     vm = fv.load_model(args.model)
-    rows, val = make_rows(args.n_rows, args.n_classes, args.n_val_per_class, args.seed)
+    rows, val, sample = make_rows(args.n_rows, args.n_classes, args.n_val_per_class, args.seed)
     train = [{"id": r["id"], "prompt": r["prompt"], "response": r["response"]} for r in rows]
     encoded = fv.encode_rows(vm, train, form="prompt_response")
     targets = [{"prompt": v["prompt"], "response": v["response"]} for v in val]
     contributions, timing = {}, {}
-    for method, normalize in (("mean", False), ("cosine", True)):
+    center = [{"prompt": v["prompt"], "response": v["response"]} for v in sample]
+    for method, normalize in (("mean", False), ("cosine", True), ("centered", False)):
         t = time.time()
-        stats = fv.target_statistics(vm, targets, normalize=normalize, form="prompt_response")
+        stats = fv.target_statistics(vm, targets, normalize=normalize, form="prompt_response",
+                                     center=center if method == "centered" else None)
         tc = fv.token_contributions(vm, encoded, stats)
         contributions[method] = tc.contributions
         scores = fv.score_against(vm, encoded, stats)[:, 0]
         gap = max(abs(c.sum() - s) / max(np.abs(c).sum(), 1e-30) for c, s in zip(tc.contributions, scores))
         timing[method] = {"seconds": round(time.time() - t, 1), "max_sum_gap_relative": float(gap)}
+    contributions["abs"] = [-np.abs(c) for c in contributions["mean"]]
     t = time.time()
     contributions["nll"] = token_surprisal(vm, encoded)
     timing["nll"] = {"seconds": round(time.time() - t, 1)}
@@ -182,12 +190,13 @@ def run(args) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["| rows | n | chance: worst window hits | worst window hits: mean / cosine / NLL | token AUC: mean / "
-             "cosine / NLL |", "|---|---|---|---|---|"]
+    names = " / ".join(m if m != "abs" else "\\|c\\|" for m in METHODS)
+    lines = [f"| rows | n | chance: worst window hits | worst window hits: {names} | token AUC: {names} |",
+             "|---|---|---|---|---|"]
     for kind, s in result["summary"].items():
-        lines.append(f"| {kind} | {s['rows']} | {s['window_chance']:.2f} | {s['window_mean']:.2f} / "
-                     f"{s['window_cosine']:.2f} / {s['window_nll']:.2f} | {s['auc_mean']:.3f} / "
-                     f"{s['auc_cosine']:.3f} / {s['auc_nll']:.3f} |")
+        hits = " / ".join(f"{s[f'window_{m}']:.2f}" for m in METHODS)
+        aucs = " / ".join(f"{s[f'auc_{m}']:.3f}" for m in METHODS)
+        lines.append(f"| {kind} | {s['rows']} | {s['window_chance']:.2f} | {hits} | {aucs} |")
     return "\n".join(lines)
 
 
