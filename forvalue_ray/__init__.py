@@ -2,8 +2,9 @@
 
 __version__ = "0.1.0"
 
-from .api import (CenteredSketches, center_target_stats, centered_sketches, diagnostics, encode_rows,  # noqa: E402
-                  group_scores, pairwise_scores, score_against, sketches, target_statistics, value_scores)
+from .api import (CenteredSketches, TokenContributions, center_target_stats, centered_sketches,  # noqa: E402
+                  diagnostics, encode_rows, group_scores, pairwise_scores, score_against, sketches, target_reference,
+                  target_statistics, token_contributions, value_scores)
 from .encode import Columns, Encoded, RowError  # noqa: E402
 from .model import ValuationModel, from_hf, load_model  # noqa: E402
 from .sketch import (SketchTargets, compress_sketches, restore_sketches, score_sketches,  # noqa: E402
@@ -12,4 +13,5 @@ from .sketch import (SketchTargets, compress_sketches, restore_sketches, score_s
 __all__ = ["load_model", "from_hf", "ValuationModel", "value_scores", "pairwise_scores", "group_scores",
            "sketches", "target_statistics", "center_target_stats", "score_against", "diagnostics", "encode_rows",
            "centered_sketches", "CenteredSketches", "compress_sketches", "restore_sketches", "sketch_targets",
-           "SketchTargets", "score_sketches", "Columns", "Encoded", "RowError", "__version__"]
+           "SketchTargets", "score_sketches", "token_contributions", "TokenContributions", "target_reference", "Columns",
+           "Encoded", "RowError", "__version__"]

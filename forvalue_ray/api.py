@@ -7,8 +7,8 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 
 from .encode import Columns, Encoded, Encoder, RowError
-from .engine import (DEFAULT_MAX_TOKENS, Scorer, TargetStats, build_reference, finish_target_stats, target_form,
-                     target_partial)
+from .engine import (DEFAULT_MAX_TOKENS, Reference, Scorer, TargetStats, build_reference, finish_target_stats,
+                     target_form, target_partial)
 from .model import ValuationModel
 from .readout import DEFAULT_VOCAB_CHUNK
 from .sketch import DEFAULT_SKETCH_DIM, center_terms
@@ -144,6 +144,72 @@ def pairwise_scores(vm: ValuationModel, train_rows, target_rows, *, normalize: b
     reference = build_reference(vm, encode_rows(vm, target_rows, **encode_kw), vocab_chunk=vocab_chunk)
     rows = encode_rows(vm, train_rows, **encode_kw)
     return Scorer(vm, reference=reference, normalize=normalize, vocab_chunk=vocab_chunk)(rows)["pairwise"]
+
+
+def target_reference(vm: ValuationModel, target_rows, *, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+                     **encode_kw) -> Reference:
+    """The pairwise reference of a (small) target set: every valued token of each target row and its ‖G‖²
+    (what :func:`pairwise_scores` scores against; :func:`token_contributions` takes it)."""
+    return build_reference(vm, encode_rows(vm, target_rows, **encode_kw), vocab_chunk=vocab_chunk)
+
+
+class TokenContributions(NamedTuple):
+    """Each row's score split into one term per token: ``contributions[i][j]`` is token j's term of row i's
+    score (0 where token j is not valued, e.g. the first token, prompt tokens, user turns), and
+    ``contributions[i].sum(0) == scores[i]`` up to rounding in the model's dtype."""
+
+    ids: list[str]
+    input_ids: list[np.ndarray]  # [T_i] the row's tokens as encoded (after truncation)
+    valued: list[np.ndarray]  # [T_i] bool: the token is valued (a label of the loss mask)
+    contributions: list[np.ndarray]  # [T_i] float64 (one column chosen, or K == 1), else [T_i, K]
+    scores: np.ndarray  # [n] (one column) or [n, K]: the rows' scores, as score_against / pairwise_scores give
+    names: list[str]  # the columns: group names (mean: ["all"]), or target ids (pairwise)
+
+
+def token_contributions(vm: ValuationModel, rows, stats: TargetStats | Reference, *, target=None,
+                        normalize: bool | None = None, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+                        max_tokens: int = DEFAULT_MAX_TOKENS, **encode_kw) -> TokenContributions:
+    """Why a row scores what it does: its score as a sum over its valued tokens t.
+
+    Against target statistics Ḡ (``stats``: :func:`target_statistics`, a loaded ``OUT/target``, or centered,
+    Ḡ − μ) a row's score is s(z) = ⟨Σ_t α_t h_tᵀ, Ḡ⟩ = Σ_t α_tᵀ Ḡ h_t, so token t's term is c_t = α_tᵀ Ḡ h_t —
+    the per-token values the readout sums anyway (the same vocabulary-chunked pass in token blocks: bounded
+    memory whatever the row length). Cosine statistics (built with ``normalize=True``): each term divided by the
+    row's ‖G(z)‖ as the score is (the target norms are inside Ḡ). Centered statistics: c_t = α_tᵀ (Ḡ − μ) h_t.
+    Groups: one column per group. ``stats`` may also be a pairwise reference (:func:`target_reference`): one
+    column per target row z', c_t = Σ_{s∈z'} (α_t·α'_s)(h_t·h'_s), divided by ‖G(z)‖ ‖G(z')‖ when ``normalize``.
+
+    ``target``: a column's name (group name, target id) or index: that column only ([T] per row); default every
+    column ([T, K], or [T] when there is one). ``normalize`` defaults to the statistics' own setting (False for a
+    reference). Rows are dicts (or :class:`Encoded`), encoded as for the scores (``encode_kw``)."""
+    encoded = encode_rows(vm, rows, **encode_kw)
+    if isinstance(stats, Reference):
+        names = list(stats.ids)
+        scorer = Scorer(vm, reference=stats, normalize=bool(normalize), vocab_chunk=vocab_chunk, max_tokens=max_tokens)
+        key = "pairwise"
+    else:
+        if normalize is not None and normalize != stats.normalize:
+            raise ValueError(f"the target statistics were built with normalize={stats.normalize}")
+        names = list(stats.names)
+        scorer = Scorer(vm, stats=stats, normalize=stats.normalize, vocab_chunk=vocab_chunk, max_tokens=max_tokens)
+        key = "scores"
+    res = scorer.token_terms(encoded)
+    terms, scores = res["token_" + key], res[key]
+    if target is not None:
+        col = target if isinstance(target, (int, np.integer)) else _column(names, target)
+        terms, scores, names = [t[:, col] for t in terms], scores[:, col], [names[col]]
+    elif len(names) == 1:
+        terms, scores = [t[:, 0] for t in terms], scores[:, 0]
+    valued = [np.r_[False, np.asarray(r.labels[1:]) != -100] for r in encoded]
+    return TokenContributions([r.id for r in encoded], [np.asarray(r.input_ids) for r in encoded], valued, terms,
+                              scores, names)
+
+
+def _column(names: list[str], target) -> int:
+    if str(target) not in names:
+        shown = ", ".join(map(repr, names[:10])) + (" …" if len(names) > 10 else "")
+        raise ValueError(f"no target {target!r}: the columns are {shown}")
+    return names.index(str(target))
 
 
 def sketches(vm: ValuationModel, rows, *, dim: int = DEFAULT_SKETCH_DIM, seed: int = 0,

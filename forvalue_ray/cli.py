@@ -53,6 +53,16 @@ def cmd_select(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from .job.explain import explain
+
+    ids = None if args.ids is None else [i for i in args.ids.split(",") if i]
+    res = explain(args.scores, args.out, ids=ids, top=args.top, bottom=args.bottom, target=args.target,
+                  per_group=args.per_group, local_rows=args.local_rows)
+    print(json.dumps(res))
+    return 0
+
+
 def cmd_verify(args) -> int:
     from .job import verify
 
@@ -109,6 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "(round-robin: each target's best, then each one's second best, ..., a row once)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier, different selection in --out (never any other folder)")
+    p = sub.add_parser("explain", help="why rows score what they do: each valued token's term of the score")
+    p.add_argument("--scores", required=True, help="output directory of `value` (its model, form, mode and target "
+                                                   "statistics are reused)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ids", help="comma-separated row ids")
+    g.add_argument("--bottom", type=int, help="the K lowest-scoring rows (per group with --per-group)")
+    g.add_argument("--top", type=int, help="the K highest-scoring rows (per group with --per-group)")
+    p.add_argument("--target", help="groups/pairwise: explain the score against this target (default: the mean "
+                                    "over targets)")
+    p.add_argument("--per-group", help="--top/--bottom within each value of this data column")
+    p.add_argument("--out", required=True, help="writes OUT/tokens.parquet and OUT/index.html (OUT/explain is "
+                                                "linked by `report` without more ado)")
+    p.add_argument("--local-rows", type=int, default=256,
+                   help="up to this many rows are explained in-process on the driver; more go through model actors")
     p = sub.add_parser("verify", help="check an output is complete and exactly-once against its input")
     p.add_argument("dir")
     p = sub.add_parser("report", help="an HTML page about a value/score/select output: OUT/report/index.html")
@@ -143,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"{args.config}: command must be one of {COMMANDS}, not {command!r}")
             run(JobConfig.from_dict({**data, "command": command}))
             return 0
-        return {"select": cmd_select, "verify": cmd_verify, "report": cmd_report, "demo": cmd_demo,
-                "submit": cmd_submit}[args.command](args)
+        return {"select": cmd_select, "explain": cmd_explain, "verify": cmd_verify, "report": cmd_report,
+                "demo": cmd_demo, "submit": cmd_submit}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as e:
         bare_path = isinstance(e, FileNotFoundError) and " " not in str(e)  # fsspec raises with just the path
         what = f"not found: {e}" if bare_path else e

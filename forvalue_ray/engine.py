@@ -53,6 +53,7 @@ class ValuedTokens:
     y: torch.Tensor  # [N]
     seg: torch.Tensor  # [N]
     n_rows: int
+    pos: torch.Tensor | None = None  # [N] each label's position in its row's input_ids (on the CPU)
 
     @property
     def n_tokens(self) -> np.ndarray:
@@ -86,7 +87,9 @@ def valued_tokens(vm: ValuationModel, rows: list[Encoded], padding_side: str = "
     valid = (target != IGNORE) & (mask[:, :-1] == 1) & (mask[:, 1:] == 1)
     b, t = valid.nonzero(as_tuple=True)
     dev = hidden.device
-    return ValuedTokens(h=hidden[b.to(dev), t.to(dev)], y=target[b, t].to(dev), seg=b.to(dev), n_rows=len(rows))
+    offset = torch.tensor([longest - len(r.input_ids) if padding_side == "left" else 0 for r in rows])
+    return ValuedTokens(h=hidden[b.to(dev), t.to(dev)], y=target[b, t].to(dev), seg=b.to(dev), n_rows=len(rows),
+                        pos=t + 1 - offset[b])
 
 
 @dataclass
@@ -151,6 +154,11 @@ class TokenSet:
         hb = (h.to(self.b.dtype) @ self.b.T).to(kernel.dtype)
         return segment_sum(segment_sum(kernel * hb, seg, n_rows, 0), self.tokens.seg, self.n_owners, 1)
 
+    def per_token(self, kernel: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """[tokens, n_owners]: each token's own term, before :meth:`reduce` sums them per row."""
+        hb = (h.to(self.b.dtype) @ self.b.T).to(kernel.dtype)
+        return segment_sum(kernel * hb, self.tokens.seg, self.n_owners, 1)
+
 
 @dataclass
 class Reference:
@@ -208,9 +216,30 @@ class Scorer:
                 out[k][idx] = v
         return out
 
-    def _batch(self, rows: list[Encoded]) -> dict[str, np.ndarray]:
+    @torch.no_grad()
+    def token_terms(self, rows: list[Encoded]) -> dict:
+        """:meth:`__call__`'s results plus each token's own term of its row's scores, before the sum over the row:
+        ``token_scores`` / ``token_pairwise``, one float64 array [len(input_ids), K] per row (0 at positions that
+        are not valued), whose sum over tokens is the row's ``scores`` / ``pairwise`` (cosine: already divided by
+        the norms, as the scores are). Same readout, same blocks: memory as in :meth:`__call__` plus the output."""
+        out: dict = {}
+        for idx in plan_batches([len(r.input_ids) for r in rows], self.max_tokens):
+            res = self._batch([rows[i] for i in idx], per_token=True)
+            for k, v in res.items():
+                if k.startswith("token_"):
+                    out.setdefault(k, [None] * len(rows))
+                    for j, i in enumerate(idx):
+                        out[k][i] = v[j]
+                else:
+                    if k not in out:
+                        out[k] = np.zeros((len(rows),) + v.shape[1:], dtype=v.dtype)
+                    out[k][idx] = v
+        return out
+
+    def _batch(self, rows: list[Encoded], per_token: bool = False) -> dict[str, np.ndarray]:
         """One forward, then the readout over token blocks: every quantity is per token and reduced per
-        row, so blocks change nothing but the peak memory (bounded whatever the row length)."""
+        row, so blocks change nothing but the peak memory (bounded whatever the row length). ``per_token``: also
+        each token's terms before that reduction (:meth:`token_terms`)."""
         head = self.vm.head
         vt = valued_tokens(self.vm, rows, self.padding_side)
         n, acc = vt.n_rows, accumulation_dtype(vt.h.dtype)
@@ -221,7 +250,7 @@ class Scorer:
                                    sketch_dim=0 if self.hashes is None else self.hashes.dim)
         nll = torch.zeros(n, dtype=acc, device=vt.h.device)
         scores = pairwise = spectrum = None
-        lse = []
+        lse, terms = [], {"scores": [], "pairwise": []}  # per block, per_token only
         for t0 in range(0, len(vt.y), block):
             h, y, seg = vt.h[t0:t0 + block], vt.y[t0:t0 + block], vt.seg[t0:t0 + block]
             accs = []
@@ -236,11 +265,20 @@ class Scorer:
             nll += segment_sum(res.nll, seg, n)
             values = iter(res.values)
             if self.stats is not None:
-                scores = _add(scores, segment_sum(next(values), seg, n))
+                v = next(values)
+                scores = _add(scores, segment_sum(v, seg, n))
+                if per_token:
+                    terms["scores"].append(v)
             if self.factored is not None:
-                scores = _add(scores, self.factored.reduce(next(values), h, seg, n))
+                v = next(values)
+                scores = _add(scores, self.factored.reduce(v, h, seg, n))
+                if per_token:
+                    terms["scores"].append(self.factored.per_token(v, h))
             if self.pairs is not None:
-                pairwise = _add(pairwise, self.pairs.reduce(next(values), h, seg, n))
+                v = next(values)
+                pairwise = _add(pairwise, self.pairs.reduce(v, h, seg, n))
+                if per_token:
+                    terms["pairwise"].append(self.pairs.per_token(v, h))
             if self.hashes is not None:
                 spectrum = _add(spectrum, sketch_spectrum(next(values), h, self.hashes, seg, n))
         counts = vt.n_tokens
@@ -256,11 +294,31 @@ class Scorer:
             out["pairwise"] = pairwise.double().cpu().numpy()
         if self.hashes is not None:
             out["sketch"] = spectrum_to_sketch(spectrum, self.hashes).float().cpu().numpy()
+        if per_token:
+            for kind, blocks in terms.items():
+                if not blocks:
+                    continue
+                t = torch.cat(blocks)
+                if inv_norm is not None:
+                    t = t * inv_norm[vt.seg][:, None]
+                    if kind == "pairwise":
+                        t = t * ref.sq_norms.to(acc).rsqrt()[None, :]
+                out["token_" + kind] = _per_row(t.double().cpu().numpy(), vt, rows)
         return out
 
 
 def _add(total, x):
     return x if total is None else total + x
+
+
+def _per_row(t: np.ndarray, vt: ValuedTokens, rows: list[Encoded]) -> list[np.ndarray]:
+    """[valued tokens, K] → one [len(input_ids), K] array per row, each token's term at its position."""
+    out = [np.zeros((len(r.input_ids), t.shape[1])) for r in rows]
+    seg, pos = vt.seg.cpu().numpy(), vt.pos.numpy()
+    for i, o in enumerate(out):
+        mine = seg == i
+        o[pos[mine]] = t[mine]
+    return out
 
 
 def log_sum_exp(vm: ValuationModel, vt: ValuedTokens, vocab_chunk: int) -> torch.Tensor:

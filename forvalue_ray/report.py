@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from . import io
 from .encode import Columns, Encoder
+from .explain_page import SPAN, explained_dirs, worst_spans
 from .job.parts import PART_META, PLAN_FILE, SELECTION, read_plan
 
 DEFAULT_TOP = 15
@@ -417,7 +418,7 @@ td,th{border:1px solid #dde2e8;padding:4px 6px;vertical-align:top;text-align:lef
 th{background:#f5f7fa} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.text{white-space:pre-wrap;word-break:break-word;max-width:420px} .kv td:first-child{width:230px;color:#5b6673}
 figure{margin:12px 0} figcaption{color:#5b6673;font-size:12.5px} img{max-width:100%}
-.note{color:#8a5a00}
+.note{color:#8a5a00} .span{font-family:ui-monospace,Menlo,monospace;background:#fbe3e4;padding:0 3px;border-radius:3px}
 """
 
 
@@ -438,13 +439,17 @@ def _kv_table(items) -> str:
     return "<table class='kv'>" + "".join(f"<tr><td>{_esc(k)}</td><td>{v}</td></tr>" for k, v in items) + "</table>"
 
 
-def _rows_table(table_id: str, rows: list[dict], joined: dict, settings: dict, names: list, mode: str) -> str:
+def _rows_table(table_id: str, rows: list[dict], joined: dict, settings: dict, names: list, mode: str,
+                spans: dict | None = None) -> str:
+    """``spans``: id → (text, sum) of the worst token span of the rows `forvalue-ray explain` explained."""
     show_scores = mode != "mean" and 1 < len(names) <= 6
     texts = [snippet(joined.get(r["id"]), settings) for r in rows]
     with_response = any(response for _, response in texts)
+    with_spans = bool(spans) and any(r["id"] in spans for r in rows)
     head = ["#", "id", "score" if mode == "mean" else "mean score"]
     head += [f"vs {n}" for n in names] if show_scores else []
     head += ["valued tokens", "NLL", "input"] + (["response"] if with_response else [])
+    head += [f"worst {SPAN}-token span (explain)"] if with_spans else []
     out = [f"<table id='{table_id}'><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head)
            + "</tr></thead><tbody>"]
     for i, (r, (text, response)) in enumerate(zip(rows, texts), 1):
@@ -454,6 +459,10 @@ def _rows_table(table_id: str, rows: list[dict], joined: dict, settings: dict, n
         cells += [f"<td class='num'>{_num(None if np.isnan(r['n_tokens']) else int(r['n_tokens']))}</td>",
                   f"<td class='num'>{_num(r['nll'])}</td>", f"<td class='text'>{_esc(text)}</td>"]
         cells += [f"<td class='text'>{_esc(response)}</td>"] if with_response else []
+        if with_spans:
+            span = spans.get(r["id"])
+            cells.append("<td>—</td>" if span is None else
+                         f"<td class='text'><span class='span'>{_esc(span[0])}</span> ({_num(span[1])})</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     return "".join(out) + "</tbody></table>"
 
@@ -525,12 +534,20 @@ def write_report(out: str, *, top: int = DEFAULT_TOP, sample: int = DEFAULT_SAMP
         target_rejected = io.join(out, "target", "rejected.parquet")
         if io.exists(target_rejected):
             _add_rejected(scan.rejected, _read_table(target_rejected), prefix="target row: ")
+    explained, spans = [], {}
+    if not is_selection:
+        try:
+            explained = explained_dirs(out)
+            spans = worst_spans(explained, [r["id"] for r in scan.bottom.rows()])
+        except (OSError, ValueError, KeyError) as e:
+            problems.append(f"the token explanations could not be read: {e}")
     index = None if plan is None else index_dir(plan, plan_shards)
     index_meta = _maybe_json(io.join(index, "index.json")) if index else None
     value_label = "score" if mode == "mean" else "mean score over targets"
     figs = figures(scan, mode, names, value_label)
-    page = render(out, command, config, run, plan, scan, names, mode, figs, joined, settings, problems, index_meta)
     report_dir = io.join(out, "report")
+    page = render(out, command, config, run, plan, scan, names, mode, figs, joined, settings, problems, index_meta,
+                  [(d, _link(report_dir, io.join(d, "index.html"))) for d in explained], spans)
     fs, base = io.filesystem(report_dir)
     fs.makedirs(base, exist_ok=True)
     for name, (_, png) in figs.items():
@@ -541,7 +558,15 @@ def write_report(out: str, *, top: int = DEFAULT_TOP, sample: int = DEFAULT_SAMP
     return io.join(report_dir, "index.html")
 
 
-def render(out, command, config, run, plan, scan, names, mode, figs, joined, settings, problems, index_meta) -> str:
+def _link(report_dir: str, target: str) -> str:
+    """A link from the report page to ``target``: relative when both are on the same local disk."""
+    if "://" in report_dir or "://" in target:
+        return target
+    return posixpath.relpath(target, report_dir)
+
+
+def render(out, command, config, run, plan, scan, names, mode, figs, joined, settings, problems, index_meta,
+           explained=(), spans=None) -> str:
     counts = run.get("counts", {})
     inv = run.get("this_invocation", {})
     wall = inv.get("wall_seconds")
@@ -570,6 +595,10 @@ def render(out, command, config, run, plan, scan, names, mode, figs, joined, set
              f"<p class='variant' id='variant'><b>Score:</b> {_esc(variant_text(command, config, index_meta))}</p>"]
     parts += [f"<p class='note'>{_esc(p)}</p>" for p in problems]
     parts += ["<h2>Overview</h2>", _kv_table(overview)]
+    if explained:
+        links = ", ".join(f"<a href='{_esc(href)}'>{_esc(d)}</a>" for d, href in explained)
+        parts.append(f"<p id='explained'><b>Token explanations</b> (<code>forvalue-ray explain</code>: each valued "
+                     f"token's term of the score): {links}</p>")
     summary = scan.summary.table()
     if summary:
         parts.append("<h2>Scores</h2>")
@@ -591,7 +620,8 @@ def render(out, command, config, run, plan, scan, names, mode, figs, joined, set
                                                                               scan.bottom)):
         rows = ranked.rows()
         parts.append(f"<h2>{title} {len(rows)} rows (by {ranking})</h2>")
-        parts.append(_rows_table(table_id, rows, joined, settings, names, mode))
+        parts.append(_rows_table(table_id, rows, joined, settings, names, mode,
+                                 spans if table_id == "bottom-rows" else None))
     parts.append("<h2>Rejected rows</h2>")
     if scan.rejected:
         parts.append("<table id='rejected-reasons'><thead><tr><th>reason</th><th>rows</th><th>examples (id: reason)"
