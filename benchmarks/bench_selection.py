@@ -29,7 +29,8 @@ The fv-* methods go through the product: ``forvalue-ray value`` then ``forvalue-
 (``--engine job``, the default where Ray is installed), or the same library's in-process API with the same ranking
 (``--engine api``: a GPU machine without Ray).
 Outputs: DIR/results.json (config, recipe, every run, per-method means/stds and paired differences to random),
-DIR/report.md (table), DIR/selection.png (methods × metric, every seed shown). Results are rewritten after each run.
+DIR/report.md (table), DIR/selection.png (methods × metric, every seed shown). Results are rewritten after each run;
+``bench_selection.py --replot DIR...`` draws table and plot again from DIR/results.json.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sft  # noqa: E402
+from forvalue_ray.job.selection import selected_ids  # noqa: E402
 
 METHODS = ["zero-shot", "random", "fv-mean", "fv-cosine", "fv-center", "fv-max", "fv-class", "embed-cosine", "bm25",
            "length", "loss-low", "loss-high", "full", "less"]
@@ -116,25 +118,13 @@ def write_rows(rows: list[dict], path: Path) -> str:
 
 # ---- ranking -------------------------------------------------------------------------------------------------------------
 
-def top_k(scores: np.ndarray, ids: list[str], k: int) -> list[int]:
-    """Indices of the k highest scores, ties by id ascending (the order ``forvalue-ray select`` uses)."""
-    order = sorted(range(len(ids)), key=lambda i: (-scores[i], ids[i]))
-    return order[:k]
-
-
-def round_robin(matrix: np.ndarray, ids: list[str], k: int) -> list[int]:
-    """Target 0's best row, target 1's best, …, then each target's second best, skipping rows taken: the first k."""
-    ranks = [sorted(range(len(ids)), key=lambda i: (-matrix[i, j], ids[i])) for j in range(matrix.shape[1])]
-    taken, order = set(), []
-    for r in range(len(ids)):
-        for ranking in ranks:
-            i = ranking[r]
-            if i not in taken:
-                taken.add(i)
-                order.append(i)
-                if len(order) == k:
-                    return order
-    return order
+def choose(ids: list[str], values: np.ndarray, k: int, combine: str | None = None) -> list[int]:
+    """Indices of the k rows ``select`` keeps for these scores (one per row, or [n, targets] with ``combine``):
+    the product's reference ranking (score descending, ties by id), imported, not re-implemented."""
+    col = {"scores": pa.array(list(values.astype(np.float64)))} if values.ndim == 2 else {
+        "score": pa.array(values.astype(np.float64))}
+    chosen = selected_ids(pa.table({"id": pa.array(ids, pa.string()), **col}), top_k=k, combine=combine)
+    return [i for i, rid in enumerate(ids) if rid in chosen]
 
 
 def own_group(matrix: np.ndarray, names: list[str], responses: list[str]) -> np.ndarray:
@@ -169,32 +159,30 @@ def fv_job(method: str, pool_file: str, target_file: str, work: Path, args, k: i
         ids = table["id"].to_pylist()
         matrix = np.array(table["scores"].to_pylist())
         value = own_group(matrix, names, [by_id[i] for i in ids])
-        return [ids[i] for i in top_k(value, ids, k)]
+        return [ids[i] for i in choose(ids, value, k)]
     combine = ["--combine", "round-robin"] if method == "fv-max" else []
     run([*cli, "select", "--scores", str(scores), "--out", str(sel), "--top-k", str(k), "--overwrite", *combine])
     return pq.read_table(str(sel / "_selection"))["id"].to_pylist()
 
 
-def fv_api(method: str, vm, pool: list[dict], target: list[dict], args, k: int) -> list[str]:
-    """The same scores from the in-process API (no Ray), ranked as ``select`` ranks them."""
+def fv_api(method: str, vm, pool: list[dict], target: list[dict], args) -> tuple[np.ndarray, str | None]:
+    """The same scores from the in-process API (no Ray), and how ``select`` combines them."""
     import forvalue_ray as fv
 
-    ids = [r["id"] for r in pool]
     kw = dict(max_length=args.max_length)
     if method == "fv-mean":
-        return [ids[i] for i in top_k(fv.value_scores(vm, pool, target, **kw), ids, k)]
+        return fv.value_scores(vm, pool, target, **kw), None
     if method == "fv-cosine":
-        return [ids[i] for i in top_k(fv.value_scores(vm, pool, target, normalize=True, **kw), ids, k)]
+        return fv.value_scores(vm, pool, target, normalize=True, **kw), None
     if method == "fv-center":
         rng = np.random.default_rng(0)
         sample = [pool[i] for i in sorted(rng.choice(len(pool), min(args.center, len(pool)), replace=False))]
-        return [ids[i] for i in top_k(fv.value_scores(vm, pool, target, center=sample, **kw), ids, k)]
+        return fv.value_scores(vm, pool, target, center=sample, **kw), None
     if method == "fv-max":
-        return [ids[i] for i in round_robin(fv.pairwise_scores(vm, pool, target, normalize=True, **kw), ids, k)]
+        return fv.pairwise_scores(vm, pool, target, normalize=True, **kw), "round-robin"
     if method == "fv-class":
         names, matrix = fv.group_scores(vm, pool, target, [r["response"] for r in target], normalize=True, **kw)
-        value = own_group(matrix, names, [r["response"] for r in pool])
-        return [ids[i] for i in top_k(value, ids, k)]
+        return own_group(matrix, names, [r["response"] for r in pool]), None
     raise ValueError(method)
 
 
@@ -303,6 +291,12 @@ def file_digest(paths: list[str]) -> str:
 
 
 def main(argv=None):
+    if argv is None and sys.argv[1:2] == ["--replot"]:  # table and plot again from DIR/results.json
+        for d in sys.argv[2:]:
+            results = json.loads((Path(d) / "results.json").read_text())
+            (Path(d) / "report.md").write_text(report_md(results))
+            plot(Path(d), results)
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pool", required=True)
     p.add_argument("--target", required=True)
@@ -426,43 +420,50 @@ def main(argv=None):
         return pool_stats
 
     vm = None
+    scores: dict[str, np.ndarray] = {}  # every method's per-row scores, saved for later analysis
     for m in methods:
         if m in ("zero-shot", "random", "full"):
             continue
+        if m == "fv-class" and not is_classification(target):
+            print(f"[select] {m}: skipped, the target has more than {MAX_CLASSES} distinct responses", flush=True)
+            continue
+        shared = 0.0
+        if m in ("embed-cosine", "loss-low", "loss-high", "length"):
+            st = pool_statistics()
+            shared = st["seconds"]  # the shared forward counts towards each method that uses it
         t0 = time.time()
-        if m.startswith("fv-"):
-            if m == "fv-class" and not is_classification(target):
-                print(f"[select] {m}: skipped, the target has more than {MAX_CLASSES} distinct responses", flush=True)
-                continue
-            if args.engine == "job":
-                chosen = fv_job(m, pool_file, target_file, work, args, k, pool)
-            else:
+        combine = None
+        if m.startswith("fv-") and args.engine == "job":
+            chosen = set(fv_job(m, pool_file, target_file, work, args, k, pool))
+            idx = [j for j, i in enumerate(pool_ids) if i in chosen]
+        else:
+            if m.startswith("fv-"):
                 if vm is None:
                     vm = load_model(path, device=str(device))
-                chosen = fv_api(m, vm, pool, target, args, k)
-            idx = [pool_ids.index(i) for i in chosen] if len(chosen) < 50 else [
-                j for j, i in enumerate(pool_ids) if i in set(chosen)]
-        elif m in ("embed-cosine", "loss-low", "loss-high", "length"):
-            st = pool_statistics()
-            extra = st["seconds"]  # the shared forward counts towards each method that uses it
-            nll = -st["logp"] / np.maximum(st["n_tokens"], 1)
-            value = {"embed-cosine": lambda: cosine_to_mean(st["hidden"], st["target_hidden"]),
-                     "loss-low": lambda: -nll, "loss-high": lambda: nll,
-                     "length": lambda: st["n_tokens"].astype(float)}[m]()
-            idx = top_k(value, pool_ids, k)
-            t0 -= extra
-        elif m == "bm25":
-            idx = top_k(bm25_scores(pool, target), pool_ids, k)
-        elif m == "less":
-            from less import LoraGradients
+                value, combine = fv_api(m, vm, pool, target, args)
+            elif m == "bm25":
+                value = bm25_scores(pool, target)
+            elif m == "less":
+                from less import LoraGradients
 
-            lora_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-            grads = LoraGradients(lora_model, dim=args.less_dim)
-            g_pool, g_target = grads(pool_enc, pad_id, amp=amp), grads(target_enc, pad_id, amp=amp)
-            idx = top_k((g_pool @ g_target.T).max(1), pool_ids, k)
-            del lora_model, grads
-        selections[m] = {"idx": sorted(idx), "select_s": time.time() - t0}
+                lora_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+                grads = LoraGradients(lora_model, dim=args.less_dim)
+                g_pool, g_target = grads(pool_enc, pad_id, amp=amp), grads(target_enc, pad_id, amp=amp)
+                value = (g_pool @ g_target.T).max(1)
+                del lora_model, grads
+            else:
+                nll = -st["logp"] / np.maximum(st["n_tokens"], 1)
+                value = {"embed-cosine": lambda: cosine_to_mean(st["hidden"], st["target_hidden"]),
+                         "loss-low": lambda: -nll, "loss-high": lambda: nll,
+                         "length": lambda: st["n_tokens"].astype(float)}[m]()
+            idx = choose(pool_ids, np.asarray(value), k, combine)
+            scores[m] = np.asarray(value)
+        selections[m] = {"idx": sorted(idx), "select_s": time.time() - t0 + shared}
         print(f"[select] {m}: {len(idx)} rows in {selections[m]['select_s']:.1f} s", flush=True)
+    if scores:
+        pq.write_table(pa.table({"id": pool_ids, "noisy": [i in noisy_ids for i in pool_ids],
+                                 **{m: pa.array(list(v) if v.ndim == 2 else v) for m, v in scores.items()}}),
+                       work / "scores.parquet")
     if vm is not None:
         del vm
         if device.type == "cuda":

@@ -65,9 +65,14 @@ def length_batches(rows: list[Encoded], batch_tokens: int, max_rows: int = 64):
         yield batch
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Softmax inputs in fp32, or the model's own precision when higher (fp64 models in tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def token_logprobs(model, ids, mask, labels) -> torch.Tensor:
-    """log p(label_j | prefix) at every valued position j ≥ 1, 0 elsewhere: [B, T−1], fp32."""
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+    """log p(label_j | prefix) at every valued position j ≥ 1, 0 elsewhere: [B, T−1], at least fp32."""
+    logits = at_least_fp32(model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1])
     target = labels[:, 1:]
     valued = target != IGNORE
     lp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -88,13 +93,13 @@ def response_stats(model, rows: list[Encoded], pad_id: int, *, batch_tokens: int
         with autocast(dev, amp):
             if hidden:
                 out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
-                h = out.hidden_states[-1].float()
-                valued = (labels != IGNORE).unsqueeze(-1).float()
+                h = at_least_fp32(out.hidden_states[-1])
+                valued = (labels != IGNORE).unsqueeze(-1).to(h.dtype)
                 pool = (h * valued).sum(1) / valued.sum(1).clamp(min=1)
                 if pooled is None:
-                    pooled = np.zeros((len(rows), h.shape[-1]), dtype=np.float32)
+                    pooled = np.zeros((len(rows), h.shape[-1]), dtype=np.float64)
                 pooled[idx] = pool.cpu().numpy()
-                logits = out.logits[:, :-1].float()
+                logits = at_least_fp32(out.logits[:, :-1])
                 target = labels[:, 1:]
                 lp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
                 lp = torch.where(target != IGNORE, lp, torch.zeros_like(lp))

@@ -168,8 +168,8 @@ def list_inputs(url: str, fmt: str = "auto", exclude: str | None = None) -> list
         files, root = [path], posixpath.dirname(path)
     else:
         raise FileNotFoundError(f"no input at {url}")
-    if exclude:
-        ex = filesystem(exclude)[1].rstrip("/")
+    ex = filesystem(exclude)[1].rstrip("/") if exclude else None
+    if ex and not (path.rstrip("/") == ex or path.startswith(ex + "/")):  # an input named inside OUT stays one
         files = [f for f in files if f != ex and not f.startswith(ex + "/")]
     if not files:
         raise FileNotFoundError(f"no data files at {url}")

@@ -273,3 +273,20 @@ def test_select_refuses_incomplete_scores(data, runs, tmp_path):
     assert f"is incomplete: 2 of {data.n_shards} shards have no scores part" in err and \
         f"forvalue-ray verify {crashed}" in err, err
     assert not out.exists()
+
+
+def test_select_notes_the_raw_score_only_for_the_raw_score(data, runs, tmp_path):
+    """Top rows of the paper's raw score (mean mode, no --normalize/--center) come with a note pointing to the
+    measured recipe; normalized, grouped or pairwise scores, and the bottom of any score, do not."""
+    raw = tmp_path / "mean"
+    run_ok("value", "--model", data.model, "--train", data.train, "--target", data.target, "--out", raw,
+           "--shard-rows", SHARD_ROWS, "--no-progress")
+    rc, _, err = cli("select", "--scores", raw, "--out", tmp_path / "top", "--top-k", 3)
+    assert rc == 0 and "raw scores" in err and "--normalize" in err
+    rc, _, err = cli("select", "--scores", raw, "--out", tmp_path / "bottom", "--bottom-fraction", 0.1)
+    assert rc == 0 and "raw scores" not in err
+    rc, _, err = cli("select", "--scores", runs["groups"], "--out", tmp_path / "groups", "--top-k", 3)
+    assert rc == 0 and "raw scores" not in err
+    assert selection.raw_score_warning({"command": "value", "mode": "mean", "normalize": True}) is None
+    assert selection.raw_score_warning({"command": "value", "mode": "mean", "center": 100}) is None
+    assert selection.raw_score_warning({"command": "score", "mode": "mean"}) is None

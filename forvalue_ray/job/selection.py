@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import json
 import posixpath
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -75,6 +76,18 @@ def selected_ids(scores: pa.Table, *, top_fraction=None, top_k=None, bottom_frac
             take = order[m - k:] if bottom_fraction is not None else order[:k]
         chosen.update({ids[i]: float(shown[i]) for i in take})
     return chosen
+
+
+def raw_score_warning(settings: dict) -> str | None:
+    """Selecting the top of the paper's raw score (mean mode, no --normalize, no centering) favours long,
+    high-error rows: fine-tuned on such a selection, SmolLM2 did worse than on a random one on SciQ
+    (docs/selection.md). Said, not refused: the raw score stays right for finding harmful rows."""
+    if settings.get("command") != "value" or settings.get("mode", "mean") != "mean" or settings.get("normalize") \
+            or settings.get("center") or settings.get("center_stats"):
+        return None
+    return ("note: these are the paper's raw scores, which favour long, high-error rows; for fine-tuning data, "
+            "value with --normalize (or --mode pairwise --normalize, then select --combine round-robin): measured "
+            "in docs/selection.md")
 
 
 def _wanted(n: int, top_fraction, top_k, bottom_fraction) -> int:
@@ -247,6 +260,8 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
                          f"re-running the value (or score) command finishes them")
     settings = plan["settings"]
     scored = settings.get("train")
+    if bottom_fraction is None and raw_score_warning(settings):
+        print(raw_score_warning(settings), file=sys.stderr)
     if settings.get("index"):  # a `score` output: its parts are named after the index's parts, i.e. data shards
         index_plan, data_shards = parts.read_plan(settings["index"])
         by_key = {s.key: s for s in data_shards}
