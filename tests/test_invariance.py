@@ -33,8 +33,7 @@ SMALL = 80  # padded tokens per forward: forces 4 batches for TRAIN (lengths 2..
 SETTINGS = [("right", BIG), ("left", BIG), ("right", SMALL), ("left", SMALL), ("left", 1)]
 SKETCH_DIM = 64
 
-# (family, dtype, attention). fp64 + eager + left padding gives NaN (see test_left_padding_fp64_eager below):
-# fp64 models run with sdpa where the family has it; gemma2 (eager only) in fp64 is checked with right padding.
+# (family, dtype, attention); fp64 + eager + left padding once gave NaN (test_left_padding_fp64_eager below).
 MODELS = {"llama-fp64": ("llama", torch.float64, "sdpa"), "qwen2-fp64": ("qwen2", torch.float64, "sdpa"),
           "gemma2-fp64": ("gemma2", torch.float64, "eager"), "llama-fp32": ("llama", torch.float32, "eager"),
           "gemma2-fp32": ("gemma2", torch.float32, "eager")}
@@ -63,10 +62,6 @@ def make_vm(name):
     return vm
 
 
-def left_broken(vm):
-    return vm.dtype == torch.float64 and vm.model.config._attn_implementation == "eager"
-
-
 class Case:
     def __init__(self, name):
         self.vm = vm = make_vm(name)
@@ -81,19 +76,6 @@ class Case:
     def scorer(self, padding_side="right", max_tokens=BIG, **kw):
         kw = {"stats": self.stats, "reference": self.reference, "sketch_dim": SKETCH_DIM, "sketch_seed": 11, **kw}
         return Scorer(self.vm, padding_side=padding_side, max_tokens=max_tokens, **kw)
-
-    def side(self, padding_side):
-        if padding_side == "left" and left_broken(self.vm):
-            pytest.skip("fp64 + eager attention + left padding is NaN: see test_left_padding_fp64_eager")
-        return padding_side
-
-    @property
-    def left(self):
-        """'left', or 'right' where left padding is known broken (tests that are not about the side)."""
-        return "right" if left_broken(self.vm) else "left"
-
-    def settings(self):
-        return [(s, m) for s, m in SETTINGS if not (s == "left" and left_broken(self.vm))]
 
     def score(self, rows, padding_side="right", max_tokens=BIG):
         return self.scorer(padding_side, max_tokens)(rows)
@@ -119,7 +101,6 @@ def test_settings_force_several_batches():
 
 @pytest.mark.parametrize("padding_side, max_tokens", SETTINGS)
 def test_batch_of_seven_equals_rows_alone(case, padding_side, max_tokens):
-    case.side(padding_side)
     out = case.score(case.rows, padding_side, max_tokens)
     rel = tol(case.vm)
     np.testing.assert_array_equal(out["n_tokens"], case.alone_stacked("n_tokens"))
@@ -135,7 +116,7 @@ def test_batch_of_seven_equals_rows_alone(case, padding_side, max_tokens):
 
 def test_row_order_and_duplicates(case):
     order = [5, 0, 3, 0, 6, 1, 4, 2]
-    out = case.score([case.rows[i] for i in order], case.left, SMALL)
+    out = case.score([case.rows[i] for i in order], "left", SMALL)
     rel = tol(case.vm)
     for key in ("nll", "scores", "pairwise", "sketch"):
         assert_close(out[key], case.alone_stacked(key, order), rel, key)
@@ -146,9 +127,9 @@ def test_focus_row_sketch_identical_across_batch_mates(case):
     """The same row, alone, with a long batch mate, or among all seven: the same sketch."""
     focus = case.rows[0]
     sk = [case.score([focus], "right")["sketch"][0],
-          case.score([case.rows[5], focus], case.left)["sketch"][1],
+          case.score([case.rows[5], focus], "left")["sketch"][1],
           case.score([case.rows[5], focus], "right")["sketch"][1],
-          case.score(case.rows[::-1], case.left, SMALL)["sketch"][-1]]
+          case.score(case.rows[::-1], "left", SMALL)["sketch"][-1]]
     if case.vm.dtype == torch.float64:  # fp64 math, fp32 output: equal up to the final rounding
         for s in sk[1:]:
             np.testing.assert_allclose(s, sk[0], rtol=1e-6, atol=1e-6 * np.abs(sk[0]).max())
@@ -163,7 +144,7 @@ def test_score_against_invariant(case, normalize):
     stats = case.stats_cos if normalize else case.stats
     rel = tol(case.vm)
     alone = np.concatenate([score_against(case.vm, [r], stats) for r in TRAIN])
-    for side, max_tokens in [("right", BIG), (case.left, SMALL), (case.left, 1)]:
+    for side, max_tokens in [("right", BIG), ("left", SMALL), ("left", 1)]:
         got = score_against(case.vm, TRAIN, stats, padding_side=side, max_tokens=max_tokens)
         assert_close(got, alone, rel, f"score_against {side} {max_tokens}")
     assert_close(value_scores(case.vm, TRAIN, TARGET, normalize=normalize), alone[:, 0], rel, "value_scores")
@@ -177,7 +158,7 @@ def test_pairwise_invariant(case, normalize):
     ref = case.reference
     alone = np.concatenate([Scorer(case.vm, reference=ref, normalize=normalize)([r])["pairwise"]
                             for r in case.rows])
-    for side, max_tokens in case.settings():
+    for side, max_tokens in SETTINGS:
         got = Scorer(case.vm, reference=ref, normalize=normalize, padding_side=side, max_tokens=max_tokens)(case.rows)
         assert_close(got["pairwise"], alone, rel, f"pairwise {side} {max_tokens}")
     assert_close(pairwise_scores(case.vm, TRAIN, TARGET, normalize=normalize), alone, rel, "pairwise_scores")
@@ -197,7 +178,7 @@ def test_sketches_api_invariant(case):
 def test_outputs_independent_of_other_outputs(case):
     """Asking for scores, pairwise and sketches together gives what each gives alone."""
     rel = tol(case.vm)
-    both = case.score(case.rows, case.left, SMALL)
+    both = case.score(case.rows, "left", SMALL)
     assert_close(Scorer(case.vm, stats=case.stats)(case.rows)["scores"], both["scores"], rel, "scores")
     assert_close(Scorer(case.vm, reference=case.reference)(case.rows)["pairwise"], both["pairwise"], rel, "pw")
     assert_close(Scorer(case.vm, sketch_dim=SKETCH_DIM, sketch_seed=11)(case.rows)["sketch"], both["sketch"], rel, "sk")
@@ -247,25 +228,21 @@ def test_diagnostics_invariant_and_exact(case):
         di = diagnostics(vm, [row])
         assert int(di["n_tokens"][0]) == expected_n[i]
         np.testing.assert_allclose(di["nll"][0], expected_nll[i], rtol=tol(vm))
-    for side, max_tokens in case.settings():
+    for side, max_tokens in SETTINGS:
         out = Scorer(vm, padding_side=side, max_tokens=max_tokens)(case.rows)
         assert out.keys() == {"n_tokens", "nll"}
         np.testing.assert_array_equal(out["n_tokens"], expected_n)
         np.testing.assert_allclose(out["nll"], expected_nll, rtol=tol(vm))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug (engine.valued_tokens / model.ValuationModel.hidden_states): with padding_side='left' a float64 "
-    "model using eager attention returns NaN for every padded row. transformers' eager attention adds "
-    "finfo(float64).min for masked keys, then takes the softmax in float32, where that becomes -inf; the leading "
-    "pad positions (no unmasked key) get softmax(all -inf) = NaN, and the next layer spreads it to the real "
-    "tokens through 0 * NaN. Scores come back NaN without an error. fp32/bf16/fp16 eager and fp64 sdpa are fine"))
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_left_padding_fp64_eager(family):
+    """transformers' eager attention adds finfo(float64).min for masked keys and took its softmax in float32, where
+    that is -inf: leading pad positions got NaN and spread it to the real tokens. fp64 models now compute in fp64
+    end to end, so a left-padded batch equals each row alone."""
     vm = tiny_model(family)  # float64, eager attention
-    assert left_broken(vm)
     rows = encode_rows(vm, TRAIN[:2])
     alone = np.concatenate([Scorer(vm)([r])["nll"] for r in rows])
     got = Scorer(vm, padding_side="left")(rows)["nll"]
     assert np.all(np.isfinite(got))
-    np.testing.assert_allclose(got, alone, rtol=1e-6)
+    np.testing.assert_allclose(got, alone, rtol=1e-10)
