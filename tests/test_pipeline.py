@@ -443,7 +443,7 @@ def test_centered_int8_index_is_the_core_estimate_and_refuses_a_raw_partner(data
     assert rc != 0 and f"--center-stats {s_train / 'center'}" in err, err[-2000:]
     rc, _, err = cli("score", "--index", sketch_runs[0], "--target-index", s_target, "--out", data.root / "mixed-2",
                      "--no-progress")
-    assert rc != 0 and "--target-index is centered but --index is not" in err, err[-2000:]
+    assert rc != 0 and "is centered" in err and "is raw (built with --center 0)" in err, err[-2000:]
 
 
 # ---- bad rows -------------------------------------------------------------------------------------------------
