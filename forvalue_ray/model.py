@@ -221,14 +221,24 @@ def _fp64_softmax_off(module, args, output):
 
 
 def _rotary64(module, args, kwargs, output):
-    """A rotary module's (cos, sin) recomputed in float64 from its own inv_freq, for float64 inputs."""
+    """A rotary module's (cos, sin) recomputed in float64 from its own inv_freq, for float64 inputs. A multimodal
+    RoPE (Qwen2-VL: position ids [3, B, T], one per temporal/height/width section) is recomposed by the module's
+    own ``recomposition_frequencies``."""
     x = args[0] if args else kwargs.get("x")
     position_ids = args[1] if len(args) > 1 else kwargs.get("position_ids")
     if x is None or position_ids is None or x.dtype != torch.float64:
         return None
+    multimodal = hasattr(module, "mrope_section") and hasattr(module, "recomposition_frequencies")
+    if multimodal:
+        position_ids = position_ids.expand(3, -1, -1)
+    elif position_ids.dim() != 2:
+        return None  # a position layout this formula does not model: the module's own output stands
     freqs = position_ids[..., None].to(torch.float64) * module.inv_freq.to(x.device, torch.float64)
-    emb = torch.cat((freqs, freqs), dim=-1)
     scaling = float(getattr(module, "attention_scaling", 1.0) or 1.0)
+    if multimodal:
+        return (module.recomposition_frequencies(freqs.cos() * scaling),
+                module.recomposition_frequencies(freqs.sin() * scaling))
+    emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scaling), (emb.sin() * scaling)
 
 
@@ -263,12 +273,21 @@ def rotary_in_float64(model: torch.nn.Module) -> int:
             continue
         probe = torch.zeros(1, 1, dtype=torch.float64, device=inv.device)
         pos = torch.arange(64, device=inv.device)[None]
-        try:
-            theirs = module(probe, pos)
-            ours = _rotary64(module, (probe, pos), {}, theirs)
-        except Exception:
-            continue
-        if all(a.shape == b.shape and torch.allclose(a.double(), b, rtol=0, atol=1e-5) for a, b in zip(theirs, ours)):
+        # positions as a text model gets them [1, T], and as a multimodal RoPE gets them [3, 1, T] (each section
+        # its own positions); every layout the module accepts and the formula models must agree
+        positions = [pos, torch.stack([pos, pos.flip(-1), pos // 2])]
+        checked = []
+        for p in positions:
+            try:
+                theirs = module(probe, p)
+            except Exception:
+                continue
+            ours = _rotary64(module, (probe, p), {}, theirs)
+            if ours is None:
+                continue  # a layout left to the module at run time too
+            checked.append(all(
+                a.shape == b.shape and torch.allclose(a.double(), b, rtol=0, atol=1e-5) for a, b in zip(theirs, ours)))
+        if checked and all(checked):
             module.register_forward_hook(_rotary64, with_kwargs=True)
             module._forvalue_fp64 = True
             switched += 1
