@@ -65,7 +65,8 @@ def _column(names: list[str], target: str | None) -> int | None:
 
 def pick_in_shard(shard: Shard, *, k: int, bottom: bool, ids: list[str] | None, **keys_kw) -> dict:
     """One shard's candidates [group, value, id, shard key]: the wanted ids, or its top/bottom k per group."""
-    rids, values, groups = shard_keys(shard, **keys_kw)
+    rids, lanes, _tokens, groups = shard_keys(shard, **keys_kw)
+    values = lanes[:, 0]  # explain ranks by one value per row (the chosen target's, or the mean)
     if ids is not None:
         wanted = set(ids)
         return {"rows": [[g, float(v), i, shard.key] for i, v, g in zip(rids, values, groups) if i in wanted]}
