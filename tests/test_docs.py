@@ -17,6 +17,7 @@ GENERATED = ROOT / "docs" / "cli.md"
 
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 HTML_REF = re.compile(r"""<(?:img|a)\b[^>]*?\b(?:src|href)=["']([^"']+)["']""", re.IGNORECASE)
+REF_DEF = re.compile(r"^ {0,3}\[[^\]]+\]:\s*<?([^\s>]+)")  # [name]: target
 HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 
 
@@ -74,6 +75,7 @@ def links(page: Path) -> list[tuple[int, str]]:
     for i, line in enumerate(prose(page.read_text()), 1):
         found += [(i, m.group(1)) for m in LINK.finditer(line)]
         found += [(i, m.group(1)) for m in HTML_REF.finditer(line)]
+        found += [(i, m.group(1)) for m in REF_DEF.finditer(line)]
     return found
 
 
@@ -154,6 +156,7 @@ def test_a_broken_link_is_found(tmp_path, monkeypatch):
         "[ok](docs/t.md#some-heading) [ok](docs/t.md) ![img](docs/missing.png)\n"
         "[bad anchor](docs/t.md#not-a-heading) [gone](docs/nowhere.md) `[code](docs/nowhere.md)`\n"
         "[cli](docs/cli.md) [web](https://example.org/x.md)\n"
+        "[ref]: docs/t.md#some-heading\n"
     )
     monkeypatch.setattr(module, "GENERATED", tmp_path / "docs" / "cli.md")
     problems = broken_links(page)
