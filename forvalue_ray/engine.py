@@ -414,7 +414,7 @@ def finish_target_stats(total, counts: np.ndarray, names: list[str], normalize: 
     """Ḡ_k = the summed partials of group k ÷ its row count, in the partials' form. Dense statistics are kept in
     float32, or float64 for a float64 model (``dtype``): an fp64 model computes in fp64 end to end.
     ``drop_empty``: groups left without a row (every row rejected) are dropped instead of refused."""
-    counts = np.asarray(counts)
+    counts = np.array(counts)  # a writable copy: the counts may come read-only out of Ray's object store
     if (counts == 0).any():
         empty = [names[i] for i in np.flatnonzero(counts == 0)]
         if not drop_empty or total is None or len(empty) == len(names):

@@ -34,6 +34,10 @@ def init_ray(address: str | None):
                      log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours reports rows/s and tokens/s per shard
+    # ... and Ray Data's once-per-process notice that its bars are off would only send a user looking for them
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")
 
 
 @dataclass
