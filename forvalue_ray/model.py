@@ -389,9 +389,85 @@ def from_hf(model, tokenizer, **provenance) -> ValuationModel:
     return ValuationModel(model, processor.tokenizer if processor else tokenizer, provenance, processor)
 
 
-def default_dtype(device: str | torch.device | None) -> torch.dtype:
+def default_dtype(device: str | torch.device | None, path: str | Path | None = None) -> torch.dtype:
+    return choose_dtype(device, path)[0]
+
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that multiply bf16 in hardware
+BF16_MIN_SPEEDUP = 1.5  # bf16 is chosen only where a timed matmul shows it this much faster than fp32
+SIXTEEN_BIT = ("bfloat16", "float16")
+
+
+def choose_dtype(device: str | torch.device | None, path: str | Path | None = None) -> tuple[torch.dtype, str]:
+    """The dtype a model runs in when none is given (``--dtype auto``), and why.
+
+    GPUs: bfloat16. CPUs: bfloat16 where the CPU multiplies it natively (AMX or AVX512-BF16, confirmed by a
+    short timed matmul, not by flags alone) and the weights at ``path`` are stored in 16 bits or fewer (a GGUF,
+    a bfloat16/float16 checkpoint: computing in bf16 loses nothing they have); float32 elsewhere — a float32 or
+    float64 checkpoint keeps the precision its owner saved it in. Softmax and accumulators are float32 either way."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dev.type == "cuda":
+        return torch.bfloat16, "GPU"
+    if dev.type != "cpu":
+        return torch.float32, f"{dev.type} device"
+    stored = stored_dtype(path) if path is not None else None
+    if stored is not None and stored not in SIXTEEN_BIT + ("gguf",):
+        return torch.float32, f"weights stored in {stored}: kept at full precision"
+    flags = cpu_bf16_flags()
+    if not flags:
+        return torch.float32, "this CPU has no native bf16 (AMX or AVX512-BF16)"
+    speedup = bf16_matmul_speedup()
+    if speedup < BF16_MIN_SPEEDUP:
+        return torch.float32, f"CPU has {'+'.join(flags)}, but a bf16 matmul is only {speedup:.1f}x float32"
+    return torch.bfloat16, f"CPU multiplies bf16 natively ({'+'.join(flags)}: matmul {speedup:.1f}x float32)"
+
+
+def stored_dtype(path: str | Path) -> str | None:
+    """The dtype a model's weights are stored in: a converted GGUF is 'gguf' (quantized or 16-bit), a HF
+    directory its config's ``dtype``/``torch_dtype``; None when it does not say."""
+    path = Path(path)
+    if path.suffix == ".gguf" or (path / "forvalue_source.json").exists():
+        return "gguf"
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    value = config.get("dtype") or config.get("torch_dtype") or cfg.get("dtype") or cfg.get("torch_dtype")
+    return str(value).replace("torch.", "") if value else None
+
+
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...]:
+    """Which of :data:`CPU_BF16_FLAGS` this CPU reports (Linux; none elsewhere)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ()
+    return tuple(flag for flag in CPU_BF16_FLAGS if flag in flags)
+
+
+_BF16_SPEEDUP: list[float] = []
+
+
+def bf16_matmul_speedup(n: int = 512, repeats: int = 5) -> float:
+    """float32 time ÷ bfloat16 time of an n×n matmul on this CPU (best of ``repeats``; measured once per
+    process, ~50 ms)."""
+    import time
+
+    if not _BF16_SPEEDUP:
+        best = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+            a @ b  # warm-up: kernels chosen and packed
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - t)
+            best[dtype] = min(times)
+        _BF16_SPEEDUP.append(best[torch.float32] / max(best[torch.bfloat16], 1e-9))
+    return _BF16_SPEEDUP[0]
 
 
 def resolve_model(spec: str | None, revision: str | None = None, identify: bool = True) -> tuple[str, dict]:
@@ -454,17 +530,20 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype | str | None = Non
     """Load a causal LM for valuation.
 
     ``spec``: ``None``/``"smollm2"`` (embedded default), a ``.gguf`` file, a local HF directory, or a hub id.
-    ``dtype`` defaults to float32 on CPU and bfloat16 on GPU. ``adapter``: a PEFT/LoRA directory, merged.
+    ``dtype``: ``None``/``"auto"`` chooses (:func:`choose_dtype`: bfloat16 on GPU and on CPUs that multiply it
+    natively, for 16-bit or quantized weights; float32 elsewhere), recorded with its reason in the provenance.
+    ``adapter``: a PEFT/LoRA directory, merged.
     ``device_map`` (e.g. ``"auto"``) spreads a model larger than one GPU over the visible GPUs.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor bars drown the job's own progress in actor logs
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or default_dtype(device)
     path, provenance = resolve_model(spec, revision, identify)
+    if dtype in (None, "auto"):
+        dtype, provenance["dtype_reason"] = choose_dtype(device, path)
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
     if Path(path).is_dir():
         revision = None  # a local directory (a resolved hub snapshot too) has no revisions
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
