@@ -153,8 +153,8 @@ class ScoreShards:
         self.out, self.kind, self.mode, self.group_column, self.storage = out, kind, mode, group_column, storage
         self.seed = scorer_kw.get("sketch_seed", 0)
         # a centered index: the scorer's statistics are μ; rows keep TS(G) − TS(μ) and ⟨G, μ⟩
-        self.center_sketch = (center_terms(extra["stats"].stats[0], self.scorer.hashes)[0]
-                              if kind == "sketches" and "stats" in extra else None)
+        self.center = (center_terms(extra["stats"].stats[0], self.scorer.hashes)
+                       if kind == "sketches" and "stats" in extra else None)
 
     def __call__(self, batch):
         return _summaries([self.score(s, pickle.loads(p))
@@ -175,9 +175,8 @@ class ScoreShards:
                 rows = [r for r, ok in zip(rows, finite) if ok]
                 enc["groups"] = [g for g, ok in zip(enc["groups"], finite) if ok]  # aligned with the kept rows
                 res = {k: v[finite] for k, v in res.items()}
-        if rows and self.center_sketch is not None:
-            res["sketch"] = res["sketch"] - self.center_sketch
-        table = parts.result_table(self.kind, [r.id for r in rows], res, self.mode, self.storage, self.seed)
+        table = parts.result_table(self.kind, [r.id for r in rows], res, self.mode, self.storage, self.seed,
+                                   self.center)
         if self.group_column:  # a sketch index keeps the group labels that `score --mode groups` needs
             table = table.append_column(self.group_column, pa.array(enc["groups"], pa.string()))
         meta = {"shard": shard.key, "rows_read": enc["n_read"], "scored": len(rows),
