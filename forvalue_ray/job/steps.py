@@ -13,7 +13,6 @@ replica) and the functions as tasks; a test can call any of them directly.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import time
 
@@ -64,16 +63,6 @@ def load_replica(model_path: str, load_kw: dict):
     if cuda and load_kw.get("gpus", 0) > 1:
         kw["device_map"] = "auto"  # a model larger than one GPU spans the actor's GPUs
     return load_model(model_path, device="cuda" if cuda else "cpu", identify=False, **kw)  # the driver identified it
-
-
-def maybe_fault():
-    """Test hooks: FORVALUE_FAULT_EXIT_ONCE=<marker file> makes the first actor to see it die mid-run;
-    FORVALUE_FAULT_SLOW_S=<seconds> (set on one node) makes that node a straggler."""
-    time.sleep(float(os.environ.get("FORVALUE_FAULT_SLOW_S", "0")))
-    marker = os.environ.get("FORVALUE_FAULT_EXIT_ONCE")
-    if marker and not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(17)
 
 
 READ_RETRY_S = 1.0  # before reading a shard that failed once again, to tell a damaged file from a transient error
@@ -183,7 +172,6 @@ class ScoreShards:
                 "rejected": len(enc["rejected"]), "tokens": int(res["n_tokens"].sum()) if rows else 0,
                 **encode_summary(rows)}
         parts.write_rejected(self.out, shard.key, enc["rejected"])
-        maybe_fault()
         parts.write_part(self.out, self.kind, shard.key, table, meta)
         return {**meta, "label": shard.label, "error": "", "seconds": time.time() - t0}
 
