@@ -6,13 +6,14 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-from .center import CENTER_NORMALIZE_ERROR, CenteredSketches, center_target_stats, centered_sketch_rows, check_center
+from .center import (CENTER_NORMALIZE_ERROR, CenteredSketches, center_target_stats, center_terms,
+                     centered_sketch_rows, check_center)
 from .encode import Columns, Encoded, Encoder, RowError
 from .engine import (DEFAULT_MAX_TOKENS, Reference, Scorer, TargetStats, build_reference, finish_target_stats,
                      target_form, target_partial)
 from .model import ValuationModel
 from .readout import DEFAULT_VOCAB_CHUNK
-from .sketch import DEFAULT_SKETCH_DIM, center_terms
+from .sketch import DEFAULT_SKETCH_DIM
 
 
 def encode_rows(vm: ValuationModel, rows: Iterable, *, max_length: int | None = None,

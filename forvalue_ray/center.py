@@ -2,8 +2,8 @@
 the in-memory API and by the job alike.
 
 - target statistics: Ḡ_k − μ (:func:`center_target_stats`);
-- a sketch index: each row keeps c = TS(G) − TS(μ) and the exact ⟨G, μ⟩ (:func:`centered_sketch_rows`; the
-  estimators that add the terms back are in :mod:`~forvalue_ray.sketch`).
+- a sketch index: each row keeps c = TS(G) − TS(μ) and the exact ⟨G, μ⟩ (:func:`center_terms`,
+  :func:`centered_sketch_rows`; the estimators that add the terms back are in :mod:`~forvalue_ray.sketch`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from .engine import TargetStats
+from .sketch import SketchHashes, sketch_of_matrix
 
 CENTER_NORMALIZE_ERROR = ("centering is defined for the plain For-Value inner product only: drop normalize "
                           "(--normalize) or the centering sample (center= / --center)")
@@ -57,9 +59,14 @@ class CenteredSketches(NamedTuple):
     center_sq_norm: float
 
 
-def centered_sketch_rows(scored: dict, center_terms: tuple[np.ndarray, float]) -> CenteredSketches:
+def center_terms(mu: torch.Tensor, hashes: SketchHashes) -> tuple[np.ndarray, float]:
+    """What centering on μ [V, d] subtracts and adds: TS(μ) as float32 (the dtype of a row's sketch) and ‖μ‖²."""
+    return sketch_of_matrix(mu, hashes).float().numpy(), float(mu.double().pow(2).sum())
+
+
+def centered_sketch_rows(scored: dict, terms: tuple[np.ndarray, float]) -> CenteredSketches:
     """The centered index rows from a :class:`~forvalue_ray.engine.Scorer` pass that sketched the rows and scored
-    them against μ (its "sketch" TS(G) and "scores" ⟨G, μ⟩), given μ's terms (TS(μ), ‖μ‖²:
-    :func:`~forvalue_ray.sketch.center_terms`, computed once per μ and sketch seed)."""
-    mu_sketch, mu_sq_norm = center_terms
+    them against μ (its "sketch" TS(G) and "scores" ⟨G, μ⟩), given μ's :func:`center_terms` (computed once per μ
+    and sketch seed)."""
+    mu_sketch, mu_sq_norm = terms
     return CenteredSketches(scored["sketch"] - mu_sketch, scored["scores"][:, 0], mu_sq_norm)

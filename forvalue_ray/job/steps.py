@@ -22,9 +22,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import io
+from ..center import center_terms
 from ..encode import Columns, Encoder, RowError
 from ..io import Shard
-from ..sketch import center_terms, score_sketches
+from ..sketch import score_sketches
 from . import parts
 
 
