@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/bench_explain.py --model smollm2          # ~5 min at 1 thread
     python benchmarks/bench_explain.py --report                                  # the table from results/explain_*.json
 
-Rows: step-by-step math responses (``benchmark_tasks``, task ``math_steps``), each damaged in ONE known span of
+Rows: step-by-step math responses (``tasks``, task ``math_steps``), each damaged in ONE known span of
 words, newlines kept so nothing but the words differs (the noisy benchmark's ``spans_keep_lines`` protocol, with
 its span lengths and inserted words):
 
@@ -43,7 +43,7 @@ SAMPLE_PER_CLASS = 4  # clean rows per class: the centering sample
 def damage(response: str, rng: random.Random, kind: str, donor_words: list[str]) -> tuple[str, list[tuple[int, int]]]:
     """(damaged response, damaged character ranges in it): one span of L words deleted, inserted or replaced;
     lines kept; the leading whitespace and the ``</s>`` end untouched."""
-    from forvalue_ray.benchmark_tasks import INSERTED_WORDS, _span_length
+    from tasks import INSERTED_WORDS, _span_length
 
     content = response[: -len("</s>")]
     lead = content[: len(content) - len(content.lstrip())]
@@ -72,7 +72,7 @@ def damage(response: str, rng: random.Random, kind: str, donor_words: list[str])
 
 
 def make_rows(n_rows: int, n_classes: int, n_val: int, seed: int):
-    from forvalue_ray.benchmark_tasks import make_task
+    from tasks import make_task
 
     per_class = -(-n_rows // n_classes)
     train, val = make_task("math_steps", seed=seed, n_classes=n_classes, n_train_per_class=per_class + SAMPLE_PER_CLASS,

@@ -23,8 +23,6 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
 
 def corpus(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
@@ -71,7 +69,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="fv-bench-job-")
     model = args.model
     if model is None:
-        from tiny import tiny_model
+        from forvalue_ray.testing.tiny import tiny_model
 
         vm = tiny_model("llama", dtype=torch.float32)
         model = os.path.join(tmp, "model")

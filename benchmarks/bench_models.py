@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from forvalue_ray import load_model, pairwise_scores
 from forvalue_ray.model import cache_dir
-from forvalue_ray.benchmark_tasks import TASKS, make_task
+from tasks import TASKS, make_task
 
 
 def gemma3_gguf() -> str:

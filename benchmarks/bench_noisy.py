@@ -4,7 +4,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/bench_noisy.py --model gemma3 --n-train-per-class 30 --n-val-per-class 5
     python benchmarks/bench_noisy.py --report          # tables + plot from results/noisy_*.json
 
-Datasets (forvalue_ray.benchmark_tasks), training rows valued on their response tokens against clean validation rows:
+Datasets (tasks.py), training rows valued on their response tokens against clean validation rows:
 
 - ``steps_spans``: the For-Value paper's protocol — 40% of the step-by-step math responses corrupted by span
   deletion or insertion, tokens rejoined with single spaces (noisy rows also lose their newlines);
@@ -95,7 +95,7 @@ def run_family(vm, names: list[str], args) -> dict:
     import forvalue_ray as fv
     from forvalue_ray.engine import Scorer, TargetStats
     from forvalue_ray.sketch import DEFAULT_SKETCH_DIM
-    from forvalue_ray.benchmark_tasks import make_task
+    from tasks import make_task
 
     task = DATASETS[names[0]]["task"]
     assert all(DATASETS[n]["task"] == task for n in names)
@@ -183,7 +183,7 @@ def run_clean_task(vm, task: str, args) -> dict:
     """Pairwise For-Value on a clean DataInf task (all tokens), plain and centered: S[:, j] − ⟨G, μ⟩."""
     import forvalue_ray as fv
     from forvalue_ray.engine import Scorer, build_reference
-    from forvalue_ray.benchmark_tasks import make_task
+    from tasks import make_task
 
     train, val = make_task(task, seed=args.seed, n_train_per_class=args.clean_train_per_class,
                            n_val_per_class=args.clean_val_per_class)

@@ -63,7 +63,7 @@ def compare(got: np.ndarray, ref: np.ndarray) -> dict:
 
 def main():
     from forvalue_ray import encode_rows, load_model
-    from forvalue_ray.benchmark_tasks import make_task
+    from tasks import make_task
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2")

@@ -275,8 +275,8 @@ def seeded_groups(n, size, seed):
 
 # ---------------------------------------------------------------- one task
 def run_task(vm, task, noise, cache=None):
+    import tasks
     from forvalue_ray import api
-    from forvalue_ray import benchmark_tasks as tasks
     from forvalue_ray.engine import Reference
     from forvalue_ray.readout import ReferenceTokens, error_chunk
     full = noise == 0
@@ -306,7 +306,7 @@ def run_task(vm, task, noise, cache=None):
         timer.add("exact_pairwise", t0)
     timer_val = dict(timer.t)
     timer = Timer()
-    if cache is not None:  # noisy run: the clean rows are the clean run's rows (benchmark_tasks.py), reuse their results
+    if cache is not None:  # noisy run: the clean rows are the clean run's rows (tasks.py), reuse their results
         todo = [i for i, r in enumerate(tr) if r["text"] not in cache["tr"]]
         sub, _ = run_rows(vm, [enc_tr[i] for i in todo], cfg, timer, ref, ref_alpha)
         tr_out = {}

@@ -52,10 +52,8 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import sft  # noqa: E402
-from forvalue_ray.job.selection import selected_ids  # noqa: E402
+import sft
+from forvalue_ray.job.selection import selected_ids
 
 METHODS = ["zero-shot", "random", "fv-mean", "fv-cosine", "fv-center", "fv-max", "fv-class", "embed-cosine", "bm25",
            "length", "loss-low", "loss-high", "full", "less"]

@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 import forvalue_ray as fv
 from forvalue_ray.engine import Scorer, TargetStats
 from forvalue_ray.sketch import STORAGES, SketchHashes, sketch_of_matrix
-from forvalue_ray.benchmark_tasks import make_task
+from tasks import make_task
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="smollm2")

@@ -7,16 +7,13 @@
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))  # the tiny configs live with the tests
-
-from forvalue_ray import encode_rows, from_hf, target_statistics  # noqa: E402
-from forvalue_ray.engine import Scorer  # noqa: E402
-from tiny_vlm import image_bytes, tiny_idefics3, tiny_qwen2_vl  # noqa: E402
+from forvalue_ray import encode_rows, from_hf, target_statistics
+from forvalue_ray.engine import Scorer
+from forvalue_ray.testing.tiny_vlm import image_bytes, tiny_idefics3, tiny_qwen2_vl
 
 
 def main():

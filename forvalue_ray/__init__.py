@@ -1,14 +1,12 @@
 """forvalue-ray: forward-only data valuation (For-Value) for LLM fine-tuning data, on Ray Data."""
 
-__version__ = "0.1.0"
-
-from .api import (CenteredSketches, TokenContributions, center_target_stats, centered_sketches,  # noqa: E402
-                  diagnostics, encode_rows, group_scores, pairwise_scores, score_against, sketches, target_reference,
-                  target_statistics, token_contributions, value_scores)
-from .encode import Columns, Encoded, RowError  # noqa: E402
-from .model import ValuationModel, from_hf, load_model  # noqa: E402
-from .sketch import (SketchTargets, compress_sketches, restore_sketches, score_sketches,  # noqa: E402
-                     sketch_targets)
+from ._version import __version__
+from .api import (TokenContributions, centered_sketches, diagnostics, encode_rows, group_scores, pairwise_scores,
+                  score_against, sketches, target_reference, target_statistics, token_contributions, value_scores)
+from .center import CenteredSketches, center_target_stats
+from .encode import Columns, Encoded, RowError
+from .model import ValuationModel, from_hf, load_model
+from .sketch import SketchTargets, compress_sketches, restore_sketches, score_sketches, sketch_targets
 
 __all__ = ["load_model", "from_hf", "ValuationModel", "value_scores", "pairwise_scores", "group_scores",
            "sketches", "target_statistics", "center_target_stats", "score_against", "diagnostics", "encode_rows",

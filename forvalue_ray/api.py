@@ -6,12 +6,14 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from .center import (CENTER_NORMALIZE_ERROR, CenteredSketches, center_target_stats, center_terms,
+                     centered_sketch_rows, check_center)
 from .encode import Columns, Encoded, Encoder, RowError
 from .engine import (DEFAULT_MAX_TOKENS, Reference, Scorer, TargetStats, build_reference, finish_target_stats,
                      target_form, target_partial)
 from .model import ValuationModel
 from .readout import DEFAULT_VOCAB_CHUNK
-from .sketch import DEFAULT_SKETCH_DIM, center_terms
+from .sketch import DEFAULT_SKETCH_DIM
 
 
 def encode_rows(vm: ValuationModel, rows: Iterable, *, max_length: int | None = None,
@@ -73,41 +75,6 @@ def target_statistics(vm: ValuationModel, target_rows, *, groups: Sequence | Non
     if not isinstance(center, TargetStats):
         center = target_statistics(vm, center, vocab_chunk=vocab_chunk, stats_form="dense", **encode_kw)
     return center_target_stats(stats, center)
-
-
-CENTER_NORMALIZE_ERROR = ("centering is defined for the plain For-Value inner product only: drop normalize "
-                          "(--normalize) or the centering sample (center= / --center)")
-
-
-def check_center(center: TargetStats) -> None:
-    """A centering μ is the plain mean gradient of one sample, kept dense."""
-    if center.normalize:
-        raise ValueError(CENTER_NORMALIZE_ERROR)
-    if len(center.names) != 1:
-        raise ValueError(f"centering statistics must have one group, got {len(center.names)} ({center.names[:5]})")
-    if center.form == "factored":
-        raise ValueError("centering needs dense statistics: build them with target_statistics(..., "
-                         "stats_form='dense') (the job's OUT/center is dense)")
-
-
-def center_target_stats(stats: TargetStats, center: TargetStats) -> TargetStats:
-    """Ḡ_k − μ for every group k, μ the mean gradient of a sample of the training corpus (one group).
-
-    A row's score against it, ⟨G, Ḡ_k − μ⟩ = value against the targets − value against the sample, differs
-    from the centered inner product ⟨G − μ, Ḡ_k − μ⟩ by ⟨μ, Ḡ_k − μ⟩, the same for every row: the ranking
-    of the centered score. What every row shares (a prompt template, the corpus's common style) drops out.
-    """
-    check_center(center)
-    if stats.normalize:
-        raise ValueError(CENTER_NORMALIZE_ERROR)
-    if stats.form == "factored":
-        raise ValueError("centering needs dense statistics: build both with target_statistics(..., "
-                         "stats_form='dense')")
-    if center.stats.shape[1:] != stats.stats.shape[1:]:
-        raise ValueError(f"centering statistics of shape {tuple(center.stats.shape[1:])} do not match the target "
-                         f"statistics' {tuple(stats.stats.shape[1:])}: build both with the same model")
-    return TargetStats(stats.stats - center.stats[0], stats.names, False, stats.counts,
-                       {**stats.provenance, "centered_on": {"rows": center.counts[0], **center.provenance}})
 
 
 def value_scores(vm: ValuationModel, train_rows, target_rows, *, normalize: bool = False, center=None,
@@ -219,14 +186,6 @@ def sketches(vm: ValuationModel, rows, *, dim: int = DEFAULT_SKETCH_DIM, seed: i
     return scorer(encode_rows(vm, rows, **encode_kw))["sketch"]
 
 
-class CenteredSketches(NamedTuple):
-    """A centered sketch index in memory: c = TS(G) − TS(μ) per row, the exact ⟨G, μ⟩ per row, and ‖μ‖²."""
-
-    sketch: np.ndarray  # [n, dim] float32
-    center_dot: np.ndarray  # [n] float64
-    center_sq_norm: float
-
-
 def centered_sketches(vm: ValuationModel, rows, center, *, dim: int = DEFAULT_SKETCH_DIM, seed: int = 0,
                       vocab_chunk: int = DEFAULT_VOCAB_CHUNK, **encode_kw) -> CenteredSketches:
     """Sketches centered on μ, the mean gradient of ``center`` (a random sample of the corpus, or its dense
@@ -239,9 +198,8 @@ def centered_sketches(vm: ValuationModel, rows, center, *, dim: int = DEFAULT_SK
         center = target_statistics(vm, center, vocab_chunk=vocab_chunk, stats_form="dense", **encode_kw)
     check_center(center)
     scorer = Scorer(vm, stats=center, sketch_dim=dim, sketch_seed=seed, vocab_chunk=vocab_chunk)
-    res = scorer(encode_rows(vm, rows, **encode_kw))
-    mu_sketch, mu_sq_norm = center_terms(center.stats[0], scorer.hashes)
-    return CenteredSketches(res["sketch"] - mu_sketch, res["scores"][:, 0], mu_sq_norm)
+    scored = scorer(encode_rows(vm, rows, **encode_kw))
+    return centered_sketch_rows(scored, center_terms(center.stats[0], scorer.hashes))
 
 
 def diagnostics(vm: ValuationModel, rows, **encode_kw) -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from . import io
 from .job import JobConfig, run
 from .report import write_report
-from .benchmark_tasks import make_task
+from .sample_data import sentence_task
 
 TARGET_CLASS = 0
 N_CLASSES = 5
@@ -31,8 +31,7 @@ N_CLASSES = 5
 
 def write_demo_data(data_dir: str, seed: int = 0) -> dict[str, str]:
     """train.parquet, target.parquet (validation rows of TARGET_CLASS) and classes.parquet (all validation rows)."""
-    train, val = make_task("sentence", seed=seed, n_classes=N_CLASSES, n_train_per_class=12, n_val_per_class=4,
-                           noise=0.2)
+    train, val = sentence_task(seed=seed, n_classes=N_CLASSES, n_train_per_class=12, n_val_per_class=4, noise=0.2)
     os.makedirs(data_dir, exist_ok=True)
     paths = {name: f"{data_dir}/{name}.parquet" for name in ("train", "target", "classes")}
     pq.write_table(pa.Table.from_pylist(train), paths["train"], row_group_size=20)
@@ -66,7 +65,7 @@ def run_demo(out: str = "forvalue-demo", *, num_actors: str = "1", model: str = 
     result = run(cfg)
     scores = io.read_parts(io.join(cfg.out, "scores")).to_pylist()
     ranked = sorted(scores, key=lambda r: -r["score"])
-    title = make_task("sentence", n_classes=N_CLASSES, n_train_per_class=1, n_val_per_class=1)[0][TARGET_CLASS]["text"]
+    title = sentence_task(n_classes=N_CLASSES, n_train_per_class=1, n_val_per_class=1)[0][TARGET_CLASS]["text"]
     print(f"\nTarget: {title.splitlines()[0][:110]}")
     print(f"Most valuable of {len(scores)} training rows:")
     print("\n".join(line(r["id"], r["score"]) for r in ranked[:show]))

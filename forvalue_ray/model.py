@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .encode import DEFAULT_MAX_LENGTH
 from .readout import LMHead
 

@@ -126,11 +126,6 @@ def sketch_of_matrix(m: torch.Tensor, hashes: SketchHashes, vocab_block: int = 8
     return out
 
 
-def center_terms(mu: torch.Tensor, hashes: SketchHashes) -> tuple[np.ndarray, float]:
-    """What centering on μ [V, d] subtracts and adds: TS(μ) as float32 (the dtype of a row's sketch) and ‖μ‖²."""
-    return sketch_of_matrix(mu, hashes).float().numpy(), float(mu.double().pow(2).sum())
-
-
 def center_id(mu: torch.Tensor) -> str:
     """The identity of a centering μ: a digest of its bytes. An index and its target index must share it."""
     return hashlib.blake2b(mu.detach().cpu().float().contiguous().numpy().tobytes(), digest_size=16).hexdigest()

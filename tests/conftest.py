@@ -1,10 +1,8 @@
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the test clusters and their job processes agree
-sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def save_tiny_model(path: Path) -> Path:
     """The tiny random llama (fp32) + char tokenizer as a local HF directory."""
-    from tiny import tiny_model
+    from forvalue_ray.testing.tiny import tiny_model
 
     vm = tiny_model("llama", dtype=torch.float32)
     vm.model.save_pretrained(path)
@@ -104,10 +104,10 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
 
 
 def child_env(**extra: str) -> dict:
-    """Environment for a CLI subprocess: no inherited Ray address or fault hook, offline hub, repo importable,
+    """Environment for a CLI subprocess: no inherited Ray address, offline hub, repo importable,
     and this interpreter's bin directory first on PATH, so a Ray head started from it runs job entrypoints
     (``python -m forvalue_ray.cli run``) with the project's environment, not whatever ``python`` the machine has."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "FORVALUE_FAULT_EXIT_ONCE")}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PATH=os.pathsep.join(filter(None, [os.path.dirname(sys.executable), env.get("PATH")])),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))

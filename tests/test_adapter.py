@@ -11,7 +11,7 @@ import torch
 import forvalue_ray
 from forvalue_ray import from_hf, load_model, value_scores
 from forvalue_ray.model import _dir_digest, adapter_provenance
-from tiny import char_tokenizer, tiny_model
+from forvalue_ray.testing.tiny import char_tokenizer, tiny_model
 
 peft = pytest.importorskip("peft")
 

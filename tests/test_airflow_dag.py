@@ -68,7 +68,7 @@ def s3(tmp_path_factory):
     from moto.server import ThreadedMotoServer
 
     import boto3
-    from forvalue_ray.benchmark_tasks import make_task
+    from forvalue_ray.sample_data import sentence_task
     from jobtools import save_tiny_model, write_parquet
 
     root = tmp_path_factory.mktemp("airflow")
@@ -82,7 +82,7 @@ def s3(tmp_path_factory):
     for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
         os.environ.pop(k, None)
     try:
-        train, target = make_task("sentence", n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=3)
+        train, target = sentence_task(n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=3)
         client = boto3.client("s3", endpoint_url=endpoint)
         client.create_bucket(Bucket=BUCKET)
         for day in (DAY, BAD_DAY):

@@ -4,18 +4,13 @@ evaluation against transformers' own loss; LESS's batched per-sample gradients a
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import bench_selection as bs  # noqa: E402
-import sft  # noqa: E402
-from tiny import tiny_model  # noqa: E402
+import bench_selection as bs
+import sft
+from forvalue_ray.testing.tiny import tiny_model
 
 
 def _rows(n_templates=3, per=6):

@@ -10,11 +10,11 @@ import pyarrow.json as pj
 import pyarrow.parquet as pq
 import pytest
 
-from forvalue_ray.benchmark_tasks import (INSERTED_WORDS, SENTENCE_TRANSFORMS, STEPS_TASK, TASKS, WORDS, corrupt_spans,
-                                delete_spans, insert_spans, make_task, write_task)
+from forvalue_ray.sample_data import SENTENCE_TRANSFORMS, WORDS
+from tasks import INSERTED_WORDS, STEPS_TASK, TASKS, corrupt_spans, delete_spans, insert_spans, make_task, write_task
 
 PHRASE = "the big red dog"
-EXPECTED = [  # hand-computed, in the order benchmark_tasks.py lists the transformations
+EXPECTED = [  # hand-computed, in the order sample_data.py lists the transformations
     "dog red big the",
     "tHe bIg rEd dOg",
     "the 1 big 1 red 1 dog",

@@ -10,8 +10,8 @@ import pytest
 
 import forvalue_ray as fv
 from forvalue_ray.job.passes import sample_training_rows
-from forvalue_ray.benchmark_tasks import make_task
-from tiny import oracle_gradients, tiny_model
+from forvalue_ray.sample_data import sentence_task
+from forvalue_ray.testing.tiny import oracle_gradients, tiny_model
 
 pytestmark = pytest.mark.timeout(1800)  # the job tests start a local Ray: slow on a loaded machine
 
@@ -96,7 +96,7 @@ def job(tmp_path_factory):
     from jobtools import run_ok, save_tiny_model, write_parquet
 
     root = tmp_path_factory.mktemp("center")
-    train, target = make_task("sentence", n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=3)
+    train, target = sentence_task(n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=3)
     model = save_tiny_model(root / "model")
     train_path = write_parquet(train, root / "train.parquet", row_group_size=6)
     target_path = write_parquet(target, root / "target.parquet")

@@ -12,7 +12,7 @@ import pytest
 
 from forvalue_ray import Columns, Encoded, RowError, encode_rows
 from forvalue_ray.encode import IGNORE, Encoder
-from tiny import VOCAB, char_tokenizer
+from forvalue_ray.testing.tiny import VOCAB, char_tokenizer
 
 TOK = char_tokenizer()
 V = TOK.get_vocab()

@@ -13,7 +13,7 @@ from forvalue_ray import encode_rows, from_hf, pairwise_scores, sketches, value_
 from forvalue_ray.engine import Scorer
 from forvalue_ray.model import model_fingerprint
 from forvalue_ray.readout import LMHead, TargetStatDot, block_sizes, gradient_sq_norms, vocab_pass
-from tiny import char_tokenizer, oracle_gradients, tiny_model
+from forvalue_ray.testing.tiny import char_tokenizer, oracle_gradients, tiny_model
 
 TRAIN = [{"text": "the cat sat on the mat"}, {"prompt": "Q: 2+2?", "response": " A: 4"}, {"text": "zebra!"}]
 TARGET = [{"text": "a cat on a mat"}, {"prompt": "Q: 3+3?", "response": " A: 6"}]

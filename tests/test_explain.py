@@ -22,7 +22,7 @@ import torch
 
 import forvalue_ray as fv
 from forvalue_ray.encode import IGNORE
-from tiny import oracle_gradients, tiny_model
+from forvalue_ray.testing.tiny import oracle_gradients, tiny_model
 
 TRAIN = [{"text": "the cat sat on the mat"}, {"prompt": "Q: 2+2?", "response": " A: 4"},
          {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
@@ -174,11 +174,11 @@ def job(tmp_path_factory):
     """Three value runs of the tiny model on a Parquet corpus (mean centered, groups, pairwise cosine), in 3 shards."""
     import ray
 
-    from forvalue_ray.benchmark_tasks import make_task
+    from forvalue_ray.sample_data import sentence_task
     from jobtools import run_ok, save_tiny_model, write_parquet
 
     root = tmp_path_factory.mktemp("explain")
-    train, target = make_task("sentence", n_classes=3, n_train_per_class=5, n_val_per_class=1, seed=2)
+    train, target = sentence_task(n_classes=3, n_train_per_class=5, n_val_per_class=1, seed=2)
     train.append({"id": "html-row", "prompt": "<i>x</i> ->", "response": " <script>alert(1)</script> & co", "class": 0,
                   "text": "", "corrupted": False})
     model = save_tiny_model(root / "model")

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from forvalue_ray import encode_rows, from_hf, pairwise_scores, score_against, target_statistics
 from forvalue_ray.artifacts import load_target_stats, save_target_stats
 from forvalue_ray.engine import Scorer, build_reference, finish_target_stats, target_form, target_partial
-from tiny import VOCAB, oracle_gradients, tiny_model
+from forvalue_ray.testing.tiny import VOCAB, oracle_gradients, tiny_model
 
 TRAIN = [{"text": "the cat sat on the mat"}, {"prompt": "Q: 2+2?", "response": " A: 4"}, {"text": "zebra!"},
          {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}]
@@ -137,10 +137,10 @@ def test_job_keeps_and_reuses_factored_statistics(tmp_path):
     import ray
 
     import forvalue_ray
-    from forvalue_ray.benchmark_tasks import make_task
+    from forvalue_ray.sample_data import sentence_task
     from jobtools import as_matrix, read_scores, run_ok, save_tiny_model, write_parquet
 
-    train, _ = make_task("sentence", n_classes=2, n_train_per_class=6, n_val_per_class=1)
+    train, _ = sentence_task(n_classes=2, n_train_per_class=6, n_val_per_class=1)
     target = [{"id": f"t{i}", "text": t, "class": c} for i, (t, c) in enumerate([("ab", "x"), ("cd", "y"), ("ef", "y")])]
     model = save_tiny_model(tmp_path / "model")
     paths = write_parquet(train, tmp_path / "train.parquet"), write_parquet(target, tmp_path / "target.parquet")

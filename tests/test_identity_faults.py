@@ -13,7 +13,7 @@ import torch
 import forvalue_ray as fv
 from forvalue_ray.encode import RowError
 from forvalue_ray.model import _dir_digest
-from tiny import tiny_model
+from forvalue_ray.testing.tiny import tiny_model
 
 POISON = "~"  # a character whose input embedding is +inf: every row holding it overflows
 

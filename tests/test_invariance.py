@@ -11,7 +11,7 @@ from forvalue_ray import (diagnostics, encode_rows, from_hf, pairwise_scores, sc
                           target_statistics, value_scores)
 from forvalue_ray.engine import Scorer, build_reference, finish_target_stats, plan_batches, target_partial
 from forvalue_ray.encode import Encoder
-from tiny import char_tokenizer, tiny_model
+from forvalue_ray.testing.tiny import char_tokenizer, tiny_model
 
 # tiny models: one thread is fastest, and far faster when the 2 cores are shared (spinning OpenMP threads)
 

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 
 from forvalue_ray import io as fio
-from forvalue_ray.benchmark_tasks import make_task
+from forvalue_ray.sample_data import sentence_task
+from forvalue_ray.testing import faults
 from jobtools import REPO, as_matrix, read_scores, run_ok, save_tiny_model, write_parquet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -47,7 +48,7 @@ def cluster(tmp_path_factory):
     workers = [c.add_node(num_cpus=3) for _ in range(2)]
     c.wait_for_nodes()
     root = tmp_path_factory.mktemp("multinode")
-    train, target = make_task("sentence", n_classes=3, n_train_per_class=32, n_val_per_class=2)
+    train, target = sentence_task(n_classes=3, n_train_per_class=32, n_val_per_class=2)
     data = {"root": root, "train_rows": train, "model": save_tiny_model(root / "model"),
             "train": write_parquet(train, root / "train.parquet", row_group_size=SHARD_ROWS),
             "target": write_parquet(target, root / "target.parquet")}
@@ -74,7 +75,8 @@ def value(c, data, out, wait=True, num_actors="2"):
     args = [sys.executable, "-m", "forvalue_ray.cli", "value", "--model", data["model"], "--train", data["train"],
             "--target", data["target"], "--out", out, "--shard-rows", SHARD_ROWS, "--num-actors", num_actors,
             "--cpus-per-actor", 2, "--ray-address", c.address, "--no-progress"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO),
+           "RAY_RUNTIME_ENV_HOOK": "forvalue_ray.testing.faults.with_faults"}  # the slow node's straggler hook
     job = subprocess.Popen([str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
     return job.communicate(timeout=900)[0] if wait else job
@@ -115,7 +117,7 @@ def test_a_straggler_node_scores_few_shards(cluster, uninterrupted, tmp_path):
     """Shards are pulled by whichever actor is free, so a slow node holds only the shard in its hands; the job
     ends at most about one slow shard after the fast actor's last."""
     c, workers, data = cluster
-    slow = c.add_node(num_cpus=3, env_vars={"FORVALUE_FAULT_SLOW_S": "20"})
+    slow = c.add_node(num_cpus=3, env_vars={faults.SLOW_S: "20"})
     c.remove_node(workers.pop())
     workers.append(slow)
     out = tmp_path / "straggler"
@@ -157,7 +159,7 @@ def test_a_node_added_mid_run_gets_an_actor(cluster, uninterrupted, tmp_path):
     """A pool of 1-2 actors on one node (3 s more per shard, so the run outlasts the new node's start-up)."""
     c, workers, data = cluster
     c.remove_node(workers.pop())
-    workers.append(c.add_node(num_cpus=3, env_vars={"FORVALUE_FAULT_SLOW_S": "3"}))
+    workers.append(c.add_node(num_cpus=3, env_vars={faults.SLOW_S: "3"}))
     out = tmp_path / "grown"
     job = value(c, data, out, wait=False, num_actors="1-2")
     wait_for_part_in_flight(job, out, seconds=0.5)

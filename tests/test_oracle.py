@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from forvalue_ray import encode_rows, from_hf, group_scores, pairwise_scores, value_scores
-from tiny import CONFIGS, oracle_gradients, tiny_model
+from forvalue_ray.testing.tiny import CONFIGS, oracle_gradients, tiny_model
 
 TRAIN = [{"text": "the cat sat on the mat"}, {"prompt": "Q: 2+2?", "response": " A: 4"},
          {"text": "zebra!"}, {"messages": [{"role": "user", "content": "hi"},

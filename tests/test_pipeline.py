@@ -27,7 +27,8 @@ import pytest
 import forvalue_ray
 from forvalue_ray import io as fio
 from forvalue_ray.job import parts, passes, selection
-from forvalue_ray.benchmark_tasks import make_task
+from forvalue_ray.sample_data import sentence_task
+from forvalue_ray.testing import faults
 from jobtools import (REPO, as_matrix, child_env, cli, read_column, read_scores, rel_err, run_ok, save_tiny_model,
                       target_ids, write_jsonl, write_parquet)
 
@@ -44,7 +45,7 @@ DIM, SEED = 64, 3
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    train, target = make_task("sentence", n_classes=3, n_train_per_class=32, n_val_per_class=2)
+    train, target = sentence_task(n_classes=3, n_train_per_class=32, n_val_per_class=2)
     d = SimpleNamespace(root=root, train_rows=train, target_rows=target)
     d.model = save_tiny_model(root / "model")
     d.train = write_parquet(train, root / "train.parquet", row_group_size=SHARD_ROWS)  # 12 row groups
@@ -78,19 +79,17 @@ def vm(data):
 
 @pytest.fixture(scope="module")
 def ray_local(data):
-    """One local Ray for the module. FORVALUE_FAULT_EXIT_ONCE is set before ray.init so every worker inherits
-    it; the marker file exists (hook disarmed) except during the run that arms it (``run_a``)."""
+    """One local Ray for the module. Its workers run the fault hook (``forvalue_ray.testing.faults``) with
+    FORVALUE_FAULT_EXIT_ONCE set; the marker file exists (hook disarmed) except during the run that arms it
+    (``run_a``)."""
     import ray
 
     assert not ray.is_initialized(), "another test left Ray initialised"
     marker = data.root / "fault-marker"
     marker.touch()
-    os.environ["FORVALUE_FAULT_EXIT_ONCE"] = str(marker)
-    try:
-        # address="local": never attach to a `ray start` cluster that happens to run on this machine
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    finally:
-        os.environ.pop("FORVALUE_FAULT_EXIT_ONCE", None)
+    # address="local": never attach to a `ray start` cluster that happens to run on this machine
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={**faults.RUNTIME_ENV, "env_vars": {faults.EXIT_ONCE: str(marker)}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield marker
     ray.shutdown()
@@ -211,8 +210,8 @@ def test_value_mean_equals_core_api(data, run_a, core):
 
 
 def test_killed_model_actor_is_replaced_and_its_shard_redone(data, run_a, run_b, core):
-    """FORVALUE_FAULT_EXIT_ONCE: an actor died (os._exit) between a shard's rejected and scores parts; that shard
-    is redone in a second pass, and run.json says so."""
+    """FORVALUE_FAULT_EXIT_ONCE (``forvalue_ray.testing.faults``): an actor died (os._exit) between a shard's
+    rejected and scores parts; that shard is redone in a second pass, and run.json says so."""
     assert run_a.fault_fired, "the fault hook never fired: no model actor was killed"
     inv = json.loads((run_a.out / "run.json").read_text())["this_invocation"]
     assert len(inv["retried_shards"]) >= 1 and inv["nodes_lost"] == [], inv

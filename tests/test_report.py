@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from forvalue_ray.report import cut, reason_category, write_report
-from forvalue_ray.benchmark_tasks import make_task
+from forvalue_ray.sample_data import sentence_task
 from jobtools import as_matrix, read_scores, run_ok, save_tiny_model, target_ids, write_parquet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -27,7 +27,7 @@ def runs(tmp_path_factory):
     import ray
 
     root = tmp_path_factory.mktemp("report")
-    train, target = make_task("sentence", n_classes=3, n_train_per_class=10, n_val_per_class=2, seed=4)
+    train, target = sentence_task(n_classes=3, n_train_per_class=10, n_val_per_class=2, seed=4)
     bad = [{"id": "empty-1", "text": "", "prompt": "", "response": "", "class": 0, "corrupted": False},
            {"id": "empty-2", "text": " ", "prompt": " ", "response": " ", "class": 1, "corrupted": False},
            dict(train[3])]  # a repeated id within its shard

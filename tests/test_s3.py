@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from forvalue_ray import io as fio
-from forvalue_ray.benchmark_tasks import make_task
+from forvalue_ray.sample_data import sentence_task
 from jobtools import cli, read_column, read_scores, run_ok, save_tiny_model, target_ids, write_parquet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -39,7 +39,7 @@ def s3(tmp_path_factory):
         os.environ.pop(k, None)
     try:
         root = tmp_path_factory.mktemp("s3")
-        train, target = make_task("sentence", n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=1)
+        train, target = sentence_task(n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=1)
         d = SimpleNamespace(root=root, model=save_tiny_model(root / "model"),
                             train=write_parquet(train, root / "train.parquet", row_group_size=8),
                             target=write_parquet(target, root / "target.parquet"), train_rows=train)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from forvalue_ray import io as fio
-from forvalue_ray.benchmark_tasks import make_task
+from forvalue_ray.sample_data import sentence_task
 from forvalue_ray.job import selection
 from jobtools import cli, run_ok, save_tiny_model, write_parquet
 
@@ -96,7 +96,7 @@ def test_reference_round_robin_and_budget_follow_their_definitions():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("select")
-    train, target = make_task("sentence", n_classes=3, n_train_per_class=16, n_val_per_class=2)
+    train, target = sentence_task(n_classes=3, n_train_per_class=16, n_val_per_class=2)
     for i, r in enumerate(train):
         r["weight"] = None if i // SHARD_ROWS == NULL_SHARD else i
     d = SimpleNamespace(root=root, train_rows=train)

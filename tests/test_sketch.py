@@ -13,7 +13,7 @@ from forvalue_ray.engine import Scorer
 from forvalue_ray import sketch as sketch_module
 from forvalue_ray.sketch import (SketchHashes, compress_sketches, restore_sketches, score_sketches, sketch_of_matrix,
                                  sketch_targets)
-from tiny import VOCAB, tiny_model
+from forvalue_ray.testing.tiny import VOCAB, tiny_model
 
 # tiny models: one thread is fastest, and far faster when the 2 cores are shared (spinning OpenMP threads)
 

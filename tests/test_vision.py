@@ -7,7 +7,7 @@ import torch
 from forvalue_ray import RowError, encode_rows, from_hf, pairwise_scores, value_scores
 from forvalue_ray.engine import Scorer
 from forvalue_ray.vision import collate_vision
-from tiny_vlm import image_bytes, tiny_idefics3, tiny_qwen2_vl
+from forvalue_ray.testing.tiny_vlm import image_bytes, tiny_idefics3, tiny_qwen2_vl
 
 RED, BLUE = image_bytes((255, 0, 0), shape="circle"), image_bytes((0, 0, 255), shape="square")
 GREEN = image_bytes((0, 200, 0), shape="triangle", size=(80, 40))

@@ -9,7 +9,7 @@ import torch
 
 import forvalue_ray
 from jobtools import read_scores, run_ok, write_parquet
-from tiny_vlm import image_bytes, tiny_idefics3
+from forvalue_ray.testing.tiny_vlm import image_bytes, tiny_idefics3
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -24,7 +24,7 @@ import psutil
 import pytest
 import yaml
 
-from forvalue_ray.benchmark_tasks import make_task
+from forvalue_ray.sample_data import sentence_task
 from jobtools import REPO, child_env, cli, free_port, read_scores, save_tiny_model, wait_for, write_parquet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -98,7 +98,7 @@ def head(tmp_path_factory):
 @pytest.fixture(scope="module")
 def job_inputs(head):
     root = head["root"]
-    train, target = make_task("sentence", n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=2)
+    train, target = sentence_task(n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=2)
     model = save_tiny_model(root / "model")
     paths = {"train": write_parquet(train, root / "train.parquet", row_group_size=8),
              "target": write_parquet(target, root / "target.parquet")}

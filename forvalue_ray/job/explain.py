@@ -115,7 +115,7 @@ def choose_rows(scores: str, shards, cfg: JobConfig, *, ids, top, bottom, per_gr
 
 def target_side(scores: str, cfg: JobConfig, fp: str):
     """Mean/groups: the run's target statistics (centered as it was); pairwise: None (the reference is rebuilt)."""
-    from ..api import center_target_stats
+    from ..center import center_target_stats
     from ..artifacts import check_compatible, load_target_stats
 
     if cfg.mode == "pairwise":

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__, io
+from ..center import centered_sketch_rows
 from ..io import SHARD_FIELDS, Shard, Shards
 from ..sketch import compress_sketches
 
@@ -127,20 +128,22 @@ def prepare_out(out: str, record: dict, shards: Shards, overwrite: bool = False)
 
 
 def result_table(kind: str, ids: list[str], res: dict, mode: str = "mean", storage: str = "float32",
-                 seed: int = 0) -> pa.Table:
+                 seed: int = 0, center: tuple[np.ndarray, float] | None = None) -> pa.Table:
     """The output schema: id, score (mean) | scores (groups, pairwise) | sketch [+ sketch_scale: int8, + center_dot:
-    centered], n_tokens, nll."""
+    centered], n_tokens, nll. ``center``: a centered index's μ terms (TS(μ), ‖μ‖²), ``res`` scored against μ."""
     n = len(ids)
     cols = {"id": pa.array(ids, pa.string())}
     if kind == "sketches":
-        values, scale = compress_sketches(res["sketch"] if n else np.zeros((0, 0), np.float32), storage, ids, seed)
+        centered = centered_sketch_rows(res, center) if n and center is not None else None
+        sketch = centered.sketch if centered else res["sketch"] if n else np.zeros((0, 0), np.float32)
+        values, scale = compress_sketches(sketch, storage, ids, seed)
         flat = pa.array(values.reshape(-1))
         cols["sketch"] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1]) if n else pa.array([], pa.list_(
             flat.type))
         if scale is not None:
             cols["sketch_scale"] = pa.array(scale, pa.float32())
-        if "scores" in res:  # centered: the exact ⟨G, μ⟩
-            cols["center_dot"] = pa.array(res["scores"][:, 0] if n else [], pa.float64())
+        if centered:  # the exact ⟨G, μ⟩
+            cols["center_dot"] = pa.array(centered.center_dot, pa.float64())
     elif mode != "mean":
         mat = res.get("pairwise", res.get("scores"))
         cols["scores"] = pa.array(list(mat.astype(np.float64)) if n else [], pa.list_(pa.float64()))

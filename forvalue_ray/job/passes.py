@@ -325,7 +325,7 @@ def build_center(cfg: JobConfig, model_path: str, provenance: dict, fp: str, sha
 
 
 def _center_payload(target: dict, center: dict) -> dict:
-    from ..api import center_target_stats
+    from ..center import center_target_stats
 
     return {"stats": center_target_stats(target["stats"], center["stats"])}
 

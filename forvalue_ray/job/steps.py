@@ -13,7 +13,6 @@ replica) and the functions as tasks; a test can call any of them directly.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import time
 
@@ -23,9 +22,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import io
+from ..center import center_terms
 from ..encode import Columns, Encoder, RowError
 from ..io import Shard
-from ..sketch import center_terms, score_sketches
+from ..sketch import score_sketches
 from . import parts
 
 
@@ -64,16 +64,6 @@ def load_replica(model_path: str, load_kw: dict):
     if cuda and load_kw.get("gpus", 0) > 1:
         kw["device_map"] = "auto"  # a model larger than one GPU spans the actor's GPUs
     return load_model(model_path, device="cuda" if cuda else "cpu", identify=False, **kw)  # the driver identified it
-
-
-def maybe_fault():
-    """Test hooks: FORVALUE_FAULT_EXIT_ONCE=<marker file> makes the first actor to see it die mid-run;
-    FORVALUE_FAULT_SLOW_S=<seconds> (set on one node) makes that node a straggler."""
-    time.sleep(float(os.environ.get("FORVALUE_FAULT_SLOW_S", "0")))
-    marker = os.environ.get("FORVALUE_FAULT_EXIT_ONCE")
-    if marker and not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(17)
 
 
 READ_RETRY_S = 1.0  # before reading a shard that failed once again, to tell a damaged file from a transient error
@@ -153,8 +143,8 @@ class ScoreShards:
         self.out, self.kind, self.mode, self.group_column, self.storage = out, kind, mode, group_column, storage
         self.seed = scorer_kw.get("sketch_seed", 0)
         # a centered index: the scorer's statistics are μ; rows keep TS(G) − TS(μ) and ⟨G, μ⟩
-        self.center_sketch = (center_terms(extra["stats"].stats[0], self.scorer.hashes)[0]
-                              if kind == "sketches" and "stats" in extra else None)
+        self.center = (center_terms(extra["stats"].stats[0], self.scorer.hashes)
+                       if kind == "sketches" and "stats" in extra else None)
 
     def __call__(self, batch):
         return _summaries([self.score(s, pickle.loads(p))
@@ -175,16 +165,14 @@ class ScoreShards:
                 rows = [r for r, ok in zip(rows, finite) if ok]
                 enc["groups"] = [g for g, ok in zip(enc["groups"], finite) if ok]  # aligned with the kept rows
                 res = {k: v[finite] for k, v in res.items()}
-        if rows and self.center_sketch is not None:
-            res["sketch"] = res["sketch"] - self.center_sketch
-        table = parts.result_table(self.kind, [r.id for r in rows], res, self.mode, self.storage, self.seed)
+        table = parts.result_table(self.kind, [r.id for r in rows], res, self.mode, self.storage, self.seed,
+                                   self.center)
         if self.group_column:  # a sketch index keeps the group labels that `score --mode groups` needs
             table = table.append_column(self.group_column, pa.array(enc["groups"], pa.string()))
         meta = {"shard": shard.key, "rows_read": enc["n_read"], "scored": len(rows),
                 "rejected": len(enc["rejected"]), "tokens": int(res["n_tokens"].sum()) if rows else 0,
                 **encode_summary(rows)}
         parts.write_rejected(self.out, shard.key, enc["rejected"])
-        maybe_fault()
         parts.write_part(self.out, self.kind, shard.key, table, meta)
         return {**meta, "label": shard.label, "error": "", "seconds": time.time() - t0}
 

@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from forvalue_ray import from_hf
+from ..model import from_hf
 
 CHARS = list(string.ascii_letters + string.digits + string.punctuation + " \n")
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]

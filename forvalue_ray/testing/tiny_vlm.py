@@ -16,7 +16,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 CHARS = list(string.ascii_letters + string.digits + string.punctuation + " \n")
-WIDEN = 30.0  # random init gives near-flat softmax; widen the LM head like tests/tiny.py does
+WIDEN = 30.0  # random init gives near-flat softmax; widen the LM head like tiny.py does
 
 # --------------------------------------------------------------------------------------------- tokenizers
 
