@@ -9,7 +9,7 @@ import torch
 
 from forvalue_ray import model as fvmodel
 from forvalue_ray.model import choose_dtype, cpu_bf16_flags, load_model, stored_dtype
-from tiny import tiny_model
+from forvalue_ray.testing.tiny import tiny_model
 
 
 def _saved(tmp_path, dtype: torch.dtype):
