@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import forvalue_ray as fv
-from forvalue_ray.job.passes import sample_training_rows
+from forvalue_ray.job.center import sample_training_rows
 from forvalue_ray.benchmark_tasks import make_task
 from tiny import oracle_gradients, tiny_model
 

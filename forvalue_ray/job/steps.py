@@ -317,7 +317,7 @@ def lane_values(scores: pa.Table, target: int | None, combine: str | None) -> np
 def shard_keys(shard: Shard, scores_dir: str, id_column: str, per_group: str | None, target: int | None,
                combine: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
     """The scored rows of one shard: ids, the [n, L] values ranked, n_tokens, and (per group) each row's group."""
-    fs, path = io.filesystem(io.join(scores_dir, "scores", shard.key + ".parquet"))
+    fs, path = io.filesystem(parts.RunOutput(scores_dir).part("scores", shard.key))
     scores = pq.read_table(path, filesystem=fs)
     ids = np.asarray(scores["id"].to_pylist(), dtype=str) if scores.num_rows else np.zeros(0, dtype=str)
     values = lane_values(scores, target, combine)
@@ -496,11 +496,11 @@ def write_selected(shard: Shard, out: str, cuts: dict, bottom: bool, extras: dic
     counts = {"selected": int(mask.sum()), "written": written, "tokens": int(tokens[mask].sum())}
     part = pa.table({"id": pa.array(ids[mask][order].tolist(), pa.string()),
                      "score": pa.array(shown[mask][order].tolist(), pa.float64())})
-    parts.write_with_meta(io.join(out, parts.SELECTION, shard.key + ".parquet"), part, counts)
+    parts.write_with_meta(parts.RunOutput(out).part(parts.SELECTION, shard.key), part, counts)
     return counts
 
 
 def selection_counts(shard: Shard, out: str) -> dict:
     """A shard selected by an earlier, interrupted run: its counts from its selection part's footer."""
-    meta = parts.part_meta(io.join(out, parts.SELECTION, shard.key + ".parquet"))
+    meta = parts.part_meta(parts.RunOutput(out).part(parts.SELECTION, shard.key))
     return {"selected": meta["selected"], "written": meta["written"], "tokens": meta.get("tokens", 0)}

@@ -1,0 +1,126 @@
+"""``resolve``: a job's config turned, once and up front, into what its passes read: the output, the input's
+shards, the model (loadable path, provenance, fingerprint) and the plan's settings with the stamps of every input
+and reused artifact. The passes then take the values they need from the :class:`RunSpec`, never the config."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .. import io
+from ..encode import Columns
+from ..io import Shards
+from .config import JobConfig, actor_range
+from .parts import RunOutput
+
+
+@dataclass(frozen=True)
+class Model:
+    """What a model replica loads, and how many replicas run."""
+
+    path: str  # loadable (a GGUF converted once, on the driver)
+    provenance: dict
+    fingerprint: str
+    load_kw: dict
+    resources: dict  # Ray resources of one replica
+    actors: tuple[int, int]  # a fixed pool (N, N) or an autoscaling range
+    vocab_chunk: int
+    batch_tokens: int
+    trust_remote_code: bool
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How input rows are read and encoded: training, target and sample rows alike."""
+
+    encode_kw: dict
+    columns: Columns
+    format: str
+    shard_rows: int
+    shard_bytes: int
+    exclude: str  # the job's own output folder: never one of its inputs
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    command: str
+    kind: str  # what the parts hold: scores | sketches
+    out: RunOutput
+    overwrite: bool
+    config: dict  # every setting, as run.json records it
+    shards: Shards  # the input's, planned
+    settings: dict  # the plan's: what the result depends on, inputs stamped
+    model: Model | None  # None for score (no model: sketches only)
+    reading: Reading | None
+    mode: str
+    normalize: bool
+    group_column: str | None
+    ray_address: str | None
+    progress: bool
+    target: str | None = None  # value: the target rows, or an earlier run's statistics
+    target_stats: str | None = None
+    center: int | None = None  # value, sketch: μ of a sample of this many rows, or an earlier run's
+    center_seed: int = 0
+    center_stats: str | None = None
+    sketch: dict | None = None  # sketch: dim, seed, storage
+    actors: tuple[int, int] | None = None  # score: its actors' pool (no model)
+    index: str | None = None  # score: the index, the target index and their index.json
+    target_index: str | None = None
+    index_meta: dict | None = None
+    target_index_meta: dict | None = None
+
+
+def model_identity(cfg: JobConfig) -> tuple[str, dict, str]:
+    """The loadable model path (GGUF converted once, here on the driver), its provenance and fingerprint."""
+    from ..model import adapter_provenance, model_fingerprint, resolve_model
+
+    model_path, provenance = resolve_model(cfg.model, cfg.revision)
+    provenance.update(adapter_provenance(cfg.adapter))
+    provenance["dtype"] = cfg.dtype or ("bfloat16" if cfg.gpus_per_actor else "float32")  # as the actors load it
+    return model_path, provenance, model_fingerprint(provenance)
+
+
+def artifact_stamp(path: str | None):
+    """A reused artifact's identity in the plan: its content (see artifacts.artifact_identity)."""
+    from ..artifacts import artifact_identity
+
+    return artifact_identity(path) if path else None
+
+
+def resolve(cfg: JobConfig) -> RunSpec:
+    """Validate ``cfg`` and resolve, once, everything its passes read: the model is checked before any plan is
+    written (a typo fails with nothing to replace); reused artifacts are stamped by content, so one rebuilt in place
+    is another job, never mixed into this one's outputs."""
+    cfg.validate()
+    out = RunOutput(cfg.out)
+    common = {"command": cfg.command, "out": out, "overwrite": cfg.overwrite, "config": asdict(cfg),
+              "mode": cfg.mode, "normalize": cfg.normalize, "group_column": cfg.group_column,
+              "ray_address": cfg.ray_address, "progress": cfg.progress}
+    if cfg.command == "score":
+        # indexes from before --storage hold float32; from before centering, raw sketches
+        meta, tmeta = ({"storage": "float32", "center_id": None, **RunOutput(url).load_index()}
+                       for url in (cfg.index, cfg.target_index))
+        shards = io.plan_shards(RunOutput(cfg.index).parts_dir("sketches"), "parquet", cfg.shard_rows,
+                                cfg.shard_bytes)
+        settings = {**cfg.result_fields(), "index": meta, "target_index": tmeta,
+                    "target_files": io.file_stamp(RunOutput(cfg.target_index).parts_dir("sketches"))}
+        return RunSpec(**common, kind="scores", shards=shards, settings=settings, model=None, reading=None,
+                       actors=actor_range(cfg.num_actors), index=cfg.index, target_index=cfg.target_index, index_meta=meta, target_index_meta=tmeta)
+    path, provenance, fp = model_identity(cfg)
+    model = Model(path, provenance, fp, cfg.load_kw(), cfg.actor_resources(), actor_range(cfg.num_actors),
+                  cfg.vocab_chunk, cfg.batch_tokens, cfg.trust_remote_code)
+    reading = Reading(cfg.encode_kw(), cfg.columns(), cfg.format, cfg.shard_rows, cfg.shard_bytes, cfg.out)
+    data = cfg.train if cfg.command == "value" else cfg.data
+    shards = io.plan_shards(data, cfg.format, cfg.shard_rows, cfg.shard_bytes, exclude=cfg.out)
+    stamps, own = {"model_fingerprint": fp}, {}
+    if cfg.command == "value":
+        own = {"target": cfg.target, "target_stats": cfg.target_stats}
+        stamps["target"] = (io.file_stamp(cfg.target, exclude=cfg.out) if cfg.target and not cfg.target_stats
+                            else artifact_stamp(cfg.target_stats))
+        stamps["train_files"] = io.file_stamp(cfg.train, exclude=cfg.out)
+    else:
+        own = {"sketch": {"dim": cfg.dim, "seed": cfg.seed, "storage": cfg.storage}}
+        stamps["data_files"] = io.file_stamp(cfg.data, exclude=cfg.out)
+    stamps["center"] = artifact_stamp(cfg.center_stats)
+    return RunSpec(**common, kind="scores" if cfg.command == "value" else "sketches", shards=shards,
+                   settings={**cfg.result_fields(), **stamps}, model=model, reading=reading, **own,
+                   center=cfg.center, center_seed=cfg.center_seed, center_stats=cfg.center_stats)
