@@ -104,23 +104,28 @@ def resolve(cfg: JobConfig) -> RunSpec:
         settings = {**cfg.result_fields(), "index": meta, "target_index": tmeta,
                     "target_files": io.file_stamp(RunOutput(cfg.target_index).parts_dir("sketches"))}
         return RunSpec(**common, kind="scores", shards=shards, settings=settings, model=None, reading=None,
-                       actors=actor_range(cfg.num_actors), index=cfg.index, target_index=cfg.target_index, index_meta=meta, target_index_meta=tmeta)
+                       actors=actor_range(cfg.num_actors), index=cfg.index, target_index=cfg.target_index,
+                       index_meta=meta, target_index_meta=tmeta)
+    # the driver's resolving first (model, reused artifacts), then the inputs and settings: plain values for the
+    # passes, no step of theirs reaches back for the config
     path, provenance, fp = model_identity(cfg)
-    model = Model(path, provenance, fp, cfg.load_kw(), cfg.actor_resources(), actor_range(cfg.num_actors),
-                  cfg.vocab_chunk, cfg.batch_tokens, cfg.trust_remote_code)
-    reading = Reading(cfg.encode_kw(), cfg.columns(), cfg.format, cfg.shard_rows, cfg.shard_bytes, cfg.out)
+    reused = {"target": artifact_stamp(cfg.target_stats)} if cfg.command == "value" and cfg.target_stats else {}
+    reused["center"] = artifact_stamp(cfg.center_stats)
     data = cfg.train if cfg.command == "value" else cfg.data
     shards = io.plan_shards(data, cfg.format, cfg.shard_rows, cfg.shard_bytes, exclude=cfg.out)
-    stamps, own = {"model_fingerprint": fp}, {}
     if cfg.command == "value":
+        stamps = {"target": reused.get("target") or io.file_stamp(cfg.target, exclude=cfg.out),
+                  "train_files": io.file_stamp(cfg.train, exclude=cfg.out)}
         own = {"target": cfg.target, "target_stats": cfg.target_stats}
-        stamps["target"] = (io.file_stamp(cfg.target, exclude=cfg.out) if cfg.target and not cfg.target_stats
-                            else artifact_stamp(cfg.target_stats))
-        stamps["train_files"] = io.file_stamp(cfg.train, exclude=cfg.out)
     else:
+        stamps = {"data_files": io.file_stamp(cfg.data, exclude=cfg.out)}
         own = {"sketch": {"dim": cfg.dim, "seed": cfg.seed, "storage": cfg.storage}}
-        stamps["data_files"] = io.file_stamp(cfg.data, exclude=cfg.out)
-    stamps["center"] = artifact_stamp(cfg.center_stats)
+    settings = {**cfg.result_fields(), "model_fingerprint": fp, **stamps, "center": reused["center"]}
+    load_kw, resources, actors = cfg.load_kw(), cfg.actor_resources(), actor_range(cfg.num_actors)
+    encode_kw, columns = cfg.encode_kw(), cfg.columns()
+    centering = {"center": cfg.center, "center_seed": cfg.center_seed, "center_stats": cfg.center_stats}
+    model = Model(path, provenance, fp, load_kw, resources, actors, cfg.vocab_chunk, cfg.batch_tokens,
+                  cfg.trust_remote_code)
+    reading = Reading(encode_kw, columns, cfg.format, cfg.shard_rows, cfg.shard_bytes, cfg.out)
     return RunSpec(**common, kind="scores" if cfg.command == "value" else "sketches", shards=shards,
-                   settings={**cfg.result_fields(), **stamps}, model=model, reading=reading, **own,
-                   center=cfg.center, center_seed=cfg.center_seed, center_stats=cfg.center_stats)
+                   settings=settings, model=model, reading=reading, **own, **centering)
