@@ -63,12 +63,6 @@ def input_columns(shards, rows: int = 100) -> list[str]:
         return []
 
 
-def _prepare(spec: RunSpec) -> set[str]:
-    """The plan written (or resumed): the shards finished before."""
-    return parts.prepare_out(spec.out, parts.plan_record(spec.kind, spec.settings, spec.shards), spec.shards,
-                             spec.overwrite)
-
-
 def _stream(spec: RunSpec, done: set[str], scorer_kw: dict, broadcast) -> tuple[dict, dict]:
     """The shards not done, each read and encoded (CPU actors), then scored or sketched (model actors)."""
     model, group_col = spec.model, spec.group_column if spec.kind == "sketches" else None
@@ -83,12 +77,6 @@ def _stream(spec: RunSpec, done: set[str], scorer_kw: dict, broadcast) -> tuple[
     return executor.run_shards(spec.command, spec.shards, done, [encode, score], spec.progress)
 
 
-def _finish(spec: RunSpec, done: set[str], tally: dict | None, t0: float, extra: dict,
-            faults: dict | None = None) -> dict:
-    return parts.write_run_json(spec.out, spec.command, spec.config, spec.kind, spec.shards, done, tally, t0, extra,
-                                faults)
-
-
 # ---- value ----------------------------------------------------------------------------------------------------------
 
 
@@ -101,11 +89,12 @@ def run_value(spec: RunSpec) -> dict:
     # the target is checked before the plan is written: a typo fails with nothing to replace
     target = (encode_target(spec.target, spec.reading, model, spec.group_column if spec.mode == "groups" else None)
               if not spec.target_stats else None)
-    done = _prepare(spec)
+    done = parts.prepare_out(out, parts.plan_record(spec.kind, spec.settings, spec.shards), spec.shards,
+                             spec.overwrite)
     info = {"model": model.provenance, "model_fingerprint": model.fingerprint, "mode": spec.mode}
     if not spec.shards.without(done) and out.has_run():
         prev = out.load_run()  # finished: no target pass, no actors
-        return _finish(spec, done, None, t0, {
+        return parts.write_run_json(out, spec.command, spec.config, spec.kind, spec.shards, done, None, t0, {
             **info, **{k: prev.get(k) for k in ("target_rows", "target_rejected", "center_rows")}})
     executor.init_ray(spec.ray_address)
     if spec.target_stats:
@@ -127,7 +116,8 @@ def run_value(spec: RunSpec) -> dict:
     out.save_targets(target_ids)
     scorer_kw = {"normalize": spec.normalize, "vocab_chunk": model.vocab_chunk, "max_tokens": model.batch_tokens}
     tally, faults = _stream(spec, done, scorer_kw, executor.broadcast(payload))
-    return _finish(spec, done, tally, t0, {**info, **target_info}, faults)
+    return parts.write_run_json(out, spec.command, spec.config, spec.kind, spec.shards, done, tally, t0,
+                                {**info, **target_info}, faults)
 
 
 # ---- sketch and score -----------------------------------------------------------------------------------------------
@@ -140,7 +130,8 @@ def run_sketch(spec: RunSpec) -> dict:
     model, out = spec.model, spec.out
     index_meta = {**spec.sketch, "model_fingerprint": model.fingerprint, "model": model.provenance,
                   "group_column": spec.group_column, "center_id": None, "forvalue_ray": __version__}
-    done = _prepare(spec)
+    done = parts.prepare_out(out, parts.plan_record(spec.kind, spec.settings, spec.shards), spec.shards,
+                             spec.overwrite)
     executor.init_ray(spec.ray_address)
     payload, info = None, {}
     if spec.center or spec.center_stats:
@@ -155,8 +146,8 @@ def run_sketch(spec: RunSpec) -> dict:
     scorer_kw = {"sketch_dim": spec.sketch["dim"], "sketch_seed": spec.sketch["seed"],
                  "vocab_chunk": model.vocab_chunk, "max_tokens": model.batch_tokens}
     tally, faults = _stream(spec, done, scorer_kw, payload)
-    return _finish(spec, done, tally, t0, {"model": model.provenance, "model_fingerprint": model.fingerprint, **info},
-                   faults)
+    return parts.write_run_json(out, spec.command, spec.config, spec.kind, spec.shards, done, tally, t0,
+                                {"model": model.provenance, "model_fingerprint": model.fingerprint, **info}, faults)
 
 
 def run_score(spec: RunSpec) -> dict:
@@ -184,15 +175,16 @@ def run_score(spec: RunSpec) -> dict:
     columns = sketch_targets(values, scale, labels, ids, normalize=spec.normalize, center_dot=center_dot,
                              center_sq_norm=(tmeta.get("center") or {}).get("sq_norm", 0.0))
     ids = target_ids if spec.mode == "pairwise" else ids
-    done = _prepare(spec)
+    done = parts.prepare_out(spec.out, parts.plan_record(spec.kind, spec.settings, spec.shards), spec.shards,
+                             spec.overwrite)
     spec.out.save_targets(ids)
     executor.init_ray(spec.ray_address)
     stage = executor.Stage(ScoreSketches, {"targets": executor.broadcast(columns), "out": spec.out.root,
                                            "mode": spec.mode},
                            spec.actors, {"num_cpus": 0.5})
     tally, faults = executor.run_shards(spec.command, spec.shards, done, [stage], spec.progress)
-    return _finish(spec, done, tally, t0, {"model": meta.get("model"), "model_fingerprint": meta["model_fingerprint"]},
-                   faults)
+    return parts.write_run_json(spec.out, spec.command, spec.config, spec.kind, spec.shards, done, tally, t0,
+                                {"model": meta.get("model"), "model_fingerprint": meta["model_fingerprint"]}, faults)
 
 
 def center_mismatch(index: str, target_index: str, meta: dict, tmeta: dict) -> str:

@@ -91,10 +91,9 @@ def resolve(cfg: JobConfig) -> RunSpec:
     written (a typo fails with nothing to replace); reused artifacts are stamped by content, so one rebuilt in place
     is another job, never mixed into this one's outputs."""
     cfg.validate()
-    out = RunOutput(cfg.out)
-    common = {"command": cfg.command, "out": out, "overwrite": cfg.overwrite, "config": asdict(cfg),
-              "mode": cfg.mode, "normalize": cfg.normalize, "group_column": cfg.group_column,
-              "ray_address": cfg.ray_address, "progress": cfg.progress}
+    common = {"command": cfg.command, "overwrite": cfg.overwrite, "config": asdict(cfg), "mode": cfg.mode,
+              "normalize": cfg.normalize, "group_column": cfg.group_column, "ray_address": cfg.ray_address,
+              "progress": cfg.progress}
     if cfg.command == "score":
         # indexes from before --storage hold float32; from before centering, raw sketches
         meta, tmeta = ({"storage": "float32", "center_id": None, **RunOutput(url).load_index()}
@@ -103,14 +102,14 @@ def resolve(cfg: JobConfig) -> RunSpec:
                                 cfg.shard_bytes)
         settings = {**cfg.result_fields(), "index": meta, "target_index": tmeta,
                     "target_files": io.file_stamp(RunOutput(cfg.target_index).parts_dir("sketches"))}
-        return RunSpec(**common, kind="scores", shards=shards, settings=settings, model=None, reading=None,
-                       actors=actor_range(cfg.num_actors), index=cfg.index, target_index=cfg.target_index,
-                       index_meta=meta, target_index_meta=tmeta)
-    # the driver's resolving first (model, reused artifacts), then the inputs and settings: plain values for the
+        return RunSpec(**common, out=RunOutput(cfg.out), kind="scores", shards=shards, settings=settings, model=None,
+                       reading=None, actors=actor_range(cfg.num_actors), index=cfg.index,
+                       target_index=cfg.target_index, index_meta=meta, target_index_meta=tmeta)
+    # the driver's resolving first (reused artifacts, model), then the inputs and settings: plain values for the
     # passes, no step of theirs reaches back for the config
-    path, provenance, fp = model_identity(cfg)
     reused = {"target": artifact_stamp(cfg.target_stats)} if cfg.command == "value" and cfg.target_stats else {}
     reused["center"] = artifact_stamp(cfg.center_stats)
+    path, provenance, fp = model_identity(cfg)
     data = cfg.train if cfg.command == "value" else cfg.data
     shards = io.plan_shards(data, cfg.format, cfg.shard_rows, cfg.shard_bytes, exclude=cfg.out)
     if cfg.command == "value":
@@ -127,5 +126,5 @@ def resolve(cfg: JobConfig) -> RunSpec:
     model = Model(path, provenance, fp, load_kw, resources, actors, cfg.vocab_chunk, cfg.batch_tokens,
                   cfg.trust_remote_code)
     reading = Reading(encode_kw, columns, cfg.format, cfg.shard_rows, cfg.shard_bytes, cfg.out)
-    return RunSpec(**common, kind="scores" if cfg.command == "value" else "sketches", shards=shards,
-                   settings=settings, model=model, reading=reading, **own, **centering)
+    return RunSpec(**common, out=RunOutput(cfg.out), kind="scores" if cfg.command == "value" else "sketches",
+                   shards=shards, settings=settings, model=model, reading=reading, **own, **centering)

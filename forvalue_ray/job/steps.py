@@ -251,10 +251,10 @@ class TargetWorker:
 
 def check_shard(shard: Shard, out: str, kind: str) -> dict:
     """One finished shard: footer counts against its parts and its input rows, finite values."""
-    fs, base = io.filesystem(out)
-    part = pq.read_table(f"{base}/{kind}/{shard.key}.parquet", filesystem=fs)
+    fs, path = io.filesystem(parts.RunOutput(out).part(kind, shard.key))
+    part = pq.read_table(path, filesystem=fs)
     meta = json.loads(part.schema.metadata[parts.PART_META])
-    rejected = f"{base}/rejected/{shard.key}.parquet"
+    rejected = io.filesystem(parts.RunOutput(out).part("rejected", shard.key))[1]
     rej_rows = pq.read_metadata(rejected, filesystem=fs).num_rows if fs.exists(rejected) else 0
     problems = []
     if part.num_rows != meta["scored"] or rej_rows != meta["rejected"]:
