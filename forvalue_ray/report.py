@@ -542,7 +542,7 @@ def write_report(out: str, *, top: int = DEFAULT_TOP, sample: int = DEFAULT_SAMP
         except (OSError, ValueError, KeyError) as e:
             problems.append(f"the token explanations could not be read: {e}")
     index = None if plan is None else index_dir(plan, plan_shards)
-    index_meta = _maybe_json(io.join(index, "index.json")) if index else None
+    index_meta = _maybe_json(RunOutput(index).index_json) if index else None
     value_label = "score" if mode == "mean" else "mean score over targets"
     figs = figures(scan, mode, names, value_label)
     report_dir = io.join(out, "report")

@@ -87,9 +87,6 @@ class RunOutput:
         return io.list_parts(self.parts_dir(kind))
 
     # ---- the score columns
-    def has_targets(self) -> bool:
-        return io.exists(self.url("targets.parquet"))
-
     def save_targets(self, ids: list[str]) -> None:
         io.write_table_atomic(self.url("targets.parquet"), pa.table({"id": pa.array(ids, pa.string())}))
 
@@ -148,10 +145,7 @@ class RunOutput:
     def save_center_sample_meta(self, meta: dict) -> None:
         io.write_json_atomic(self.url("center", "sample.json"), meta)
 
-    # ---- pages
-    def report_dir(self) -> str:
-        return self.url("report")
-
+    # ---- explain's page (its default folder)
     def explain_dir(self) -> str:
         return self.url("explain")
 
