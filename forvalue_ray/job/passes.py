@@ -152,13 +152,8 @@ def run_sketch(spec: RunSpec) -> dict:
 
 def run_score(spec: RunSpec) -> dict:
     """``forvalue-ray score``: target statistics from a target index, scores for every row of an index."""
-    from ..artifacts import check_compatible
-
     t0 = time.time()
     meta, tmeta = spec.index_meta, spec.target_index_meta
-    if meta["center_id"] != tmeta["center_id"]:
-        raise ValueError(center_mismatch(spec.index, spec.target_index, meta, tmeta))
-    check_compatible("--target-index", meta, tmeta, ("model_fingerprint", "dim", "seed", "storage"))
     targets = io.read_parts(parts.RunOutput(spec.target_index).parts_dir("sketches"))
     target_ids = targets["id"].to_pylist()
     if spec.mode == "pairwise":
@@ -185,18 +180,3 @@ def run_score(spec: RunSpec) -> dict:
     tally, faults = executor.run_shards(spec.command, spec.shards, done, [stage], spec.progress)
     return parts.write_run_json(spec.out, spec.command, spec.config, spec.kind, spec.shards, done, tally, t0,
                                 {"model": meta.get("model"), "model_fingerprint": meta["model_fingerprint"]}, faults)
-
-
-def center_mismatch(index: str, target_index: str, meta: dict, tmeta: dict) -> str:
-    """Why an index and a target index do not pair by their centering μ, and the command that fixes it."""
-    artifact = (meta.get("center") or {}).get("artifact") or parts.RunOutput(index).artifact("center")
-    rebuild = f"rebuild the target index with `forvalue-ray sketch --center-stats {artifact} ...`"
-    if meta["center_id"] and not tmeta["center_id"]:
-        return (f"--index {index} is centered (μ {meta['center_id']}) but --target-index {target_index} is "
-                f"raw (built with --center 0): estimates add up only on the same μ; {rebuild}")
-    if tmeta["center_id"] and not meta["center_id"]:
-        return (f"--target-index {target_index} is centered (μ {tmeta['center_id']}) but --index {index} is "
-                f"raw (built with --center 0): rebuild the target index raw (`forvalue-ray sketch --center 0 ...`), "
-                f"or center the index (`forvalue-ray sketch` without --center 0) and then the target index on it")
-    return (f"--index {index} and --target-index {target_index} are centered on different μ "
-            f"({meta['center_id']} and {tmeta['center_id']}): estimates add up only on the same μ; {rebuild}")

@@ -98,6 +98,7 @@ def resolve(cfg: JobConfig) -> RunSpec:
         # indexes from before --storage hold float32; from before centering, raw sketches
         meta, tmeta = ({"storage": "float32", "center_id": None, **RunOutput(url).load_index()}
                        for url in (cfg.index, cfg.target_index))
+        check_pair(cfg.index, cfg.target_index, meta, tmeta)
         shards = io.plan_shards(RunOutput(cfg.index).parts_dir("sketches"), "parquet", cfg.shard_rows,
                                 cfg.shard_bytes)
         settings = {**cfg.result_fields(), "index": meta, "target_index": tmeta,
@@ -128,3 +129,27 @@ def resolve(cfg: JobConfig) -> RunSpec:
     reading = Reading(encode_kw, columns, cfg.format, cfg.shard_rows, cfg.shard_bytes, cfg.out)
     return RunSpec(**common, out=RunOutput(cfg.out), kind="scores" if cfg.command == "value" else "sketches",
                    shards=shards, settings=settings, model=model, reading=reading, **own, **centering)
+
+
+def check_pair(index: str, target_index: str, meta: dict, tmeta: dict) -> None:
+    """An index and a target index score together only when sketched alike, on the same μ (or both raw)."""
+    from ..artifacts import check_compatible
+
+    if meta["center_id"] != tmeta["center_id"]:
+        raise ValueError(center_mismatch(index, target_index, meta, tmeta))
+    check_compatible("--target-index", meta, tmeta, ("model_fingerprint", "dim", "seed", "storage"))
+
+
+def center_mismatch(index: str, target_index: str, meta: dict, tmeta: dict) -> str:
+    """Why an index and a target index do not pair by their centering μ, and the command that fixes it."""
+    artifact = (meta.get("center") or {}).get("artifact") or RunOutput(index).artifact("center")
+    rebuild = f"rebuild the target index with `forvalue-ray sketch --center-stats {artifact} ...`"
+    if meta["center_id"] and not tmeta["center_id"]:
+        return (f"--index {index} is centered (μ {meta['center_id']}) but --target-index {target_index} is "
+                f"raw (built with --center 0): estimates add up only on the same μ; {rebuild}")
+    if tmeta["center_id"] and not meta["center_id"]:
+        return (f"--target-index {target_index} is centered (μ {tmeta['center_id']}) but --index {index} is "
+                f"raw (built with --center 0): rebuild the target index raw (`forvalue-ray sketch --center 0 ...`), "
+                f"or center the index (`forvalue-ray sketch` without --center 0) and then the target index on it")
+    return (f"--index {index} and --target-index {target_index} are centered on different μ "
+            f"({meta['center_id']} and {tmeta['center_id']}): estimates add up only on the same μ; {rebuild}")
