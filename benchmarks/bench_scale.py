@@ -160,12 +160,12 @@ def measure_plan(data: str, out: str, latency_ms: str = "0", threads: str = "") 
         plan_s = time.time() - t0
     t0 = time.time()
     cfg = JobConfig(command="value", train=data, target="fabricated", out=out, shard_rows=1)
-    parts.write_plan(out, parts.plan_record("scores", cfg.result_fields(), shards), shards)
+    parts.RunOutput(out).save_plan(parts.plan_record("scores", cfg.result_fields(), shards), shards)
     write_s = time.time() - t0
     planned = parts.shards_digest(shards)
     del shards  # a resumed run holds the plan it reads, not a second copy
     t0 = time.time()
-    _, shards = parts.read_plan(out)
+    _, shards = parts.RunOutput(out).load_plan()
     read_s = time.time() - t0
     assert parts.shards_digest(shards) == planned
     fs, base = io.filesystem(io.join(out, "scores"))
@@ -203,7 +203,8 @@ def fabricate_run(root: Path, rows: int) -> tuple[Path, Path]:
                        data / f"part-{f // per_file:04d}.parquet", row_group_size=SHARD_ROWS)
     shards = io.plan_shards(str(data), shard_rows=SHARD_ROWS)
     cfg = JobConfig(command="value", train=str(data), target="fabricated", out=str(out), shard_rows=SHARD_ROWS)
-    parts.write_plan(str(out), parts.plan_record("scores", {**cfg.result_fields(), "fabricated": True}, shards), shards)
+    parts.RunOutput(str(out)).save_plan(parts.plan_record("scores", {**cfg.result_fields(), "fabricated": True},
+                                                            shards), shards)
     tokens = 0
     for s in shards:
         ids = pq.ParquetFile(s.path).read_row_groups(list(range(s.start, s.stop)), columns=["id"])["id"]

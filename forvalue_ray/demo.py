@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from . import io
 from .job import JobConfig, run
+from .job.parts import RunOutput
 from .report import write_report
 from .sample_data import sentence_task
 
@@ -63,7 +64,7 @@ def run_demo(out: str = "forvalue-demo", *, num_actors: str = "1", model: str = 
     # 1. the paper's score: all tokens of text, against one transformation
     cfg = JobConfig(**common, target=paths["target"], out=os.path.join(out, "value"), form="text")
     result = run(cfg)
-    scores = io.read_parts(io.join(cfg.out, "scores")).to_pylist()
+    scores = io.read_parts(RunOutput(cfg.out).parts_dir("scores")).to_pylist()
     ranked = sorted(scores, key=lambda r: -r["score"])
     title = sentence_task(n_classes=N_CLASSES, n_train_per_class=1, n_val_per_class=1)[0][TARGET_CLASS]["text"]
     print(f"\nTarget: {title.splitlines()[0][:110]}")
@@ -80,8 +81,8 @@ def run_demo(out: str = "forvalue-demo", *, num_actors: str = "1", model: str = 
     cfg = JobConfig(**common, target=paths["classes"], out=os.path.join(out, "classes"), form="prompt_response",
                     mode="groups", group_column="class")
     run(cfg)
-    table = io.read_parts(io.join(cfg.out, "scores"))
-    names = pq.read_table(io.join(cfg.out, "targets.parquet"))["id"].to_pylist()
+    table = io.read_parts(RunOutput(cfg.out).parts_dir("scores"))
+    names = RunOutput(cfg.out).load_targets()
     contrast = own_class_contrast(dict(zip(table["id"].to_pylist(), table["scores"].to_pylist())), names,
                                   {rid: r["class"] for rid, r in rows.items()})
     by_contrast = sorted(contrast.items(), key=lambda kv: kv[1])

@@ -10,6 +10,7 @@ import json
 import numpy as np
 
 from . import io
+from .job.parts import RunOutput
 
 RECORD = "explained.json"  # OUT/explained.json: where explanations of this output were written (for the report)
 SPAN = 3  # tokens in the worst span
@@ -138,8 +139,8 @@ def render(table, meta: dict) -> str:
 def explained_dirs(scores: str) -> list[str]:
     """Explanations of an output: OUT/explain when it holds one, and those recorded in OUT/explained.json."""
     dirs = []
-    if io.exists(io.join(scores, "explain", "tokens.parquet")):
-        dirs.append(io.join(scores, "explain"))
+    if io.exists(io.join(RunOutput(scores).explain_dir(), "tokens.parquet")):
+        dirs.append(RunOutput(scores).explain_dir())
     path = io.join(scores, RECORD)
     if io.exists(path):
         dirs += [d for d in io.read_json(path).get("dirs", []) if io.exists(io.join(d, "tokens.parquet"))]

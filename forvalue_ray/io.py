@@ -182,6 +182,17 @@ def list_inputs(url: str, fmt: str = "auto", exclude: str | None = None) -> list
     return out
 
 
+def file_stamp(url: str, exclude: str | None = None) -> list:
+    """Input identity without reading data: paths, sizes and modification times (``exclude``: the job's own
+    output folder, never one of its inputs)."""
+    out = []
+    for full, _, _ in list_inputs(url, exclude=exclude):
+        fs, p = filesystem(full)
+        info = fs.info(p)
+        out.append([full, info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")])
+    return out
+
+
 def _is_json_array(fs, path: str) -> bool:
     """Whether a file's first non-blank character opens a JSON array."""
     with fs.open(path, "rb") as fh:

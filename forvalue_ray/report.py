@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from . import io
 from .encode import Columns, Encoder
 from .explain_page import SPAN, explained_dirs, worst_spans
-from .job.parts import PART_META, PLAN_FILE, SELECTION, read_plan
+from .job.parts import PART_META, SELECTION, RunOutput
 
 DEFAULT_TOP = 15
 DEFAULT_SAMPLE = 5000
@@ -224,7 +224,7 @@ def input_shards(plan: dict, shards: list) -> tuple[dict, dict]:
     index = index_dir(plan, shards)
     if index is None:
         return {s.key: s for s in shards}, plan["settings"]
-    index_plan, index_shards = read_plan(index)
+    index_plan, index_shards = RunOutput(index).load_plan()
     by_key = {s.key: s for s in index_shards}
     joined = {s.key: by_key.get(s.label.rsplit(".", 1)[0]) for s in shards}
     return {k: v for k, v in joined.items() if v is not None}, index_plan["settings"]
@@ -499,7 +499,7 @@ def variant_text(command: str, config: dict, index_meta: dict | None) -> str:
 
 def write_report(out: str, *, top: int = DEFAULT_TOP, sample: int = DEFAULT_SAMPLE, seed: int = 0) -> str:
     """Write ``OUT/report/index.html`` (+ one PNG per figure); returns the page's path."""
-    plan, plan_shards = read_plan(out) if io.exists(io.join(out, PLAN_FILE)) else (None, [])
+    plan, plan_shards = RunOutput(out).load_plan() if RunOutput(out).has_plan() else (None, [])
     is_selection = plan is None and io.exists(io.join(out, "_select.json"))
     if plan is None and not is_selection:
         raise FileNotFoundError(f"{out} is not a forvalue-ray output: no _plan.json (value, score) and no "
@@ -542,7 +542,7 @@ def write_report(out: str, *, top: int = DEFAULT_TOP, sample: int = DEFAULT_SAMP
         except (OSError, ValueError, KeyError) as e:
             problems.append(f"the token explanations could not be read: {e}")
     index = None if plan is None else index_dir(plan, plan_shards)
-    index_meta = _maybe_json(io.join(index, "index.json")) if index else None
+    index_meta = _maybe_json(RunOutput(index).index_json) if index else None
     value_label = "score" if mode == "mean" else "mean score over targets"
     figs = figures(scan, mode, names, value_label)
     report_dir = io.join(out, "report")

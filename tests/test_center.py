@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import forvalue_ray as fv
-from forvalue_ray.job.passes import sample_training_rows
+from forvalue_ray.job.center import sample_training_rows
 from forvalue_ray.sample_data import sentence_task
 from forvalue_ray.testing.tiny import oracle_gradients, tiny_model
 

@@ -389,16 +389,16 @@ def test_plan_round_trips_through_its_parquet_table_and_reads_the_older_json(tmp
     A plan of an older version (every shard in the JSON) still reads. The shard digest is a function of the shards."""
     shards = io.plan_shards(str(mixed_dir), shard_rows=2, shard_bytes=40)
     assert len(shards) > 3
-    parts.write_plan(str(tmp_path / "new"), {"kind": "scores", "settings": {"a": 1}}, shards)
+    parts.RunOutput(str(tmp_path / "new")).save_plan({"kind": "scores", "settings": {"a": 1}}, shards)
     record = json.loads((tmp_path / "new" / "_plan.json").read_text())
     assert record["shard_count"] == len(shards) and "shards" not in record
-    assert parts.read_plan(str(tmp_path / "new")) == (record, shards)
+    assert parts.RunOutput(str(tmp_path / "new")).load_plan() == (record, shards)
     table = pq.read_table(tmp_path / "new" / "_plan_shards.parquet")
     assert table["key"].to_pylist() == [s.key for s in shards]
     assert pa.types.is_dictionary(table.schema.field("path").type)
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "_plan.json").write_text(json.dumps({"kind": "scores", "shards": [s.to_dict() for s in shards]}))
-    assert parts.read_plan(str(tmp_path / "old")) == ({"kind": "scores"}, shards)
+    assert parts.RunOutput(str(tmp_path / "old")).load_plan() == ({"kind": "scores"}, shards)
     assert parts.shards_digest(shards) == parts.shards_digest(list(shards))
     assert parts.shards_digest(shards) != parts.shards_digest(shards[:-1])
     assert parts.shards_digest(shards) != parts.shards_digest(shards[1:] + shards[:1])

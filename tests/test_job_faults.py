@@ -159,12 +159,12 @@ def test_startup_failures_leave_no_plan(d, tmp_path):
 def test_plan_of_a_job_with_no_finished_shard_is_replaced(tmp_path):
     shards = fio.plan_shards(str(write_parquet(_train(10), tmp_path / "x.parquet")))
     out = str(tmp_path / "o")
-    parts.prepare_out(out, parts.plan_record("scores", {"a": 1}, shards), shards)
-    assert parts.prepare_out(out, parts.plan_record("scores", {"a": 2}, shards), shards) == set()
+    parts.prepare_out(parts.RunOutput(out), parts.plan_record("scores", {"a": 1}, shards), shards)
+    assert parts.prepare_out(parts.RunOutput(out), parts.plan_record("scores", {"a": 2}, shards), shards) == set()
     assert fio.read_json(fio.join(out, "_plan.json"))["settings"] == {"a": 2}
     parts.write_part(out, "scores", shards[0].key, parts.result_table("scores", [], {}), {})
     with pytest.raises(parts.OutputConflict, match="changed: a"):
-        parts.prepare_out(out, parts.plan_record("scores", {"a": 3}, shards), shards)
+        parts.prepare_out(parts.RunOutput(out), parts.plan_record("scores", {"a": 3}, shards), shards)
 
 
 def test_score_names_the_centered_side(tmp_path):

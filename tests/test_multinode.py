@@ -177,15 +177,17 @@ def test_the_broadcast_outlives_every_worker_node(cluster, tmp_path):
     there (a copy on a lost node could not be rebuilt: the target actors that computed its inputs are gone)."""
     import ray
 
-    from forvalue_ray.job import passes
+    from forvalue_ray.job import JobConfig, spec, target
 
     c, workers, data = cluster
-    cfg = passes.JobConfig(command="value", model=str(data["model"]), train=str(data["train"]),
-                           target=str(data["target"]), out=str(tmp_path / "out"), num_actors="2", cpus_per_actor=2)
+    cfg = JobConfig(command="value", model=str(data["model"]), train=str(data["train"]),
+                    target=str(data["target"]), out=str(tmp_path / "out"), num_actors="2", cpus_per_actor=2)
     ray.init(address=c.address)
     try:
-        model_path, provenance, fp = passes._model_identity(cfg)
-        payload, names, _ = passes.build_target(cfg, model_path, provenance, fp)
+        run = spec.resolve(cfg)
+        payload, names, _ = target.build_target(target.encode_target(run.target, run.reading, run.model, None),
+                                                run.target, run.model, run.out, mode=run.mode,
+                                                normalize=run.normalize, dense=False)
         assert ray.experimental.get_object_locations([payload])[payload]["node_ids"] == [
             ray.get_runtime_context().get_node_id()]
         while workers:

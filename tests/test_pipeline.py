@@ -26,7 +26,7 @@ import pytest
 
 import forvalue_ray
 from forvalue_ray import io as fio
-from forvalue_ray.job import parts, passes, selection
+from forvalue_ray.job import parts, selection, target, verification
 from forvalue_ray.sample_data import sentence_task
 from forvalue_ray.testing import faults
 from jobtools import (REPO, as_matrix, child_env, cli, read_column, read_scores, rel_err, run_ok, save_tiny_model,
@@ -65,10 +65,10 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def small_target_blocks():
     """Two target rows per target-pass block (6 targets: 3 blocks), so 1 and 3 actors really split the pass."""
-    old, passes.TARGET_BLOCK_ROWS = passes.TARGET_BLOCK_ROWS, 2
+    old, target.TARGET_BLOCK_ROWS = target.TARGET_BLOCK_ROWS, 2
     os.environ["FORVALUE_TARGET_BLOCK_ROWS"] = "2"  # the same in the job subprocesses (a killed run, resumed here)
     yield
-    passes.TARGET_BLOCK_ROWS = old
+    target.TARGET_BLOCK_ROWS = old
     os.environ.pop("FORVALUE_TARGET_BLOCK_ROWS")
 
 
@@ -132,12 +132,12 @@ def rerun_b(data, run_b):
     r = SimpleNamespace()
     stale = out / "scores" / f".tmp-{'0' * 32}-{sorted(run_b.parts)[0]}"
     stale.write_bytes(b"PAR1 half-written part")
-    record, shards = parts.read_plan(str(out))
+    record, shards = parts.RunOutput(str(out)).load_plan()
     (out / "_plan.json").write_text(json.dumps({**record, "fingerprint": "older formula",
                                                 "shards": [s.to_dict() for s in shards]}))
     (out / "_plan_shards.parquet").unlink()
     r.noop_rc, _, r.noop_err = cli(*args)
-    r.plan_after_noop = (json.loads((out / "_plan.json").read_text()), parts.read_plan(str(out))[1], shards)
+    r.plan_after_noop = (json.loads((out / "_plan.json").read_text()), parts.RunOutput(str(out)).load_plan()[1], shards)
     r.noop_run = json.loads((out / "run.json").read_text())
     r.noop_parts = _parts_bytes(out)
     r.stale_left = stale.exists()
@@ -509,7 +509,7 @@ def test_bad_rows_are_rejected_with_reasons(bad_run, vm):
     n_tokens = forvalue_ray.diagnostics(vm, good)["n_tokens"]
     assert counts == {"rows_read": len(BAD_LINES), "scored": len(good), "rejected": len(expected),
                       "tokens": int(n_tokens.sum()), "truncated_rows": 0, "truncated_tokens": 0, "shards": 1}
-    problems, _ = passes.verify(str(out))
+    problems, _ = verification.verify(str(out))
     assert not problems  # the in-shard duplicate id is rejected, and that is not a second appearance
 
 

@@ -3,14 +3,17 @@ sketched (GPU actors) and written as one part, exactly once and resumable; then 
 over the same shards.
 
 - :mod:`.config` — the job's settings (:class:`JobConfig`), with the help text of every flag;
-- :mod:`.parts` — the output layout: plan, parts and their footers, ``run.json``;
+- :mod:`.parts` — the output layout (:class:`~.parts.RunOutput`): plan, parts and their footers, ``run.json``;
+- :mod:`.spec` — a job's config resolved once: model, input shards and stamps, the plan's settings;
 - :mod:`.steps` — per-shard work, with no Ray in it;
 - :mod:`.executor` — the only Ray code: actor pools, streaming in rounds, tasks, broadcasts, progress;
-- :mod:`.passes` — ``value``, ``sketch``, ``score`` and ``verify``; :mod:`.selection` — ``select``.
+- :mod:`.passes` — ``value``, ``sketch``, ``score``, with :mod:`.target` and :mod:`.center` (their target
+  passes); :mod:`.verification` — ``verify``; :mod:`.selection` — ``select``.
 """
 
 from .config import COMMANDS, MODES, JobConfig, load_yaml
-from .passes import run, run_score, run_sketch, run_value, verify
+from .passes import run, run_score, run_sketch, run_value
 from .selection import select
+from .verification import verify
 
 __all__ = ["COMMANDS", "MODES", "JobConfig", "load_yaml", "run", "run_score", "run_sketch", "run_value", "select", "verify"]

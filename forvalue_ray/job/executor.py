@@ -222,7 +222,7 @@ def duplicate_ids(out: str, kind: str, keys: list[str], n_rows: int, show: int =
 
     if not keys:
         return 0, []
-    paths = [io.join(out, kind, k + ".parquet") for k in keys]
+    paths = [parts.RunOutput(out).part(kind, k) for k in keys]
     fs, _ = io.filesystem(out)
     partitions = max(1, math.ceil(n_rows / ROWS_PER_ID_PARTITION))  # a fixed 200 costs ~30 s on a small output
     counted = ray.data.read_parquet(paths, filesystem=fs).select_columns(["id"]).groupby(

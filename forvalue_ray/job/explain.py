@@ -41,9 +41,9 @@ SCHEMA = pa.schema([("id", pa.string()), ("tokens", pa.list_(pa.string())), ("of
 
 
 def _run_config(scores: str) -> tuple[dict, JobConfig]:
-    if not io.exists(io.join(scores, "run.json")):
+    if not parts.RunOutput(scores).has_run():
         raise FileNotFoundError(f"{scores} has no run.json: not a finished `forvalue-ray value` output")
-    run = io.read_json(io.join(scores, "run.json"))
+    run = parts.RunOutput(scores).load_run()
     if run.get("command") != "value":
         raise ValueError(f"{scores} is the output of `{run.get('command')}`: explain recomputes exact scores of a "
                          f"`forvalue-ray value` output (sketched scores have no per-token form)")
@@ -99,7 +99,7 @@ def choose_rows(scores: str, shards, cfg: JobConfig, *, ids, top, bottom, per_gr
         missing = [i for i in ids if i not in first]
         if missing:
             raise ValueError(f"{len(missing)} of the --ids are not scored in {scores} (first: {missing[0]!r}); "
-                             f"rejected rows have no score: see {io.join(scores, 'rejected')}")
+                             f"rejected rows have no score: see {parts.RunOutput(scores).parts_dir('rejected')}")
         return [first[i] for i in dict.fromkeys(ids)]
     found.sort(key=lambda r: (r[0] or "", r[1] if bottom else -r[1], r[2]))
     out, per = [], {}
@@ -120,10 +120,10 @@ def target_side(scores: str, cfg: JobConfig, fp: str):
 
     if cfg.mode == "pairwise":
         return None
-    stats = load_target_stats(cfg.target_stats or io.join(scores, "target"))
+    stats = load_target_stats(cfg.target_stats or parts.RunOutput(scores).artifact("target"))
     check_compatible("the run's target statistics", {"model_fingerprint": fp}, stats.provenance)
     if cfg.center or cfg.center_stats:
-        center = load_target_stats(cfg.center_stats or io.join(scores, "center"))
+        center = load_target_stats(cfg.center_stats or parts.RunOutput(scores).artifact("center"))
         check_compatible("the run's centering statistics", {"model_fingerprint": fp}, center.provenance)
         stats = center_target_stats(stats, center)
     return stats
@@ -204,7 +204,7 @@ def explain(scores: str, out: str, *, ids: list[str] | None = None, top: int | N
             bottom: int | None = None, target: str | None = None, per_group: str | None = None,
             local_rows: int = LOCAL_ROWS) -> dict:
     """Write DIR/tokens.parquet and DIR/index.html for the chosen rows of the value output ``scores``."""
-    from .passes import _model_identity
+    from .spec import model_identity
 
     t0 = time.time()
     if sum(x is not None for x in (ids, top, bottom)) != 1:
@@ -213,10 +213,10 @@ def explain(scores: str, out: str, *, ids: list[str] | None = None, top: int | N
     if k is not None and not 1 <= k <= MAX_ROWS:
         raise ValueError(f"--top/--bottom K must be in [1, {MAX_ROWS}]")
     run, cfg = _run_config(scores)
-    plan, shards = parts.read_plan(scores)
-    names = _target_names(scores)
+    plan, shards = parts.RunOutput(scores).load_plan()
+    names = parts.RunOutput(scores).load_targets()
     column = _column(names, target)
-    model_path, provenance, fp = _model_identity(cfg)
+    model_path, provenance, fp = model_identity(cfg)
     if fp != run.get("model_fingerprint"):
         raise ValueError(f"the model {cfg.model!r} now resolves to fingerprint {fp}, the run used "
                          f"{run.get('model_fingerprint')}: explain needs the model the run scored with")
@@ -286,12 +286,6 @@ def explain(scores: str, out: str, *, ids: list[str] | None = None, top: int | N
     return {"rows": table.num_rows, "out": out, "page": io.join(out, "index.html"), "in_process": in_process}
 
 
-def _target_names(scores: str) -> list[str]:
-    fs, path = io.filesystem(io.join(scores, "targets.parquet"))
-    with fs.open(path, "rb") as fh:
-        return pq.read_table(fh)["id"].to_pylist()
-
-
 def _reference_side(ref):
     return {"reference": ref[0]}
 
@@ -313,7 +307,7 @@ def _record(scores: str, out: str) -> None:
     """Note DIR in OUT/explained.json so the report can link it (best effort: OUT may be read-only)."""
     if "://" not in out:
         out = os.path.abspath(out)
-    if out.rstrip("/") == io.join(scores if "://" in scores else os.path.abspath(scores), "explain"):
+    if out.rstrip("/") == parts.RunOutput(scores if "://" in scores else os.path.abspath(scores)).explain_dir():
         return  # found without a record
     path = io.join(scores, RECORD)
     try:

@@ -5,12 +5,17 @@
     OUT/scores|sketches/<shard>.parquet   one part per shard; its footer (PART_META) holds the shard's counts
     OUT/rejected/<shard>.parquet     (id, reason) of the shard's rejected rows, written before its part
     OUT/targets.parquet              the score columns' names
+    OUT/index.json                   a sketch index's settings and centering μ
+    OUT/target/, OUT/center/         target statistics (artifacts.py), their rejected rows; center/: its sample
     OUT/run.json                     counts over the whole output, provenance, this invocation's timings
     OUT/config.resolved.yaml         every setting the job ran with
+    OUT/report/, OUT/explain/        ``report`` and ``explain`` pages
+    SELECT_OUT/_select.json          a selection's criteria and fingerprint
     SELECT_OUT/_selection/<shard>.parquet   (id, score) of a shard's selected rows: the shard's commit marker
 
-A part is written atomically by the worker that computed it; a retried task rewrites the same bytes. Resuming
-lists finished parts and skips them: O(shards) state, never O(rows).
+:class:`RunOutput` names every one of these paths, with its I/O beside it. A part is written atomically by the
+worker that computed it; a retried task rewrites the same bytes. Resuming lists finished parts and skips them:
+O(shards) state, never O(rows).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +39,130 @@ COUNTS = ("rows_read", "scored", "rejected", "tokens")
 RUN_COUNTS = COUNTS + ("truncated_rows", "truncated_tokens")
 PLAN_FILE, PLAN_SHARDS_FILE = "_plan.json", "_plan_shards.parquet"
 SELECTION = "_selection"
+
+
+class RunOutput:
+    """One output folder: every path under it, each with its save / exists / load side by side, so that no other
+    module spells a file name of the layout."""
+
+    __slots__ = ("root",)
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def url(self, *names: str) -> str:
+        return io.join(self.root, *names)
+
+    # ---- the plan
+    def has_plan(self) -> bool:
+        return io.exists(self.url(PLAN_FILE))
+
+    def save_plan(self, record: dict, shards: Shards) -> None:
+        """OUT/_plan.json (settings, fingerprint, shard count) and OUT/_plan_shards.parquet (one row per shard; ~20 B
+        per shard compressed). The JSON goes last: it marks a complete plan."""
+        io.write_table_atomic(self.url(PLAN_SHARDS_FILE), Shards.of(shards).table)
+        io.write_json_atomic(self.url(PLAN_FILE), {**record, "shard_count": len(shards),
+                                                   "shards_file": PLAN_SHARDS_FILE})
+
+    def load_plan_record(self) -> dict:
+        """The plan's JSON alone (an older version's holds every shard too)."""
+        return io.read_json(self.url(PLAN_FILE))
+
+    def load_plan(self) -> tuple[dict, Shards]:
+        """The plan record and its shards; a plan written before the Parquet shard table keeps them in the JSON."""
+        record = self.load_plan_record()
+        if "shards" in record:
+            return record, Shards.of(Shard(**s) for s in record.pop("shards"))
+        fs, path = io.filesystem(self.url(record.get("shards_file", PLAN_SHARDS_FILE)))
+        with fs.open(path, "rb") as fh:
+            return record, Shards(pq.read_table(fh))
+
+    # ---- one part per shard: kind is scores, sketches, rejected or _selection
+    def parts_dir(self, kind: str) -> str:
+        return self.url(kind)
+
+    def part(self, kind: str, key: str) -> str:
+        return self.url(kind, key + ".parquet")
+
+    def finished(self, kind: str) -> set[str]:
+        return io.list_parts(self.parts_dir(kind))
+
+    # ---- the score columns
+    def save_targets(self, ids: list[str]) -> None:
+        io.write_table_atomic(self.url("targets.parquet"), pa.table({"id": pa.array(ids, pa.string())}))
+
+    def load_targets(self) -> list[str]:
+        fs, path = io.filesystem(self.url("targets.parquet"))
+        with fs.open(path, "rb") as fh:
+            return pq.read_table(fh)["id"].to_pylist()
+
+    # ---- a sketch index's settings
+    @property
+    def index_json(self) -> str:
+        return self.url("index.json")
+
+    def save_index(self, meta: dict) -> None:
+        io.write_json_atomic(self.index_json, meta)
+
+    def load_index(self) -> dict:
+        return io.read_json(self.index_json)
+
+    # ---- the run's summary and settings
+    @property
+    def run_json(self) -> str:
+        return self.url("run.json")
+
+    def has_run(self) -> bool:
+        return io.exists(self.run_json)
+
+    def save_run(self, run: dict) -> None:
+        io.write_json_atomic(self.run_json, run)
+
+    def load_run(self) -> dict:
+        return io.read_json(self.run_json)
+
+    @property
+    def resolved_config(self) -> str:
+        return self.url("config.resolved.yaml")
+
+    def save_resolved_config(self, settings: dict) -> None:
+        import yaml
+
+        fs, p = io.filesystem(self.resolved_config)
+        with fs.open(p, "w") as fh:
+            yaml.safe_dump(settings, fh, sort_keys=False)
+
+    # ---- artifacts: target statistics (OUT/target, OUT/center) and the center's sample
+    def artifact(self, name: str) -> str:
+        return self.url(name)
+
+    def artifact_rejected(self, name: str) -> str:
+        return self.url(name, "rejected.parquet")
+
+    def center_sample(self, suffix: str) -> str:
+        """The centering sample's rows (suffix jsonl or parquet: the training data's own kind)."""
+        return self.url("center", "sample." + suffix)
+
+    def save_center_sample_meta(self, meta: dict) -> None:
+        io.write_json_atomic(self.url("center", "sample.json"), meta)
+
+    # ---- explain's page (its default folder)
+    def explain_dir(self) -> str:
+        return self.url("explain")
+
+    # ---- a selection
+    @property
+    def select_marker(self) -> str:
+        return self.url("_select.json")
+
+    def has_selection(self) -> bool:
+        return io.exists(self.select_marker)
+
+    def save_selection(self, record: dict) -> None:
+        io.write_json_atomic(self.select_marker, record)
+
+    def load_selection(self) -> dict:
+        return io.read_json(self.select_marker)
 
 
 # ---- the plan -------------------------------------------------------------------------------------------------------
@@ -62,66 +190,37 @@ def plan_record(kind: str, settings: dict, shards: Shards) -> dict:
             "forvalue_ray": __version__}
 
 
-def file_stamp(url: str, exclude: str | None = None) -> list:
-    """Input identity without reading data: paths, sizes and modification times (``exclude``: the job's own
-    output folder, never one of its inputs)."""
-    out = []
-    for full, _, _ in io.list_inputs(url, exclude=exclude):
-        fs, p = io.filesystem(full)
-        info = fs.info(p)
-        out.append([full, info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")])
-    return out
-
-
-def write_plan(out: str, record: dict, shards: Shards) -> None:
-    """OUT/_plan.json (settings, fingerprint, shard count) and OUT/_plan_shards.parquet (one row per shard; ~20 B
-    per shard compressed). The JSON goes last: it marks a complete plan."""
-    io.write_table_atomic(io.join(out, PLAN_SHARDS_FILE), Shards.of(shards).table)
-    io.write_json_atomic(io.join(out, PLAN_FILE), {**record, "shard_count": len(shards), "shards_file": PLAN_SHARDS_FILE})
-
-
-def read_plan(out: str) -> tuple[dict, Shards]:
-    """The plan record and its shards; a plan written before the Parquet shard table keeps them in the JSON."""
-    record = io.read_json(io.join(out, PLAN_FILE))
-    if "shards" in record:
-        return record, Shards.of(Shard(**s) for s in record.pop("shards"))
-    fs, path = io.filesystem(io.join(out, record.get("shards_file", PLAN_SHARDS_FILE)))
-    with fs.open(path, "rb") as fh:
-        return record, Shards(pq.read_table(fh))
-
-
 class OutputConflict(RuntimeError):
     pass
 
 
-def prepare_out(out: str, record: dict, shards: Shards, overwrite: bool = False) -> set[str]:
+def prepare_out(out: RunOutput, record: dict, shards: Shards, overwrite: bool = False) -> set[str]:
     """Create or resume ``out``; refuse a different job there unless ``overwrite``. Returns the finished shards."""
-    plan_url = io.join(out, PLAN_FILE)
-    if io.exists(plan_url):
-        old = io.read_json(plan_url)
+    if out.has_plan():
+        old = out.load_plan_record()
         if "shards" in old:  # the plan of an older version (every shard in the JSON): its fingerprint, recomputed
             old["fingerprint"] = fingerprint(old.get("settings", {}), Shards.of(Shard(**s) for s in old.pop("shards")))
             if old["fingerprint"] == record["fingerprint"]:
-                write_plan(out, record, shards)
+                out.save_plan(record, shards)
         if old.get("fingerprint") != record["fingerprint"]:
-            if not overwrite and not io.list_parts(io.join(out, old.get("kind", record["kind"]))):
+            if not overwrite and not out.finished(old.get("kind", record["kind"])):
                 # a job that failed before finishing any shard (a typo, a bad target): nothing to keep, replace it
-                print(f"{out}: replacing the plan of a job that finished no shard", file=sys.stderr)
+                print(f"{out.root}: replacing the plan of a job that finished no shard", file=sys.stderr)
                 overwrite = True
             if not overwrite:
                 changed = sorted(k for k in set(old.get("settings", {})) | set(record["settings"])
                                  if old.get("settings", {}).get(k) != record["settings"].get(k))
                 raise OutputConflict(
-                    f"{out} holds a different job (changed: {', '.join(changed) or 'input files'}); "
+                    f"{out.root} holds a different job (changed: {', '.join(changed) or 'input files'}); "
                     f"use another --out, or --overwrite to replace it")
-            io.remove_tree(out)
+            io.remove_tree(out.root)
         elif overwrite:
-            io.remove_tree(out)
-    if not io.exists(plan_url):
-        write_plan(out, record, shards)
+            io.remove_tree(out.root)
+    if not out.has_plan():
+        out.save_plan(record, shards)
     else:
-        io.remove_temporaries(out)  # a writer killed mid-write; its shard is redone
-    return io.list_parts(io.join(out, record["kind"]))
+        io.remove_temporaries(out.root)  # a writer killed mid-write; its shard is redone
+    return out.finished(record["kind"])
 
 
 # ---- parts ----------------------------------------------------------------------------------------------------------
@@ -165,14 +264,14 @@ def stored_sketches(table: pa.Table) -> tuple[np.ndarray, np.ndarray | None, np.
 
 def write_rejected(out: str, key: str, rejected: list[tuple[str, str]]) -> None:
     """A shard's rejected rows (id, reason): written before its part."""
-    io.write_table_atomic(io.join(out, "rejected", key + ".parquet"),
+    io.write_table_atomic(RunOutput(out).part("rejected", key),
                           pa.table({"id": pa.array([r[0] for r in rejected], pa.string()),
                                     "reason": pa.array([r[1] for r in rejected], pa.string())}))
 
 
 def write_part(out: str, kind: str, key: str, table: pa.Table, meta: dict) -> None:
     """A shard's part with its counts in the footer: its existence marks the shard done, so it goes last."""
-    write_with_meta(io.join(out, kind, key + ".parquet"), table, meta)
+    write_with_meta(RunOutput(out).part(kind, key), table, meta)
 
 
 def write_with_meta(url: str, table: pa.Table, meta: dict) -> None:
@@ -185,52 +284,39 @@ def part_meta(url: str) -> dict:
     return json.loads(pq.read_schema(path, filesystem=fs).metadata[PART_META])
 
 
-def write_targets(out: str, ids: list[str]) -> None:
-    io.write_table_atomic(io.join(out, "targets.parquet"), pa.table({"id": pa.array(ids, pa.string())}))
-
-
 # ---- the run's summary ----------------------------------------------------------------------------------------------
 
 
-def write_run_json(cfg, kind: str, shards: Shards, done_before: set[str], tally: dict | None, t0: float,
-                   extra: dict, faults: dict | None = None) -> dict:
+def write_run_json(out: RunOutput, command: str, config: dict, kind: str, shards: Shards, done_before: set[str],
+                   tally: dict | None, t0: float, extra: dict, faults: dict | None = None) -> dict:
     """Counts over the whole output (a resumed run too), plus provenance: this invocation's ``tally`` (from
     executor.run_shards) plus the footers of the shards finished before it (none read on a run that did not resume).
     """
     tally = tally or {"shards": 0, **dict.fromkeys(RUN_COUNTS, 0)}
     counts = {k: tally[k] for k in RUN_COUNTS}
     for key in shards.only(done_before).keys() if done_before else ():
-        meta = part_meta(io.join(cfg.out, kind, key + ".parquet"))
+        meta = part_meta(out.part(kind, key))
         for k in RUN_COUNTS:
             counts[k] += meta.get(k, 0)
     wall = time.time() - t0
-    run = {"command": cfg.command, "config": asdict(cfg), "counts": {**counts, "shards": len(shards)},
+    run = {"command": command, "config": config, "counts": {**counts, "shards": len(shards)},
            "this_invocation": {"shards": tally["shards"], "wall_seconds": round(wall, 3),
                                "rows_per_second": round((tally["scored"] + tally["rejected"]) / max(wall, 1e-9), 3),
                                **(faults or {"nodes_lost": [], "retried_shards": [], "shards_per_node": {}})},
            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "forvalue_ray": __version__, **extra}
-    io.write_json_atomic(io.join(cfg.out, "run.json"), run)
+    out.save_run(run)
     return run
 
 
-def write_resolved_config(cfg) -> None:
-    """OUT/config.resolved.yaml: every setting the job ran with (re-runnable with ``forvalue-ray run --config``)."""
-    import yaml
-
-    fs, p = io.filesystem(io.join(cfg.out, "config.resolved.yaml"))
-    with fs.open(p, "w") as fh:
-        yaml.safe_dump({k: v for k, v in asdict(cfg).items() if k != "extra"}, fh, sort_keys=False)
-
-
-def print_run_summary(cfg, run: dict) -> None:
+def print_run_summary(command: str, out: RunOutput, run: dict) -> None:
     c = run["counts"]
-    print(f"{cfg.command}: {c['scored']:,} rows scored, {c['rejected']:,} rejected, {c['tokens']:,} tokens "
-          f"in {c['shards']} shards; {run['this_invocation']['wall_seconds']:.1f} s this run → {cfg.out}",
+    print(f"{command}: {c['scored']:,} rows scored, {c['rejected']:,} rejected, {c['tokens']:,} tokens "
+          f"in {c['shards']} shards; {run['this_invocation']['wall_seconds']:.1f} s this run → {out.root}",
           file=sys.stderr)
     if c.get("truncated_rows"):
-        print(f"{cfg.command}: {c['truncated_rows']:,} rows truncated at max_length, {c['truncated_tokens']:,} tokens "
+        print(f"{command}: {c['truncated_rows']:,} rows truncated at max_length, {c['truncated_tokens']:,} tokens "
               f"dropped (--max-length, or --overlong reject)", file=sys.stderr)
     inv = run["this_invocation"]
     if inv["nodes_lost"] or inv["retried_shards"]:
-        print(f"{cfg.command}: survived {len(inv['nodes_lost'])} lost Ray nodes; {len(inv['retried_shards'])} shards "
+        print(f"{command}: survived {len(inv['nodes_lost'])} lost Ray nodes; {len(inv['retried_shards'])} shards "
               f"redone (run.json: this_invocation)", file=sys.stderr)

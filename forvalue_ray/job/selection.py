@@ -248,12 +248,12 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
         raise ValueError("--combine and --target exclude each other: --target ranks by one target only")
     if combine == "round-robin" and bottom_fraction is not None:
         raise ValueError("--combine round-robin takes the top of each target; it has no bottom (use --combine max)")
-    if not io.exists(io.join(scores_dir, parts.PLAN_FILE)):
+    if not parts.RunOutput(scores_dir).has_plan():
         raise FileNotFoundError(f"{scores_dir} has no {parts.PLAN_FILE}: not a value or score output")
-    plan, shards = parts.read_plan(scores_dir)
+    plan, shards = parts.RunOutput(scores_dir).load_plan()
     if plan["kind"] != "scores":
         raise ValueError(f"{scores_dir} holds {plan['kind']}, not scores: select reads a value or score output")
-    missing = shards.without(io.list_parts(io.join(scores_dir, "scores")))
+    missing = shards.without(parts.RunOutput(scores_dir).finished("scores"))
     if missing:
         raise ValueError(f"{scores_dir} is incomplete: {len(missing)} of {len(shards)} shards have no scores part "
                          f"(an unfinished or crashed run); `forvalue-ray verify {scores_dir}` tells which, and "
@@ -263,7 +263,7 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
     if bottom_fraction is None and raw_score_warning(settings):
         print(raw_score_warning(settings), file=sys.stderr)
     if settings.get("index"):  # a `score` output: its parts are named after the index's parts, i.e. data shards
-        index_plan, data_shards = parts.read_plan(settings["index"])
+        index_plan, data_shards = parts.RunOutput(settings["index"]).load_plan()
         by_key = {s.key: s for s in data_shards}
         shards = Shards.of(dataclasses.replace(by_key[s.label.rsplit(".", 1)[0]], key=s.key) for s in shards)
         settings = index_plan["settings"]
@@ -282,7 +282,7 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
                              f"{', '.join(found)}")
     target_index = None
     if target is not None:
-        names = pq.read_table(io.join(scores_dir, "targets.parquet"))["id"].to_pylist()
+        names = parts.RunOutput(scores_dir).load_targets()
         if target not in names:
             raise ValueError(f"--target {target!r} is not among the targets {names[:10]}")
         target_index = names.index(target)
@@ -329,9 +329,8 @@ def _check_out(out: str, record: dict, overwrite: bool) -> bool:
     """Before any work: may this selection go to ``out``? True when an earlier selection there is to be replaced.
     Only a folder holding a selection (its _select.json) is ever replaced, and only with ``overwrite``; any other
     non-empty folder is refused."""
-    marker = io.join(out, "_select.json")
-    if io.exists(marker):
-        if io.read_json(marker).get("fingerprint") != record["fingerprint"] and not overwrite:
+    if parts.RunOutput(out).has_selection():
+        if parts.RunOutput(out).load_selection().get("fingerprint") != record["fingerprint"] and not overwrite:
             raise FileExistsError(f"{out} holds a different selection; choose another --out or pass --overwrite")
         return overwrite
     if io.exists(out) and _listing(out):
@@ -342,13 +341,12 @@ def _check_out(out: str, record: dict, overwrite: bool) -> bool:
 
 def _open_out(out: str, record: dict, replace: bool) -> set[str]:
     """Create, replace or resume the selection in ``out`` (once the cuts are known); its finished shards."""
-    marker = io.join(out, "_select.json")
     if replace:
         io.remove_tree(out)
-    if not io.exists(marker):
-        io.write_json_atomic(marker, record)
+    if not parts.RunOutput(out).has_selection():
+        parts.RunOutput(out).save_selection(record)
     io.remove_temporaries(out)  # a writer killed mid-write; its shard is redone
-    return io.list_parts(io.join(out, parts.SELECTION))
+    return parts.RunOutput(out).finished(parts.SELECTION)
 
 
 def _listing(url: str) -> list[str]:

@@ -239,10 +239,10 @@ class TargetWorker:
 
 def check_shard(shard: Shard, out: str, kind: str) -> dict:
     """One finished shard: footer counts against its parts and its input rows, finite values."""
-    fs, base = io.filesystem(out)
-    part = pq.read_table(f"{base}/{kind}/{shard.key}.parquet", filesystem=fs)
+    fs, path = io.filesystem(parts.RunOutput(out).part(kind, shard.key))
+    part = pq.read_table(path, filesystem=fs)
     meta = json.loads(part.schema.metadata[parts.PART_META])
-    rejected = f"{base}/rejected/{shard.key}.parquet"
+    rejected = io.filesystem(parts.RunOutput(out).part("rejected", shard.key))[1]
     rej_rows = pq.read_metadata(rejected, filesystem=fs).num_rows if fs.exists(rejected) else 0
     problems = []
     if part.num_rows != meta["scored"] or rej_rows != meta["rejected"]:
@@ -305,7 +305,7 @@ def lane_values(scores: pa.Table, target: int | None, combine: str | None) -> np
 def shard_keys(shard: Shard, scores_dir: str, id_column: str, per_group: str | None, target: int | None,
                combine: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
     """The scored rows of one shard: ids, the [n, L] values ranked, n_tokens, and (per group) each row's group."""
-    fs, path = io.filesystem(io.join(scores_dir, "scores", shard.key + ".parquet"))
+    fs, path = io.filesystem(parts.RunOutput(scores_dir).part("scores", shard.key))
     scores = pq.read_table(path, filesystem=fs)
     ids = np.asarray(scores["id"].to_pylist(), dtype=str) if scores.num_rows else np.zeros(0, dtype=str)
     values = lane_values(scores, target, combine)
@@ -484,11 +484,11 @@ def write_selected(shard: Shard, out: str, cuts: dict, bottom: bool, extras: dic
     counts = {"selected": int(mask.sum()), "written": written, "tokens": int(tokens[mask].sum())}
     part = pa.table({"id": pa.array(ids[mask][order].tolist(), pa.string()),
                      "score": pa.array(shown[mask][order].tolist(), pa.float64())})
-    parts.write_with_meta(io.join(out, parts.SELECTION, shard.key + ".parquet"), part, counts)
+    parts.write_with_meta(parts.RunOutput(out).part(parts.SELECTION, shard.key), part, counts)
     return counts
 
 
 def selection_counts(shard: Shard, out: str) -> dict:
     """A shard selected by an earlier, interrupted run: its counts from its selection part's footer."""
-    meta = parts.part_meta(io.join(out, parts.SELECTION, shard.key + ".parquet"))
+    meta = parts.part_meta(parts.RunOutput(out).part(parts.SELECTION, shard.key))
     return {"selected": meta["selected"], "written": meta["written"], "tokens": meta.get("tokens", 0)}

@@ -1,0 +1,155 @@
+"""``resolve``: a job's config turned, once and up front, into what its passes read: the output, the input's
+shards, the model (loadable path, provenance, fingerprint) and the plan's settings with the stamps of every input
+and reused artifact. The passes then take the values they need from the :class:`RunSpec`, never the config."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .. import io
+from ..encode import Columns
+from ..io import Shards
+from .config import JobConfig, actor_range
+from .parts import RunOutput
+
+
+@dataclass(frozen=True)
+class Model:
+    """What a model replica loads, and how many replicas run."""
+
+    path: str  # loadable (a GGUF converted once, on the driver)
+    provenance: dict
+    fingerprint: str
+    load_kw: dict
+    resources: dict  # Ray resources of one replica
+    actors: tuple[int, int]  # a fixed pool (N, N) or an autoscaling range
+    vocab_chunk: int
+    batch_tokens: int
+    trust_remote_code: bool
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How input rows are read and encoded: training, target and sample rows alike."""
+
+    encode_kw: dict
+    columns: Columns
+    format: str
+    shard_rows: int
+    shard_bytes: int
+    exclude: str  # the job's own output folder: never one of its inputs
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    command: str
+    kind: str  # what the parts hold: scores | sketches
+    out: RunOutput
+    overwrite: bool
+    config: dict  # every setting, as run.json records it
+    shards: Shards  # the input's, planned
+    settings: dict  # the plan's: what the result depends on, inputs stamped
+    model: Model | None  # None for score (no model: sketches only)
+    reading: Reading | None
+    mode: str
+    normalize: bool
+    group_column: str | None
+    ray_address: str | None
+    progress: bool
+    target: str | None = None  # value: the target rows, or an earlier run's statistics
+    target_stats: str | None = None
+    center: int | None = None  # value, sketch: μ of a sample of this many rows, or an earlier run's
+    center_seed: int = 0
+    center_stats: str | None = None
+    sketch: dict | None = None  # sketch: dim, seed, storage
+    actors: tuple[int, int] | None = None  # score: its actors' pool (no model)
+    index: str | None = None  # score: the index, the target index and their index.json
+    target_index: str | None = None
+    index_meta: dict | None = None
+    target_index_meta: dict | None = None
+
+
+def model_identity(cfg: JobConfig) -> tuple[str, dict, str]:
+    """The loadable model path (GGUF converted once, here on the driver), its provenance and fingerprint."""
+    from ..model import adapter_provenance, model_fingerprint, resolve_model
+
+    model_path, provenance = resolve_model(cfg.model, cfg.revision)
+    provenance.update(adapter_provenance(cfg.adapter))
+    provenance["dtype"] = cfg.dtype or ("bfloat16" if cfg.gpus_per_actor else "float32")  # as the actors load it
+    return model_path, provenance, model_fingerprint(provenance)
+
+
+def artifact_stamp(path: str | None):
+    """A reused artifact's identity in the plan: its content (see artifacts.artifact_identity)."""
+    from ..artifacts import artifact_identity
+
+    return artifact_identity(path) if path else None
+
+
+def resolve(cfg: JobConfig) -> RunSpec:
+    """Validate ``cfg`` and resolve, once, everything its passes read: the model is checked before any plan is
+    written (a typo fails with nothing to replace); reused artifacts are stamped by content, so one rebuilt in place
+    is another job, never mixed into this one's outputs."""
+    cfg.validate()
+    common = {"command": cfg.command, "overwrite": cfg.overwrite, "config": asdict(cfg), "mode": cfg.mode,
+              "normalize": cfg.normalize, "group_column": cfg.group_column, "ray_address": cfg.ray_address,
+              "progress": cfg.progress}
+    if cfg.command == "score":
+        # indexes from before --storage hold float32; from before centering, raw sketches
+        meta, tmeta = ({"storage": "float32", "center_id": None, **RunOutput(url).load_index()}
+                       for url in (cfg.index, cfg.target_index))
+        check_pair(cfg.index, cfg.target_index, meta, tmeta)
+        shards = io.plan_shards(RunOutput(cfg.index).parts_dir("sketches"), "parquet", cfg.shard_rows,
+                                cfg.shard_bytes)
+        settings = {**cfg.result_fields(), "index": meta, "target_index": tmeta,
+                    "target_files": io.file_stamp(RunOutput(cfg.target_index).parts_dir("sketches"))}
+        return RunSpec(**common, out=RunOutput(cfg.out), kind="scores", shards=shards, settings=settings, model=None,
+                       reading=None, actors=actor_range(cfg.num_actors), index=cfg.index,
+                       target_index=cfg.target_index, index_meta=meta, target_index_meta=tmeta)
+    # the driver's resolving first (reused artifacts, model), then the inputs and settings: plain values for the
+    # passes, no step of theirs reaches back for the config
+    reused = {"target": artifact_stamp(cfg.target_stats)} if cfg.command == "value" and cfg.target_stats else {}
+    reused["center"] = artifact_stamp(cfg.center_stats)
+    path, provenance, fp = model_identity(cfg)
+    data = cfg.train if cfg.command == "value" else cfg.data
+    shards = io.plan_shards(data, cfg.format, cfg.shard_rows, cfg.shard_bytes, exclude=cfg.out)
+    if cfg.command == "value":
+        stamps = {"target": reused.get("target") or io.file_stamp(cfg.target, exclude=cfg.out),
+                  "train_files": io.file_stamp(cfg.train, exclude=cfg.out)}
+        own = {"target": cfg.target, "target_stats": cfg.target_stats}
+    else:
+        stamps = {"data_files": io.file_stamp(cfg.data, exclude=cfg.out)}
+        own = {"sketch": {"dim": cfg.dim, "seed": cfg.seed, "storage": cfg.storage}}
+    settings = {**cfg.result_fields(), "model_fingerprint": fp, **stamps, "center": reused["center"]}
+    load_kw, resources, actors = cfg.load_kw(), cfg.actor_resources(), actor_range(cfg.num_actors)
+    encode_kw, columns = cfg.encode_kw(), cfg.columns()
+    centering = {"center": cfg.center, "center_seed": cfg.center_seed, "center_stats": cfg.center_stats}
+    model = Model(path, provenance, fp, load_kw, resources, actors, cfg.vocab_chunk, cfg.batch_tokens,
+                  cfg.trust_remote_code)
+    reading = Reading(encode_kw, columns, cfg.format, cfg.shard_rows, cfg.shard_bytes, cfg.out)
+    return RunSpec(**common, out=RunOutput(cfg.out), kind="scores" if cfg.command == "value" else "sketches",
+                   shards=shards, settings=settings, model=model, reading=reading, **own, **centering)
+
+
+def check_pair(index: str, target_index: str, meta: dict, tmeta: dict) -> None:
+    """An index and a target index score together only when sketched alike, on the same μ (or both raw)."""
+    from ..artifacts import check_compatible
+
+    if meta["center_id"] != tmeta["center_id"]:
+        raise ValueError(center_mismatch(index, target_index, meta, tmeta))
+    check_compatible("--target-index", meta, tmeta, ("model_fingerprint", "dim", "seed", "storage"))
+
+
+def center_mismatch(index: str, target_index: str, meta: dict, tmeta: dict) -> str:
+    """Why an index and a target index do not pair by their centering μ, and the command that fixes it."""
+    artifact = (meta.get("center") or {}).get("artifact") or RunOutput(index).artifact("center")
+    rebuild = f"rebuild the target index with `forvalue-ray sketch --center-stats {artifact} ...`"
+    if meta["center_id"] and not tmeta["center_id"]:
+        return (f"--index {index} is centered (μ {meta['center_id']}) but --target-index {target_index} is "
+                f"raw (built with --center 0): estimates add up only on the same μ; {rebuild}")
+    if tmeta["center_id"] and not meta["center_id"]:
+        return (f"--target-index {target_index} is centered (μ {tmeta['center_id']}) but --index {index} is "
+                f"raw (built with --center 0): rebuild the target index raw (`forvalue-ray sketch --center 0 ...`), "
+                f"or center the index (`forvalue-ray sketch` without --center 0) and then the target index on it")
+    return (f"--index {index} and --target-index {target_index} are centered on different μ "
+            f"({meta['center_id']} and {tmeta['center_id']}): estimates add up only on the same μ; {rebuild}")
