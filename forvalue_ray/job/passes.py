@@ -11,7 +11,6 @@ import posixpath
 import random
 import sys
 import time
-from dataclasses import replace
 
 import pyarrow as pa
 
@@ -50,7 +49,7 @@ def nothing_scored(cfg: JobConfig, counts: dict) -> str:
             reasons.update(pq.read_table(f, filesystem=fs, columns=["reason"])["reason"].to_pylist())
     top = "; ".join(f"{n}× {r}" for r, n in reasons.most_common(2)) or "none rejected"
     return (f"no row was scored ({counts['rows_read']:,} read, {counts['rejected']:,} rejected: {top}); columns "
-            f"found: {', '.join(input_columns(cfg.train or cfg.data, cfg.format, cfg.out)) or 'none'}. Name the "
+            f"found: {', '.join(input_columns(cfg.scored_data, cfg.format, cfg.out)) or 'none'}. Name the "
             f"row's columns (--text-column, --prompt-column/--response-column, --messages-column, --form) and re-run; "
             f"rejected rows and their reasons: {io.join(cfg.out, 'rejected')}")
 
@@ -94,9 +93,10 @@ def _model_stages(cfg: JobConfig, model_path: str, scorer_kw: dict, broadcast, k
     encode = executor.Stage(EncodeShards, {"tokenizer_path": model_path, "encode_kw": cfg.encode_kw(),
                                            "group_column": group_col, "trust_remote_code": cfg.trust_remote_code},
                             (1, max(1, actor_range(cfg.num_actors)[1])), {"num_cpus": 0.5})
+    layout = {"storage": cfg.storage} if kind == "sketches" else {"mode": cfg.mode}  # a sketch config has no mode
     score = executor.Stage(ScoreShards, {"model_path": model_path, "load_kw": cfg.load_kw(), "scorer_kw": scorer_kw,
-                                         "broadcast": broadcast, "out": cfg.out, "kind": kind, "mode": cfg.mode,
-                                         "group_column": group_col, "storage": cfg.storage},
+                                         "broadcast": broadcast, "out": cfg.out, "kind": kind, **layout,
+                                         "group_column": group_col},
                            actor_range(cfg.num_actors), cfg.actor_resources())
     return [encode, score]
 
@@ -317,8 +317,8 @@ def build_center(cfg: JobConfig, model_path: str, provenance: dict, fp: str, sha
     io.write_json_atomic(io.join(cfg.out, "center", "sample.json"), {
         "requested_rows": cfg.center, "seed": cfg.center_seed, "rows": len(rows), "shards_read": read,
         "ids": [enc.row_id(row, fallback) for fallback, row in sample],
-        "train_files": parts.file_stamp(cfg.train or cfg.data, exclude=cfg.out)})
-    sample_cfg = replace(cfg, target=path, format="auto", mode="mean", group_column=None)
+        "train_files": parts.file_stamp(cfg.scored_data, exclude=cfg.out)})
+    sample_cfg = cfg.center_sample(path)
     payload, _, info = build_target(sample_cfg, model_path, provenance, fp, artifact="center",
                                     encoded=encode_target(sample_cfg, model_path))
     return payload, {"center_rows": info["target_rows"], "center_rejected": info["target_rejected"]}
