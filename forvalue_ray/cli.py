@@ -92,7 +92,8 @@ def cmd_demo(args) -> int:
 def cmd_submit(args) -> int:
     from .submit import submit
 
-    return submit(args.address, args.config, wait=not args.no_wait, python=args.python, runtime_env=args.runtime_env)
+    return submit(args.address or os.environ.get("RAY_ADDRESS"), args.config, wait=not args.no_wait, python=args.python,
+                  runtime_env=args.runtime_env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-actors", default="1")
     p.add_argument("--model", default="smollm2")
     p = sub.add_parser("submit", help="submit a YAML-described job to a Ray cluster and follow it")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray dashboard URL, e.g. http://head:8265")
+    p.add_argument("--address", help="Ray dashboard URL, e.g. http://head:8265 (default: RAY_ADDRESS)")
     p.add_argument("--config", required=True)
     p.add_argument("--no-wait", action="store_true")
     p.add_argument("--python", default="python",
