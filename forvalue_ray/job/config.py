@@ -48,7 +48,9 @@ class JobConfig:
         command = clean.pop("command", cls.command or "value")
         if command not in CONFIGS:
             raise ValueError(f"command must be one of {COMMANDS}, not {command!r}")
-        config = CONFIGS[command] if cls is JobConfig else cls
+        if cls is not JobConfig and command != cls.command:
+            raise ValueError(f"command {command!r} given to a {cls.command} config")
+        config = CONFIGS[command]
         names = {f.name for f in fields(config) if f.init}
         known = set().union(*({f.name for f in fields(c)} for c in CONFIGS.values()))
         unknown = sorted(set(clean) - known)
