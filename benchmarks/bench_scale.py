@@ -145,7 +145,7 @@ def measure_plan(data: str, out: str, latency_ms: str = "0", threads: str = "") 
     from unittest import mock
 
     from forvalue_ray import io
-    from forvalue_ray.job import JobConfig, parts
+    from forvalue_ray.job import ValueConfig, parts
 
     latency, real = float(latency_ms) / 1000, io.filesystem
 
@@ -159,7 +159,7 @@ def measure_plan(data: str, out: str, latency_ms: str = "0", threads: str = "") 
         shards = io.plan_shards(data, shard_rows=1, **plan_kw)
         plan_s = time.time() - t0
     t0 = time.time()
-    cfg = JobConfig(command="value", train=data, target="fabricated", out=out, shard_rows=1)
+    cfg = ValueConfig(train=data, target="fabricated", out=out, shard_rows=1)
     parts.RunOutput(out).save_plan(parts.plan_record("scores", cfg.result_fields(), shards), shards)
     write_s = time.time() - t0
     planned = parts.shards_digest(shards)
@@ -189,7 +189,7 @@ def measure_plan(data: str, out: str, latency_ms: str = "0", threads: str = "") 
 def fabricate_run(root: Path, rows: int) -> tuple[Path, Path]:
     """An input of ``rows`` rows in SHARD_ROWS-row groups and a finished `value` output over it."""
     from forvalue_ray import io
-    from forvalue_ray.job import JobConfig, parts
+    from forvalue_ray.job import ValueConfig, parts
 
     data, out = root / f"data-{rows}", root / f"run-{rows}"
     data.mkdir(parents=True)
@@ -202,7 +202,7 @@ def fabricate_run(root: Path, rows: int) -> tuple[Path, Path]:
                                  "group": pa.array((np.arange(f, f + n) % 7).astype(str))}),
                        data / f"part-{f // per_file:04d}.parquet", row_group_size=SHARD_ROWS)
     shards = io.plan_shards(str(data), shard_rows=SHARD_ROWS)
-    cfg = JobConfig(command="value", train=str(data), target="fabricated", out=str(out), shard_rows=SHARD_ROWS)
+    cfg = ValueConfig(train=str(data), target="fabricated", out=str(out), shard_rows=SHARD_ROWS)
     parts.RunOutput(str(out)).save_plan(parts.plan_record("scores", {**cfg.result_fields(), "fabricated": True},
                                                             shards), shards)
     tokens = 0

@@ -8,30 +8,31 @@ import os
 import sys
 from dataclasses import fields
 
-from .job import COMMANDS, JobConfig, load_yaml, run
+from .job import COMMANDS, CONFIGS, JobConfig, load_yaml, run
+from .job.config import flag_groups
 from .report import DEFAULT_SAMPLE, DEFAULT_TOP
-
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_job_flags(p: argparse.ArgumentParser, command: str) -> None:
-    """Every JobConfig field as a flag; defaults are None so a --config file can fill what's not given."""
+def _add_job_flags(p: argparse.ArgumentParser, config: type[JobConfig]) -> None:
+    """Every field of the command's config as a flag, by group; defaults are None so a --config file can fill what's
+    not given."""
     p.add_argument("--config", help="YAML whose keys are these flags (underscores or dashes); flags override it")
-    for f in fields(JobConfig):
-        if f.name in ("command", "extra"):
-            continue
-        kw = {"dest": f.name, "default": None, "help": f.metadata.get("help")}
-        if f.type in ("bool", bool) or isinstance(f.default, bool):
-            if f.default is True:  # on by default: the flag turns it off
-                p.add_argument(_flag("no_" + f.name), action="store_false", **kw)
-                continue
-            p.add_argument(_flag(f.name), action="store_true", **kw)
-        else:
-            conv = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            p.add_argument(_flag(f.name), type=conv, **kw)
+    for title, group in flag_groups(config):
+        g = p.add_argument_group(title)
+        for f in group:
+            kw = {"dest": f.name, "default": None, "help": f.metadata.get("help")}
+            if f.type in ("bool", bool) or isinstance(f.default, bool):
+                if f.default is True:  # on by default: the flag turns it off
+                    g.add_argument(_flag("no_" + f.name), action="store_false", **kw)
+                    continue
+                g.add_argument(_flag(f.name), action="store_true", **kw)
+            else:
+                conv = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+                g.add_argument(_flag(f.name), type=conv, **kw)
 
 
 def job_config(command: str, args: argparse.Namespace) -> JobConfig:
@@ -39,8 +40,9 @@ def job_config(command: str, args: argparse.Namespace) -> JobConfig:
     if getattr(args, "config", None):
         base = load_yaml(args.config)
         base.pop("command", None)
-    given = {f.name: getattr(args, f.name) for f in fields(JobConfig) if getattr(args, f.name, None) is not None}
-    return JobConfig.from_dict({**base, **given, "command": command})
+    config = CONFIGS[command]
+    given = {f.name: getattr(args, f.name) for f in fields(config) if getattr(args, f.name, None) is not None}
+    return config.from_dict({**base, **given})
 
 
 def cmd_select(args) -> int:
@@ -90,16 +92,15 @@ def cmd_demo(args) -> int:
 def cmd_submit(args) -> int:
     from .submit import submit
 
-    return submit(args.address, args.config, wait=not args.no_wait, python=args.python, runtime_env=args.runtime_env)
+    return submit(args.address or os.environ.get("RAY_ADDRESS"), args.config, wait=not args.no_wait, python=args.python,
+                  runtime_env=args.runtime_env)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forvalue-ray", description="Forward-only data valuation (For-Value) on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("value", "score training rows against a target set"),
-                       ("sketch", "build a sketch index (index once, query many)"),
-                       ("score", "score a sketch index against a target index")):
-        _add_job_flags(sub.add_parser(name, help=text), name)
+    for name, config in CONFIGS.items():
+        _add_job_flags(sub.add_parser(name, help=config.summary), config)
     p = sub.add_parser("run", help="run the job a YAML config describes (the `ray job submit` entrypoint)")
     p.add_argument("--config", required=True)
     p = sub.add_parser("select", help="write the top (or bottom) rows by value in the data's own format")
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-actors", default="1")
     p.add_argument("--model", default="smollm2")
     p = sub.add_parser("submit", help="submit a YAML-described job to a Ray cluster and follow it")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray dashboard URL, e.g. http://head:8265")
+    p.add_argument("--address", help="Ray dashboard URL, e.g. http://head:8265 (default: RAY_ADDRESS)")
     p.add_argument("--config", required=True)
     p.add_argument("--no-wait", action="store_true")
     p.add_argument("--python", default="python",

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import io
-from .job import JobConfig, run
+from .job import ValueConfig, run
 from .job.parts import RunOutput
 from .report import write_report
 from .sample_data import sentence_task
@@ -53,7 +53,7 @@ def own_class_contrast(scores: dict, names: list[str], classes: dict) -> dict:
 def run_demo(out: str = "forvalue-demo", *, num_actors: str = "1", model: str = "smollm2", show: int = 5) -> dict:
     paths = write_demo_data(os.path.join(out, "data"))
     rows = {r["id"]: r for r in pq.read_table(paths["train"]).to_pylist()}
-    common = dict(command="value", model=model, train=paths["train"], num_actors=num_actors, shard_rows=20,
+    common = dict(model=model, train=paths["train"], num_actors=num_actors, shard_rows=20,
                   overwrite=True)
 
     def line(rid, value):
@@ -62,7 +62,7 @@ def run_demo(out: str = "forvalue-demo", *, num_actors: str = "1", model: str = 
         return f"  {value:>12.2f}  class {row['class']}{flag}  {row['text'].splitlines()[-1].strip()[:70]}"
 
     # 1. the paper's score: all tokens of text, against one transformation
-    cfg = JobConfig(**common, target=paths["target"], out=os.path.join(out, "value"), form="text")
+    cfg = ValueConfig(**common, target=paths["target"], out=os.path.join(out, "value"), form="text")
     result = run(cfg)
     scores = io.read_parts(RunOutput(cfg.out).parts_dir("scores")).to_pylist()
     ranked = sorted(scores, key=lambda r: -r["score"])
@@ -78,8 +78,8 @@ def run_demo(out: str = "forvalue-demo", *, num_actors: str = "1", model: str = 
     reports = [write_report(cfg.out)]
 
     # 2. corrupted responses: response tokens, own class against the other classes
-    cfg = JobConfig(**common, target=paths["classes"], out=os.path.join(out, "classes"), form="prompt_response",
-                    mode="groups", group_column="class")
+    cfg = ValueConfig(**common, target=paths["classes"], out=os.path.join(out, "classes"), form="prompt_response",
+                      mode="groups", group_column="class")
     run(cfg)
     table = io.read_parts(RunOutput(cfg.out).parts_dir("scores"))
     names = RunOutput(cfg.out).load_targets()

@@ -30,11 +30,14 @@ class RowError(ValueError):
 
 @dataclass(frozen=True)
 class Columns:
+    """The names of a row's columns (job configs take each as ``<name>_column``)."""
+
     id: str = "id"
     text: str = "text"
     prompt: str = "prompt"
     response: str = "response"
     messages: str = "messages"
+    images: str = "images"
     input_ids: str = "input_ids"
     labels: str = "labels"
 

@@ -393,6 +393,7 @@ def default_dtype(device: str | torch.device | None, path: str | Path | None = N
     return choose_dtype(device, path)[0]
 
 
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that multiply bf16 in hardware
 BF16_MIN_SPEEDUP = 1.5  # bf16 is chosen only where a timed matmul shows it this much faster than fp32
 SIXTEEN_BIT = ("bfloat16", "float16")
@@ -543,6 +544,8 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype | str | None = Non
     if dtype in (None, "auto"):
         dtype, provenance["dtype_reason"] = choose_dtype(device, path)
     elif isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES} or 'auto', not {dtype!r}")
         dtype = getattr(torch, dtype)
     if Path(path).is_dir():
         revision = None  # a local directory (a resolved hub snapshot too) has no revisions

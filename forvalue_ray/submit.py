@@ -60,7 +60,7 @@ def submit(address: str | None, config_path: str, *, wait: bool = True, poll_s: 
         raise ValueError("--address is required (the cluster's dashboard URL, e.g. http://127.0.0.1:8265), "
                          "or set RAY_ADDRESS")
     config = load_yaml(config_path)
-    JobConfig.from_dict({**config, "command": config.get("command", "value")}).validate()
+    JobConfig.from_dict(config).validate()
     package = Path(__file__).resolve().parent
     work = Path(tempfile.mkdtemp(prefix="forvalue-submit-"))
     try:

@@ -13,11 +13,11 @@ import io as _bytes_io
 
 import numpy as np
 
-from .encode import IGNORE, Encoded, Encoder, RowError, common_prefix_length
+from .encode import IGNORE, Columns, Encoded, Encoder, RowError, common_prefix_length
 
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 DEFAULT_MAX_IMAGE_BYTES = 50 << 20
-IMAGE_COLUMN = "images"
+IMAGE_COLUMN = Columns.images
 
 
 def load_image(value, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES):

@@ -177,11 +177,11 @@ def test_the_broadcast_outlives_every_worker_node(cluster, tmp_path):
     there (a copy on a lost node could not be rebuilt: the target actors that computed its inputs are gone)."""
     import ray
 
-    from forvalue_ray.job import JobConfig, spec, target
+    from forvalue_ray.job import ValueConfig, spec, target
 
     c, workers, data = cluster
-    cfg = JobConfig(command="value", model=str(data["model"]), train=str(data["train"]),
-                    target=str(data["target"]), out=str(tmp_path / "out"), num_actors="2", cpus_per_actor=2)
+    cfg = ValueConfig(model=str(data["model"]), train=str(data["train"]), target=str(data["target"]),
+                      out=str(tmp_path / "out"), num_actors="2", cpus_per_actor=2)
     ray.init(address=c.address)
     try:
         run = spec.resolve(cfg)

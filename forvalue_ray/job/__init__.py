@@ -2,7 +2,8 @@
 sketched (GPU actors) and written as one part, exactly once and resumable; then ``verify`` and ``select`` as passes
 over the same shards.
 
-- :mod:`.config` — the job's settings (:class:`JobConfig`), with the help text of every flag;
+- :mod:`.config` — each command's settings (:class:`ValueConfig`, :class:`SketchConfig`, :class:`ScoreConfig`,
+  composed from shared groups), with the help text of every flag;
 - :mod:`.parts` — the output layout (:class:`~.parts.RunOutput`): plan, parts and their footers, ``run.json``;
 - :mod:`.spec` — a job's config resolved once: model, input shards and stamps, the plan's settings;
 - :mod:`.steps` — per-shard work, with no Ray in it;
@@ -11,9 +12,10 @@ over the same shards.
   passes); :mod:`.verification` — ``verify``; :mod:`.selection` — ``select``.
 """
 
-from .config import COMMANDS, MODES, JobConfig, load_yaml
+from .config import COMMANDS, CONFIGS, MODES, JobConfig, ScoreConfig, SketchConfig, ValueConfig, load_yaml
 from .passes import run, run_score, run_sketch, run_value
 from .selection import select
 from .verification import verify
 
-__all__ = ["COMMANDS", "MODES", "JobConfig", "load_yaml", "run", "run_score", "run_sketch", "run_value", "select", "verify"]
+__all__ = ["COMMANDS", "CONFIGS", "MODES", "JobConfig", "ScoreConfig", "SketchConfig", "ValueConfig", "load_yaml", "run",
+           "run_score", "run_sketch", "run_value", "select", "verify"]

@@ -27,7 +27,7 @@ from .. import io
 from ..explain_page import RECORD, offsets, render, token_pieces
 from ..io import Shard
 from . import executor, parts
-from .config import JobConfig, actor_range
+from .config import ValueConfig, actor_range
 from .steps import load_replica, make_encoder, shard_keys
 
 LOCAL_SHARDS = 64  # score parts scanned on the driver; more: Ray tasks
@@ -40,14 +40,16 @@ SCHEMA = pa.schema([("id", pa.string()), ("tokens", pa.list_(pa.string())), ("of
                     ("score", pa.float64()), ("score_recomputed", pa.float64()), ("group", pa.string())])
 
 
-def _run_config(scores: str) -> tuple[dict, JobConfig]:
+def _run_config(scores: str) -> tuple[dict, ValueConfig]:
     if not parts.RunOutput(scores).has_run():
         raise FileNotFoundError(f"{scores} has no run.json: not a finished `forvalue-ray value` output")
     run = parts.RunOutput(scores).load_run()
     if run.get("command") != "value":
         raise ValueError(f"{scores} is the output of `{run.get('command')}`: explain recomputes exact scores of a "
                          f"`forvalue-ray value` output (sketched scores have no per-token form)")
-    cfg = JobConfig.from_dict({k: v for k, v in run["config"].items() if k != "extra"})
+    cfg = ValueConfig.from_dict({k: v for k, v in run["config"].items() if k != "extra"})
+    if cfg.dtype in (None, "auto") and (run.get("model") or {}).get("dtype"):
+        cfg.dtype = run["model"]["dtype"]  # the dtype the run chose, not what this machine would choose
     return run, cfg
 
 
@@ -80,7 +82,7 @@ def pick_in_shard(shard: Shard, *, k: int, bottom: bool, ids: list[str] | None, 
     return {"rows": out}
 
 
-def choose_rows(scores: str, shards, cfg: JobConfig, *, ids, top, bottom, per_group, column) -> list[list]:
+def choose_rows(scores: str, shards, cfg: ValueConfig, *, ids, top, bottom, per_group, column) -> list[list]:
     """[group, value, id, shard key] of the rows to explain, in the order shown: by value (lowest first for
     --bottom), per group; --ids in the order given."""
     k = top or bottom or 0
@@ -113,7 +115,7 @@ def choose_rows(scores: str, shards, cfg: JobConfig, *, ids, top, bottom, per_gr
 # ---- the target side, as the run had it ------------------------------------------------------------------------------
 
 
-def target_side(scores: str, cfg: JobConfig, fp: str):
+def target_side(scores: str, cfg: ValueConfig, fp: str):
     """Mean/groups: the run's target statistics (centered as it was); pairwise: None (the reference is rebuilt)."""
     from ..center import center_target_stats
     from ..artifacts import check_compatible, load_target_stats
@@ -129,7 +131,7 @@ def target_side(scores: str, cfg: JobConfig, fp: str):
     return stats
 
 
-def pairwise_target_rows(cfg: JobConfig, model_path: str, names: list[str], column: int | None) -> list:
+def pairwise_target_rows(cfg: ValueConfig, model_path: str, names: list[str], column: int | None) -> list:
     """The encoded target rows of a pairwise run (as its target pass encoded them): the chosen one, or all."""
     from .steps import EncodeShards
 
@@ -296,7 +298,7 @@ def _in_order(table: pa.Table, chosen: list) -> pa.Table:
     return table.take(idx)
 
 
-def _variant(cfg: JobConfig) -> str:
+def _variant(cfg: ValueConfig) -> str:
     what = "cosine For-Value" if cfg.normalize else "For-Value inner product"
     if cfg.center or cfg.center_stats:
         what += ", centered"

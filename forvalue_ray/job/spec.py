@@ -71,12 +71,23 @@ class RunSpec:
 
 def model_identity(cfg: JobConfig) -> tuple[str, dict, str]:
     """The loadable model path (GGUF converted once, here on the driver), its provenance and fingerprint."""
-    from ..model import adapter_provenance, model_fingerprint, resolve_model
+    from ..model import DTYPES, adapter_provenance, choose_dtype, model_fingerprint, resolve_model
 
     model_path, provenance = resolve_model(cfg.model, cfg.revision)
     provenance.update(adapter_provenance(cfg.adapter))
-    provenance["dtype"] = cfg.dtype or ("bfloat16" if cfg.gpus_per_actor else "float32")  # as the actors load it
+    if cfg.dtype in (None, "auto"):  # chosen here, once, and handed to every replica (see model_load_kw)
+        dtype, provenance["dtype_reason"] = choose_dtype("cuda" if cfg.gpus_per_actor else "cpu", model_path)
+        provenance["dtype"] = str(dtype).replace("torch.", "")
+    elif cfg.dtype in DTYPES:
+        provenance["dtype"] = cfg.dtype
+    else:
+        raise ValueError(f"--dtype must be one of {DTYPES} or auto, not {cfg.dtype!r}")
     return model_path, provenance, model_fingerprint(provenance)
+
+
+def model_load_kw(cfg, provenance: dict) -> dict:
+    """A replica's loading: the config's, in the dtype the driver chose (every replica alike, whatever its node)."""
+    return {**cfg.load_kw(), "dtype": provenance["dtype"]}
 
 
 def artifact_stamp(path: str | None):
@@ -91,9 +102,10 @@ def resolve(cfg: JobConfig) -> RunSpec:
     written (a typo fails with nothing to replace); reused artifacts are stamped by content, so one rebuilt in place
     is another job, never mixed into this one's outputs."""
     cfg.validate()
-    common = {"command": cfg.command, "overwrite": cfg.overwrite, "config": asdict(cfg), "mode": cfg.mode,
-              "normalize": cfg.normalize, "group_column": cfg.group_column, "ray_address": cfg.ray_address,
-              "progress": cfg.progress}
+    # a sketch has no mode: its rows are scored (against μ, when centered) as the mean mode does
+    common = {"command": cfg.command, "overwrite": cfg.overwrite, "config": asdict(cfg),
+              "mode": getattr(cfg, "mode", "mean"), "normalize": getattr(cfg, "normalize", False),
+              "group_column": cfg.group_column, "ray_address": cfg.ray_address, "progress": cfg.progress}
     if cfg.command == "score":
         # indexes from before --storage hold float32; from before centering, raw sketches
         meta, tmeta = ({"storage": "float32", "center_id": None, **RunOutput(url).load_index()}
@@ -111,8 +123,7 @@ def resolve(cfg: JobConfig) -> RunSpec:
     reused = {"target": artifact_stamp(cfg.target_stats)} if cfg.command == "value" and cfg.target_stats else {}
     reused["center"] = artifact_stamp(cfg.center_stats)
     path, provenance, fp = model_identity(cfg)
-    data = cfg.train if cfg.command == "value" else cfg.data
-    shards = io.plan_shards(data, cfg.format, cfg.shard_rows, cfg.shard_bytes, exclude=cfg.out)
+    shards = io.plan_shards(cfg.scored_data, cfg.format, cfg.shard_rows, cfg.shard_bytes, exclude=cfg.out)
     if cfg.command == "value":
         stamps = {"target": reused.get("target") or io.file_stamp(cfg.target, exclude=cfg.out),
                   "train_files": io.file_stamp(cfg.train, exclude=cfg.out)}
@@ -121,7 +132,7 @@ def resolve(cfg: JobConfig) -> RunSpec:
         stamps = {"data_files": io.file_stamp(cfg.data, exclude=cfg.out)}
         own = {"sketch": {"dim": cfg.dim, "seed": cfg.seed, "storage": cfg.storage}}
     settings = {**cfg.result_fields(), "model_fingerprint": fp, **stamps, "center": reused["center"]}
-    load_kw, resources, actors = cfg.load_kw(), cfg.actor_resources(), actor_range(cfg.num_actors)
+    load_kw, resources, actors = model_load_kw(cfg, provenance), cfg.actor_resources(), actor_range(cfg.num_actors)
     encode_kw, columns = cfg.encode_kw(), cfg.columns()
     centering = {"center": cfg.center, "center_seed": cfg.center_seed, "center_stats": cfg.center_stats}
     model = Model(path, provenance, fp, load_kw, resources, actors, cfg.vocab_chunk, cfg.batch_tokens,
