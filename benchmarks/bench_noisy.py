@@ -15,7 +15,7 @@ Methods, each a score per training row (higher = more valuable; the metrics ask 
 exact (mean-mode For-Value, the paper's score), cosine (``normalize``), sketch (the default TensorSketch,
 ``fv.sketches``, against the mean target sketch), emb (α := 1: ⟨Σ_t h_t, mean over targets of Σ_s h'_s⟩),
 centered (value against Ḡ − μ, μ the mean gradient of a seeded random third of the training rows, noisy
-ones included), own_class (against the row's own class's targets) and own_minus_other (the README's
+ones included), own_class (against the row's own class's targets) and own_minus_other (docs/concepts.md's
 contrast: own class minus the mean of the other classes; with equal class sizes it ranks like
 own_class − exact).
 

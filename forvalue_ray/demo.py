@@ -6,7 +6,7 @@ The corpus is the sentence-transformation task (DataInf protocol) with 20% of th
 1. the paper's score (mean mode, all tokens) against a few validation rows of one transformation: rows of
    that transformation rank highest — but a corrupted row of it can rank high too, since the shared prompt
    template carries much of the gradient;
-2. the README's recipe for corrupted responses: response tokens against clean examples of every class
+2. the recipe for corrupted responses (docs/concepts.md): response tokens against clean examples of every class
    (groups mode), each row's own-class score minus the mean of the other classes: corrupted rows come last.
 
 Each run ends with its HTML report (``forvalue-ray report``).
@@ -87,8 +87,8 @@ def run_demo(out: str = "forvalue-demo", *, num_actors: str = "1", model: str = 
                                   {rid: r["class"] for rid, r in rows.items()})
     by_contrast = sorted(contrast.items(), key=lambda kv: kv[1])
     n_bad = sum(r["corrupted"] for r in rows.values())
-    print("\nFinding corrupted responses (README recipe: --form prompt_response --mode groups --group-column class;"
-          "\nown-class score minus the mean of the other classes):")
+    print("\nFinding corrupted responses (the recipe of docs/concepts.md: --form prompt_response --mode groups "
+          "--group-column class;\nown-class score minus the mean of the other classes):")
     print(f"Lowest of {len(contrast)} rows:")
     print("\n".join(line(rid, value) for rid, value in by_contrast[:show]))
     caught = sum(rows[rid]["corrupted"] for rid, _ in by_contrast[:n_bad]) / max(n_bad, 1)

@@ -26,7 +26,7 @@ import torch
 
 from .readout import deterministic
 
-DEFAULT_SKETCH_DIM = 4096  # benchmarks/README.md: int8 + centering at 4096 (4 KB per row) meets the fidelity goal
+DEFAULT_SKETCH_DIM = 4096  # benchmarks/docs/storage.md: int8 + centering at 4096 (4 KB per row) meets the fidelity goal
 
 
 @dataclass

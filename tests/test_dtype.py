@@ -83,3 +83,21 @@ def test_explicit_dtype_and_gpu_and_gguf(tmp_path, native_bf16):
     assert choose_dtype("cuda", path) == (torch.bfloat16, "GPU")
     (tmp_path / "forvalue_source.json").write_text(json.dumps({"gguf": "m.Q4_1.gguf"}))  # a converted GGUF
     assert stored_dtype(tmp_path) == "gguf" and choose_dtype("cpu", tmp_path)[0] == torch.bfloat16
+
+
+def test_the_job_chooses_once_and_every_replica_loads_the_choice(tmp_path, native_bf16):
+    from forvalue_ray.job import ValueConfig, spec
+
+    path = _saved(tmp_path / "model", torch.bfloat16)
+    cfg = ValueConfig(model=str(path), train="train.jsonl", target="target.jsonl", out=str(tmp_path / "out"))
+    assert cfg.dtype == "auto"
+    _, provenance, fp = spec.model_identity(cfg)
+    assert provenance["dtype"] == "bfloat16" and "natively" in provenance["dtype_reason"]
+    assert spec.model_load_kw(cfg, provenance)["dtype"] == "bfloat16"
+    # the choice is part of the model's identity: a float32 run of the same weights is another job
+    cfg.dtype = "float32"
+    _, provenance32, fp32 = spec.model_identity(cfg)
+    assert provenance32["dtype"] == "float32" and "dtype_reason" not in provenance32 and fp32 != fp
+    cfg.dtype = "fp16"
+    with pytest.raises(ValueError, match="--dtype must be one of"):
+        spec.model_identity(cfg)

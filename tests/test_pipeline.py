@@ -205,6 +205,9 @@ def test_value_mean_equals_core_api(data, run_a, core):
     run = json.loads((run_a.out / "run.json").read_text())
     assert run["counts"] == {"rows_read": 96, "scored": 96, "rejected": 0, "tokens": int(diag["n_tokens"].sum()),
                              "truncated_rows": 0, "truncated_tokens": 0, "shards": N_SHARDS}
+    # --dtype auto: a float32 checkpoint stays float32 on any CPU, and run.json says why
+    assert run["model"]["dtype"] == "float32" and run["model"]["dtype_reason"] == "weights stored in float32: kept " \
+        "at full precision"
     assert len(list((run_a.out / "scores").glob("*.parquet"))) == N_SHARDS
     assert (run_a.out / "target" / "target_stats.safetensors").exists()
 

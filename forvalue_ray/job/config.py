@@ -16,7 +16,7 @@ from ..sketch import DEFAULT_SKETCH_DIM, STORAGES
 
 MODES = ("mean", "groups", "pairwise")
 # `sketch` centers on the mean gradient of this many sampled rows unless told otherwise: at dim 4096 in int8 that
-# index met per-target Spearman ≥ 0.95 and AUC within 0.002 of exact where the raw one did not (benchmarks/README.md)
+# index met per-target Spearman ≥ 0.95 and AUC within 0.002 of exact where the raw one did not (benchmarks/docs/storage.md)
 SKETCH_CENTER_ROWS = 1000
 
 
