@@ -24,7 +24,7 @@ test: install
 
 .PHONY: install demo test
 
-# The Airflow DAG run by a real Airflow (tests/test_airflow_dag.py; `make test` skips it). Airflow gets its own
+# The Airflow DAG run by a real Airflow (tests/deploy/test_airflow_dag.py; `make test` skips it). Airflow gets its own
 # venv, so its pins never touch .venv; the DAG's tasks run .venv's forvalue-ray through FORVALUE_CLI.
 AIRFLOW_VENV        ?= .venv-airflow
 AIRFLOW             ?= apache-airflow==3.3.2 apache-airflow-providers-amazon==9.39.0
@@ -42,6 +42,6 @@ airflow-env: $(AIRFLOW_VENV)/bin/airflow
 
 test-airflow: install airflow-env
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled FORVALUE_AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) \
-		$(BIN)/python -m pytest -q -rs tests/test_airflow_dag.py
+		$(BIN)/python -m pytest -q -rs tests/deploy/test_airflow_dag.py
 
 .PHONY: airflow-env test-airflow

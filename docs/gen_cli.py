@@ -1,6 +1,6 @@
 """docs/cli.md from the command line's parser (and, for value / sketch / score, their configs' defaults):
 
-    python docs/gen_cli.py          # rewrites docs/cli.md; tests/test_cli_docs.py fails while it is stale
+    python docs/gen_cli.py          # rewrites docs/cli.md; tests/deploy/test_cli_docs.py fails while it is stale
 """
 
 import argparse

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests of the distributed job (test_pipeline, test_s3, test_zz_submit)."""
+"""Helpers shared by the tests that run the job: tiny models saved as HF directories, Parquet/JSONL files, the CLI
+in-process, a local Ray (`local_ray`), reading outputs back."""
 
 from __future__ import annotations
 
@@ -20,6 +21,21 @@ from forvalue_ray import io as fio
 from forvalue_ray.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def local_ray(**init_kw):
+    """A local Ray for the block, shut down after it: address="local" never attaches to a `ray start` cluster that
+    happens to run on this machine; Ray Data's own progress bars off (the job's are on the console)."""
+    import ray
+
+    assert not ray.is_initialized(), "another test left Ray initialised"
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, **init_kw)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def save_tiny_model(path: Path) -> Path:

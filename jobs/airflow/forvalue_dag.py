@@ -41,8 +41,8 @@ import fallbacks below are untested):
     identity, never with Airflow's.
 No credentials live in this file.
 
-Parsed by tests/test_deploy.py (no Airflow needed) and run by a real Airflow against a local Ray head
-and a local S3 server by tests/test_airflow_dag.py (`make test-airflow`).
+Parsed by tests/deploy/test_deploy.py (no Airflow needed) and run by a real Airflow against a local Ray head
+and a local S3 server by tests/deploy/test_airflow_dag.py (`make test-airflow`).
 """
 
 from __future__ import annotations

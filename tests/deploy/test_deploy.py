@@ -29,7 +29,7 @@ import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 DOCKER = ROOT / "docker"
 DAG_FILE = ROOT / "jobs" / "airflow" / "forvalue_dag.py"
@@ -634,7 +634,7 @@ def test_hadolint():
 
 
 # --------------------------------------------------------------------------------------------------
-# (e) Airflow DAG (parsed, not imported: no Airflow needed; tests/test_airflow_dag.py runs it in Airflow)
+# (e) Airflow DAG (parsed, not imported: no Airflow needed; tests/deploy/test_airflow_dag.py runs it in Airflow)
 
 
 def _dag_tree() -> ast.Module:

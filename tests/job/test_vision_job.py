@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import forvalue_ray
-from jobtools import read_scores, run_ok, write_parquet
+from jobtools import local_ray, read_scores, run_ok, write_parquet
 from forvalue_ray.testing.tiny_vlm import image_bytes, tiny_idefics3
 
 pytestmark = pytest.mark.timeout(900)
@@ -33,8 +33,6 @@ def caption_rows():
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    import ray
-
     root = tmp_path_factory.mktemp("vision")
     model, processor = tiny_idefics3(dtype=torch.float32)
     model.save_pretrained(root / "model")
@@ -43,13 +41,9 @@ def job(tmp_path_factory):
     target = [r for r in train if r["id"] in ("img-0", "img-4")]
     write_parquet(train, root / "train.parquet", row_group_size=4)
     write_parquet(target, root / "target.parquet")
-    assert not ray.is_initialized()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray():
         run_ok("value", "--model", root / "model", "--train", root / "train.parquet", "--target",
                root / "target.parquet", "--out", root / "out", "--shard-rows", 4, "--no-progress")
-    finally:
-        ray.shutdown()
     return root, train, target
 
 

@@ -18,7 +18,7 @@ import forvalue_ray as fv
 from forvalue_ray import io as fio
 from forvalue_ray.artifacts import save_target_stats
 from forvalue_ray.job import parts
-from jobtools import cli, read_column, read_scores, rel_err, run_ok, save_tiny_model, write_parquet
+from jobtools import cli, local_ray, read_column, read_scores, rel_err, run_ok, save_tiny_model, write_parquet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -51,13 +51,8 @@ def d(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    assert not ray.is_initialized(), "another test left Ray initialised"
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 def value(d, out, *extra, train=None, target=None):

@@ -134,11 +134,9 @@ def test_job_keeps_and_reuses_factored_statistics(tmp_path):
     say so), its scores equal the core API's dense ones, and --target-stats reuses the factored artifact."""
     import json
 
-    import ray
-
     import forvalue_ray
     from forvalue_ray.sample_data import sentence_task
-    from jobtools import as_matrix, read_scores, run_ok, save_tiny_model, write_parquet
+    from jobtools import as_matrix, local_ray, read_scores, run_ok, save_tiny_model, write_parquet
 
     train, _ = sentence_task(n_classes=2, n_train_per_class=6, n_val_per_class=1)
     target = [{"id": f"t{i}", "text": t, "class": c} for i, (t, c) in enumerate([("ab", "x"), ("cd", "y"), ("ef", "y")])]
@@ -147,14 +145,10 @@ def test_job_keeps_and_reuses_factored_statistics(tmp_path):
     vm = forvalue_ray.load_model(str(model))
     dense = target_statistics(vm, target, groups=[r["class"] for r in target], stats_form="dense")
     expected = score_against(vm, train, dense)
-    assert ray.is_initialized() is False, "another test left Ray initialised"
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray():
         common = ["--model", model, "--train", paths[0], "--mode", "groups", "--group-column", "class", "--no-progress"]
         run_ok("value", *common, "--target", paths[1], "--out", tmp_path / "a")
         run_ok("value", *common, "--target-stats", tmp_path / "a" / "target", "--out", tmp_path / "b")
-    finally:
-        ray.shutdown()
     for out in ("a", "b"):
         assert json.loads((tmp_path / out / "run.json").read_text())["target_stats_form"] == "factored"
         got = as_matrix(read_scores(tmp_path / out), [r["id"] for r in train])

@@ -5,7 +5,6 @@ environment (AWS_ENDPOINT_URL etc.), set before Ray starts."""
 from __future__ import annotations
 
 import json
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 
 from forvalue_ray import io as fio
 from forvalue_ray.sample_data import sentence_task
-from jobtools import cli, read_column, read_scores, run_ok, save_tiny_model, target_ids, write_parquet
+from jobtools import cli, local_ray, read_column, read_scores, run_ok, save_tiny_model, target_ids, write_parquet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -26,40 +25,29 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
 def s3(tmp_path_factory):
     moto_server = pytest.importorskip("moto.server")
     import boto3
-    import ray
 
-    assert not ray.is_initialized(), "another test left Ray initialised"
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
-    env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {k: os.environ.get(k) for k in list(env) + ["AWS_PROFILE", "AWS_SESSION_TOKEN"]}
-    os.environ.update(env)
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        os.environ.pop(k, None)
     try:
-        root = tmp_path_factory.mktemp("s3")
-        train, target = sentence_task(n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=1)
-        d = SimpleNamespace(root=root, model=save_tiny_model(root / "model"),
-                            train=write_parquet(train, root / "train.parquet", row_group_size=8),
-                            target=write_parquet(target, root / "target.parquet"), train_rows=train)
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        client.upload_file(str(d.train), BUCKET, "data/train.parquet")
-        client.upload_file(str(d.target), BUCKET, "data/target.parquet")
-        # workers inherit the AWS_* variables from the raylet this process starts
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        yield d
+        with pytest.MonkeyPatch.context() as env:  # restored after the module, whatever happens
+            for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+                env.setenv(k, v)
+            for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+                env.delenv(k, raising=False)
+            root = tmp_path_factory.mktemp("s3")
+            train, target = sentence_task(n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=1)
+            d = SimpleNamespace(root=root, model=save_tiny_model(root / "model"),
+                                train=write_parquet(train, root / "train.parquet", row_group_size=8),
+                                target=write_parquet(target, root / "target.parquet"), train_rows=train)
+            client = boto3.client("s3")
+            client.create_bucket(Bucket=BUCKET)
+            client.upload_file(str(d.train), BUCKET, "data/train.parquet")
+            client.upload_file(str(d.target), BUCKET, "data/target.parquet")
+            with local_ray():  # its workers inherit the AWS_* variables from the raylet this process starts
+                yield d
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
         server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _args(d, train, target, out):

@@ -1,6 +1,6 @@
 """Exact for every model the loader accepts, bounded on long rows, the same bytes however it runs.
 
-References: the autograd oracle through each model's own forward (tests/tiny.py), dense full-vocabulary
+References: the autograd oracle through each model's own forward (forvalue_ray/testing/tiny.py), dense full-vocabulary
 computations written out here, and a second code path of the readout (Gram vs explicit norms).
 """
 

@@ -4,7 +4,6 @@ statistics overflow (the Python API), JSON arrays, damaged files, `score`'s refu
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest

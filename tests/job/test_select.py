@@ -20,7 +20,7 @@ import pytest
 from forvalue_ray import io as fio
 from forvalue_ray.sample_data import sentence_task
 from forvalue_ray.job import selection
-from jobtools import cli, run_ok, save_tiny_model, write_parquet
+from jobtools import cli, local_ray, run_ok, save_tiny_model, write_parquet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -110,13 +110,8 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_local(data):
-    import ray
-
-    assert not ray.is_initialized(), "another test left Ray initialised"
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 def _tied_copy(src: Path, dest: Path, levels: int = 5) -> Path:

@@ -29,8 +29,8 @@ from forvalue_ray import io as fio
 from forvalue_ray.job import parts, selection, target, verification
 from forvalue_ray.sample_data import sentence_task
 from forvalue_ray.testing import faults
-from jobtools import (REPO, as_matrix, child_env, cli, read_column, read_scores, rel_err, run_ok, save_tiny_model,
-                      target_ids, write_jsonl, write_parquet)
+from jobtools import (REPO, as_matrix, child_env, cli, local_ray, read_column, read_scores, rel_err, run_ok,
+                      save_tiny_model, target_ids, write_jsonl, write_parquet)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -82,17 +82,10 @@ def ray_local(data):
     """One local Ray for the module. Its workers run the fault hook (``forvalue_ray.testing.faults``) with
     FORVALUE_FAULT_EXIT_ONCE set; the marker file exists (hook disarmed) except during the run that arms it
     (``run_a``)."""
-    import ray
-
-    assert not ray.is_initialized(), "another test left Ray initialised"
     marker = data.root / "fault-marker"
     marker.touch()
-    # address="local": never attach to a `ray start` cluster that happens to run on this machine
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={**faults.RUNTIME_ENV, "env_vars": {faults.EXIT_ONCE: str(marker)}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield marker
-    ray.shutdown()
+    with local_ray(runtime_env={**faults.RUNTIME_ENV, "env_vars": {faults.EXIT_ONCE: str(marker)}}):
+        yield marker
 
 
 def _parts_bytes(out: Path) -> dict:

@@ -15,7 +15,7 @@ import pytest
 
 from forvalue_ray.report import cut, reason_category, write_report
 from forvalue_ray.sample_data import sentence_task
-from jobtools import as_matrix, read_scores, run_ok, save_tiny_model, target_ids, write_parquet
+from jobtools import as_matrix, local_ray, read_scores, run_ok, save_tiny_model, target_ids, write_parquet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -24,8 +24,6 @@ TOP = 5
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    import ray
-
     root = tmp_path_factory.mktemp("report")
     train, target = sentence_task(n_classes=3, n_train_per_class=10, n_val_per_class=2, seed=4)
     bad = [{"id": "empty-1", "text": "", "prompt": "", "response": "", "class": 0, "corrupted": False},
@@ -35,12 +33,9 @@ def runs(tmp_path_factory):
     model = save_tiny_model(root / "model")
     train_path = write_parquet(rows, root / "train.parquet", row_group_size=11)
     target_path = write_parquet(target, root / "target.parquet")
-    assert not ray.is_initialized(), "another test left Ray initialised"
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     common = ["--model", model, "--train", train_path, "--target", target_path, "--shard-rows", 11, "--no-progress",
               "--form", "text"]
-    try:
+    with local_ray():
         run_ok("value", *common, "--out", root / "groups", "--mode", "groups", "--group-column", "class")
         run_ok("value", *common, "--out", root / "pairwise", "--mode", "pairwise")
         sketch = ["sketch", "--model", model, "--dim", 64, "--form", "text", "--shard-rows", 11, "--no-progress"]
@@ -49,8 +44,6 @@ def runs(tmp_path_factory):
                "--center-stats", root / "train-index" / "center")                # its targets on the same μ
         run_ok("score", "--index", root / "train-index", "--target-index", root / "target-index", "--out",
                root / "score", "--no-progress")
-    finally:
-        ray.shutdown()
     run_ok("select", "--scores", root / "groups", "--data", train_path, "--out", root / "selected",
            "--top-fraction", 0.5)
     pages = {name: write_report(str(root / name), top=TOP) for name in ("groups", "pairwise", "score", "selected")}

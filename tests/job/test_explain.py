@@ -172,10 +172,8 @@ def test_hand_checkable_prompt_response_row(vm):
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     """Three value runs of the tiny model on a Parquet corpus (mean centered, groups, pairwise cosine), in 3 shards."""
-    import ray
-
     from forvalue_ray.sample_data import sentence_task
-    from jobtools import run_ok, save_tiny_model, write_parquet
+    from jobtools import local_ray, run_ok, save_tiny_model, write_parquet
 
     root = tmp_path_factory.mktemp("explain")
     train, target = sentence_task(n_classes=3, n_train_per_class=5, n_val_per_class=1, seed=2)
@@ -186,16 +184,11 @@ def job(tmp_path_factory):
     target_path = write_parquet(target, root / "target.parquet")
     common = ["--model", model, "--train", train_path, "--target", target_path, "--shard-rows", 6, "--no-progress",
               "--form", "prompt_response"]
-    assert not ray.is_initialized(), "another test left Ray initialised"
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
+    with local_ray():
         run_ok("value", *common, "--out", root / "mean", "--center", 4)
         run_ok("value", *common, "--out", root / "groups", "--mode", "groups", "--group-column", "class")
         run_ok("value", *common, "--out", root / "pairwise", "--mode", "pairwise", "--normalize")
         yield SimpleNamespace(root=root, train=train, target=target, train_path=train_path)
-    finally:
-        ray.shutdown()
 
 
 def _explained(d) -> dict:

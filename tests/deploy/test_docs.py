@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README_MAX_BYTES = 12 * 1024
 # generated from the CLI's configuration by its own change; links to it may precede it, only while it is absent
 GENERATED = ROOT / "docs" / "cli.md"

@@ -1,4 +1,4 @@
-"""Submitting the job to a real Ray cluster through its Job API (named to run last: it starts a `ray start`
+"""Submitting the job to a real Ray cluster through its Job API (marked ``last``: it starts a `ray start`
 head). The head listens on loopback with its own ports and its own short --temp-dir, so no other Ray on this
 machine finds it (ray.init() without an address looks for <temp dir>/ray_current_cluster), and it is stopped
 by its own process group, never by `ray stop` (which would stop every Ray on the machine).
@@ -27,7 +27,7 @@ import yaml
 from forvalue_ray.sample_data import sentence_task
 from jobtools import REPO, child_env, cli, free_port, read_scores, save_tiny_model, wait_for, write_parquet
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.slow, pytest.mark.last, pytest.mark.timeout(420)]
 
 
 def _ray_cli() -> list[str]:

@@ -91,27 +91,20 @@ def test_sample_training_rows_is_seeded_and_uniform(tmp_path):
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    import ray
-
-    from jobtools import run_ok, save_tiny_model, write_parquet
+    from jobtools import local_ray, run_ok, save_tiny_model, write_parquet
 
     root = tmp_path_factory.mktemp("center")
     train, target = sentence_task(n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=3)
     model = save_tiny_model(root / "model")
     train_path = write_parquet(train, root / "train.parquet", row_group_size=6)
     target_path = write_parquet(target, root / "target.parquet")
-    assert not ray.is_initialized(), "another test left Ray initialised"
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     common = ["--model", model, "--train", train_path, "--target", target_path, "--shard-rows", 6,
               "--form", "prompt_response", "--no-progress"]
-    try:
+    with local_ray():
         run_ok("value", *common, "--out", root / "mean", "--center", 10, "--center-seed", 7)
         run_ok("value", *common, "--out", root / "groups", "--mode", "groups", "--group-column", "class",
                "--center-stats", root / "mean" / "center")
         yield {"root": root, "model": model, "train": train, "target": target, "common": common}
-    finally:
-        ray.shutdown()
 
 
 @pytest.mark.slow
