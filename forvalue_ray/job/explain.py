@@ -28,7 +28,8 @@ from ..explain_page import RECORD, offsets, render, token_pieces
 from ..io import Shard
 from . import executor, parts
 from .config import ValueConfig, actor_range
-from .steps import load_replica, make_encoder, shard_keys
+from .selection import shard_keys
+from .steps import load_replica, make_encoder
 
 LOCAL_SHARDS = 64  # score parts scanned on the driver; more: Ray tasks
 LOCAL_ROWS = 256  # rows explained in-process; more: model actors through the executor

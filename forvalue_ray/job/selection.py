@@ -19,17 +19,246 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import io
-from ..io import Shards
+from ..encode import Columns, Encoder
+from ..io import Shard, Shards
 from . import executor, parts
-from .steps import (COMBINES, candidates, counts_at_or_above, group_stats, is_before, rows_by_id,
-                    score_matrix, ranked_values, selection_counts, union_counts, write_selected)
 
 CUT_BINS = 1024  # histogram bins per lane and refinement round
 CUT_CANDIDATES = 1 << 16  # rows around a cut gathered on the driver to place it exactly
 ROUND_PROBES = 3  # round-robin: numbers of rounds tried per counting pass (a (PROBES+1)-ary search)
+
+
+# ---- per-shard steps (tasks, no Ray in them) ---------------------------------------------------------------------------------------------------------
+#
+# A *lane* is what one cut is found for: (group, column[, probe]) where column indexes the values a row is ranked by
+# (one column, or one per target for --combine round-robin). Lanes travel as tuples to the tasks and come back as
+# JSON lists.
+
+COMBINES = ("max", "round-robin")
+
+
+def score_matrix(scores: pa.Table) -> np.ndarray:
+    """[n, K] every target's score of each row (K = 1 for a mean-mode score)."""
+    if "score" in scores.column_names:
+        return np.asarray(scores["score"].to_numpy(), dtype=np.float64).reshape(-1, 1)
+    n = scores.num_rows
+    if not n:
+        return np.zeros((0, 1))
+    return np.asarray(pc.list_flatten(scores["scores"]).to_numpy(), dtype=np.float64).reshape(n, -1)
+
+
+def ranked_values(scores: pa.Table, target: int | None, combine: str | None = None) -> np.ndarray:
+    """The value each row is ranked by: its score (mean mode), one target's column, the max over targets
+    (``combine="max"``) or the mean over targets. (Round-robin ranks by every column: :func:`lane_values`.)"""
+    if "score" in scores.column_names:
+        return np.asarray(scores["score"].to_numpy(), dtype=np.float64)
+    mat = score_matrix(scores)
+    if target is not None:
+        return mat[:, target]
+    return mat.max(1) if combine in COMBINES else mat.mean(1)
+
+
+def lane_values(scores: pa.Table, target: int | None, combine: str | None) -> np.ndarray:
+    """[n, L]: the columns lanes rank by: every target's (round-robin), else the one ranked value."""
+    if combine == "round-robin":
+        return score_matrix(scores)
+    return ranked_values(scores, target, combine).reshape(-1, 1)
+
+
+def shard_keys(shard: Shard, scores_dir: str, id_column: str, per_group: str | None, target: int | None,
+               combine: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """The scored rows of one shard: ids, the [n, L] values ranked, n_tokens, and (per group) each row's group."""
+    fs, path = io.filesystem(parts.RunOutput(scores_dir).part("scores", shard.key))
+    scores = pq.read_table(path, filesystem=fs)
+    ids = np.asarray(scores["id"].to_pylist(), dtype=str) if scores.num_rows else np.zeros(0, dtype=str)
+    values = lane_values(scores, target, combine)
+    tokens = (np.asarray(scores["n_tokens"].to_numpy(), dtype=np.int64) if "n_tokens" in scores.column_names
+              else np.zeros(len(ids), np.int64))
+    if not per_group:
+        return ids, values, tokens, [None] * len(ids)
+    enc = Encoder(None, columns=Columns(id=id_column))
+    group_of = {enc.row_id(row, fb): row.get(per_group) for fb, row in io.read_shard(shard)[0]}
+    return ids, values, tokens, [_group_key(group_of.get(i)) for i in ids.tolist()]
+
+
+def _group_key(g) -> str | None:
+    return None if g is None else json.dumps(g, sort_keys=True, default=str)
+
+
+def _rows_by_group(groups: list) -> dict:
+    out: dict = {}
+    for i, g in enumerate(groups):
+        out.setdefault(g, []).append(i)
+    return {g: np.asarray(v, dtype=np.int64) for g, v in out.items()}
+
+
+def group_stats(shard: Shard, **keys_kw) -> dict:
+    """Per lane (group, column): the shard's row count, lowest and highest value, and tokens."""
+    ids, values, tokens, groups = shard_keys(shard, **keys_kw)
+    out = []
+    for g, rows in _rows_by_group(groups).items():
+        for c in range(values.shape[1]):
+            v = values[rows, c]
+            out.append([g, c, len(rows), float(v.min()), float(v.max()), int(tokens[rows].sum())])
+    return {"lanes": out}
+
+
+def counts_at_or_above(shard: Shard, edges: dict, **keys_kw) -> dict:
+    """Per lane: how many of the shard's rows, and how many tokens, lie at or above each edge, within the lane's
+    interval."""
+    ids, values, tokens, groups = shard_keys(shard, **keys_kw)
+    by_group = _rows_by_group(groups)
+    out = []
+    for lane, (lo, hi, cut_edges) in edges.items():
+        rows = by_group.get(lane[0], np.zeros(0, np.int64))
+        v, t = values[rows, lane[1]], tokens[rows]
+        inside = (v >= lo) & (v <= hi)
+        order = np.argsort(v[inside], kind="stable")
+        v, t = v[inside][order], t[inside][order]
+        above = np.concatenate([np.cumsum(t[::-1])[::-1], [0]])  # above[i]: tokens of v[i:]
+        at = np.searchsorted(v, cut_edges, side="left")
+        out.append([list(lane), (len(v) - at).tolist(), above[at].tolist()])
+    return {"counts": out}
+
+
+def candidates(shard: Shard, intervals: dict, **keys_kw) -> dict:
+    """The shard's rows (lane, value, id, n_tokens) whose value lies in their lane's interval."""
+    ids, values, tokens, groups = shard_keys(shard, **keys_kw)
+    by_group = _rows_by_group(groups)
+    out = []
+    for lane, (lo, hi) in intervals.items():
+        rows = by_group.get(lane[0], np.zeros(0, np.int64))
+        v = values[rows, lane[1]]
+        for r in rows[(v >= lo) & (v <= hi)]:
+            out.append([list(lane), float(values[r, lane[1]]), str(ids[r]), int(tokens[r])])
+    return {"rows": out}
+
+
+def is_before(v: float, rid: str, cut) -> bool:
+    """(v, rid) at or before the cut in (score desc, id asc) order; a cut [v, id, False] excludes its own row."""
+    if cut is None or cut == "all":
+        return cut == "all"
+    inclusive = cut[2] if len(cut) > 2 else True
+    return v > cut[0] or (v == cut[0] and (rid <= cut[1] if inclusive else rid < cut[1]))
+
+
+def before_mask(v: np.ndarray, ids: np.ndarray, cut) -> np.ndarray:
+    """:func:`is_before` for arrays of rows."""
+    if cut is None or cut == "all":
+        return np.full(len(v), cut == "all")
+    inclusive = cut[2] if len(cut) > 2 else True
+    same = v == cut[0]
+    if not same.any():
+        return v > cut[0]
+    return (v > cut[0]) | (same & ((ids <= cut[1]) if inclusive else (ids < cut[1])))
+
+
+def union_counts(shard: Shard, cuts: dict, **keys_kw) -> dict:
+    """Per (group, probe): rows (and tokens) of the shard before the cut of any of its lanes (group, column,
+    probe) — the size of a round-robin's first rounds."""
+    ids, values, tokens, groups = shard_keys(shard, **keys_kw)
+    by_group = _rows_by_group(groups)
+    masks: dict = {}
+    for (g, c, p), cut in cuts.items():
+        rows = by_group.get(g, np.zeros(0, np.int64))
+        m = before_mask(values[rows, c], ids[rows], cut)
+        masks[(g, p)] = masks[(g, p)] | m if (g, p) in masks else m
+    return {"counts": [[g, p, int(m.sum()), int(tokens[by_group.get(g, np.zeros(0, np.int64))][m].sum())]
+                       for (g, p), m in masks.items()]}
+
+
+def rows_by_id(shard: Shard, wanted: dict, **keys_kw) -> dict:
+    """The shard's rows among ``wanted`` (group → ids): group, id, every column's value, n_tokens."""
+    ids, values, tokens, groups = shard_keys(shard, **keys_kw)
+    out = []
+    for i, (rid, g) in enumerate(zip(ids.tolist(), groups)):
+        if rid in wanted.get(g, ()):
+            out.append([g, rid, values[i].tolist(), int(tokens[i])])
+    return {"rows": out}
+
+
+def chosen_mask(ids, values, groups, cuts: dict, bottom: bool, extras: dict | None = None) -> np.ndarray:
+    """The shard's rows a selection keeps: before the cut of any of their group's lanes (after the cut: bottom),
+    or named in ``extras`` (group → ids: a round-robin's last, partial round)."""
+    chosen = np.zeros(len(ids), bool)
+    by_group = _rows_by_group(groups)
+    for lane, cut in cuts.items():
+        rows = by_group.get(lane[0])
+        if rows is not None:
+            chosen[rows] |= before_mask(values[rows, lane[1]], ids[rows], cut)
+    if bottom:
+        chosen = ~chosen
+    for g, named in (extras or {}).items():
+        rows = by_group.get(g)
+        if rows is not None and named:
+            chosen[rows] |= np.isin(ids[rows], np.asarray(list(named), dtype=str))
+    return chosen
+
+
+def _shard_table(shard: Shard) -> tuple[pa.Table, int]:
+    """A Parquet or Arrow shard's rows as one Arrow table (the input's own types) and its first row's index."""
+    fs, path = io.filesystem(shard.path)
+    with fs.open(path, "rb") as fh:
+        if shard.fmt == "arrow":
+            return pa.ipc.open_stream(fh).read_all().slice(shard.start, shard.stop - shard.start), shard.start
+        pf = pq.ParquetFile(fh)
+        first = sum(pf.metadata.row_group(g).num_rows for g in range(shard.start))
+        return pf.read_row_groups(list(range(shard.start, shard.stop))), first
+
+
+def write_selected(shard: Shard, out: str, cuts: dict, bottom: bool, extras: dict | None = None,
+                   **keys_kw) -> dict:
+    """Filter one input shard by its own score part; write its chosen rows in the input's format (Parquet and
+    Arrow: the shard's Arrow table filtered, every column keeping its type; JSONL: its lines), then its selection
+    part (id, score), the shard's commit marker."""
+    ids, values, tokens, groups = shard_keys(shard, **keys_kw)
+    mask = chosen_mask(ids, values, groups, cuts, bottom, extras)
+    shown = values.max(1) if values.shape[1] > 1 else values[:, 0]
+    chosen = set(ids[mask].tolist())
+    id_column = keys_kw["id_column"]
+    stem = shard.label.rsplit(".", 1)[0].replace("/", "__") + f"-{shard.key}"
+    written = 0
+    if chosen and shard.fmt in ("jsonl", "json"):
+        enc = Encoder(None, columns=Columns(id=id_column))
+        keep, seen = [], set()
+        for fb, row in io.read_shard(shard)[0]:
+            rid = enc.row_id(row, fb)
+            if rid in chosen and rid not in seen:  # a repeated id was rejected by the job: skip it too
+                seen.add(rid)
+                keep.append(row)
+        if keep:
+            io.write_bytes_atomic(io.join(out, stem + ".jsonl"),
+                                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep).encode())
+        written = len(keep)
+    elif chosen:
+        table, first = _shard_table(shard)
+        column = table[id_column].to_pylist() if id_column in table.column_names else [None] * table.num_rows
+        row_ids = [f"{shard.label}:{first + i}" if v is None else str(v) for i, v in enumerate(column)]
+        keep, seen = np.zeros(len(row_ids), bool), set()
+        for i, rid in enumerate(row_ids):
+            if rid in chosen and rid not in seen:  # a repeated id was rejected by the job: skip it too
+                seen.add(rid)
+                keep[i] = True
+        table = table.filter(pa.array(keep))
+        if table.num_rows:
+            io.write_table_atomic(io.join(out, stem + ".parquet"), table)
+        written = table.num_rows
+    order = np.lexsort((ids[mask], -shown[mask])) if mask.any() else np.zeros(0, np.int64)
+    counts = {"selected": int(mask.sum()), "written": written, "tokens": int(tokens[mask].sum())}
+    part = pa.table({"id": pa.array(ids[mask][order].tolist(), pa.string()),
+                     "score": pa.array(shown[mask][order].tolist(), pa.float64())})
+    parts.write_with_meta(parts.RunOutput(out).part(parts.SELECTION, shard.key), part, counts)
+    return counts
+
+
+def selection_counts(shard: Shard, out: str) -> dict:
+    """A shard selected by an earlier, interrupted run: its counts from its selection part's footer."""
+    meta = parts.part_meta(parts.RunOutput(out).part(parts.SELECTION, shard.key))
+    return {"selected": meta["selected"], "written": meta["written"], "tokens": meta.get("tokens", 0)}
 
 
 # ---- the reference: a full sort -------------------------------------------------------------------------------------
