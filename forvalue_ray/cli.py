@@ -27,6 +27,7 @@ def _add_job_flags(p: argparse.ArgumentParser, config: type[JobConfig]) -> None:
             kw = {"dest": f.name, "default": None, "help": f.metadata.get("help")}
             if f.type in ("bool", bool) or isinstance(f.default, bool):
                 if f.default is True:  # on by default: the flag turns it off
+                    kw["help"] = f"turns off what is on by default: {kw['help']}"
                     g.add_argument(_flag("no_" + f.name), action="store_false", **kw)
                     continue
                 g.add_argument(_flag(f.name), action="store_true", **kw)

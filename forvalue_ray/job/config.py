@@ -184,6 +184,8 @@ class Replicas:
     cpus_per_actor: float = opt(1.0, "CPUs per replica", result=False)
     batch_tokens: int = opt(4096, "padded tokens per forward pass", result=False)
     vocab_chunk: int = opt(DEFAULT_VOCAB_CHUNK, "vocabulary rows per LM-head block", result=False)
+    target_block_rows: int = opt(64, "target rows per task of the target pass (partials are summed in block order, so "
+                                     "the statistics never depend on how many replicas ran)", result=False)
 
     def actor_resources(self) -> dict:
         """Ray resources of one model replica."""

@@ -25,6 +25,7 @@ class Model:
     actors: tuple[int, int]  # a fixed pool (N, N) or an autoscaling range
     vocab_chunk: int
     batch_tokens: int
+    target_block_rows: int
     trust_remote_code: bool
 
 
@@ -136,7 +137,7 @@ def resolve(cfg: JobConfig) -> RunSpec:
     encode_kw, columns = cfg.encode_kw(), cfg.columns()
     centering = {"center": cfg.center, "center_seed": cfg.center_seed, "center_stats": cfg.center_stats}
     model = Model(path, provenance, fp, load_kw, resources, actors, cfg.vocab_chunk, cfg.batch_tokens,
-                  cfg.trust_remote_code)
+                  cfg.target_block_rows, cfg.trust_remote_code)
     reading = Reading(encode_kw, columns, cfg.format, cfg.shard_rows, cfg.shard_bytes, cfg.out)
     return RunSpec(**common, out=RunOutput(cfg.out), kind="scores" if cfg.command == "value" else "sketches",
                    shards=shards, settings=settings, model=model, reading=reading, **own, **centering)

@@ -3,7 +3,6 @@ actors block by block and reduced in a fixed order, then saved as OUT/target (or
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pyarrow as pa
@@ -13,11 +12,6 @@ from . import executor
 from .parts import RunOutput
 from .spec import Model, Reading
 from .steps import EncodeShards, TargetWorker, encode_summary
-
-# target rows per partial: fixed, so the reduce order never depends on the actors (tests set a smaller one
-# through the environment, which their job subprocesses inherit)
-TARGET_BLOCK_ROWS = int(os.environ.get("FORVALUE_TARGET_BLOCK_ROWS", "64"))
-
 
 def encode_target(url: str, reading: Reading, model: Model, group_column: str | None) -> dict:
     """The target rows read and encoded on the driver (the same reading, encoding and row routing as the training
@@ -61,7 +55,8 @@ def build_target(enc: dict, what: str, model: Model, out: RunOutput, *, mode: st
     rows, groups, rejected, group_names = enc["rows"], enc["groups"], list(enc["rejected"]), enc["group_names"]
     rejected_url = out.artifact_rejected(artifact)
     names = sorted(set(groups))
-    blocks = [list(range(i, min(i + TARGET_BLOCK_ROWS, len(rows)))) for i in range(0, len(rows), TARGET_BLOCK_ROWS)]
+    size = model.target_block_rows
+    blocks = [list(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
     pool = executor.ActorPool(TargetWorker, (model.path, model.load_kw, model.vocab_chunk, model.batch_tokens),
                               model.resources, min(model.actors[1], len(blocks)))
     info = {}

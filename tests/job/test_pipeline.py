@@ -26,7 +26,7 @@ import pytest
 
 import forvalue_ray
 from forvalue_ray import io as fio
-from forvalue_ray.job import parts, selection, target, verification
+from forvalue_ray.job import parts, selection, verification
 from forvalue_ray.sample_data import sentence_task
 from forvalue_ray.testing import faults
 from jobtools import (REPO, as_matrix, child_env, cli, local_ray, read_column, read_scores, rel_err, run_ok,
@@ -56,20 +56,10 @@ def data(tmp_path_factory):
 
     def value_args(out, *extra):
         return ["value", "--model", d.model, "--train", d.train, "--target", d.target, "--out", out,
-                "--shard-rows", SHARD_ROWS, "--no-progress", *extra]
+                "--shard-rows", SHARD_ROWS, "--no-progress", "--target-block-rows", "2", *extra]
 
     d.value_args = value_args
     return d
-
-
-@pytest.fixture(scope="module", autouse=True)
-def small_target_blocks():
-    """Two target rows per target-pass block (6 targets: 3 blocks), so 1 and 3 actors really split the pass."""
-    old, target.TARGET_BLOCK_ROWS = target.TARGET_BLOCK_ROWS, 2
-    os.environ["FORVALUE_TARGET_BLOCK_ROWS"] = "2"  # the same in the job subprocesses (a killed run, resumed here)
-    yield
-    target.TARGET_BLOCK_ROWS = old
-    os.environ.pop("FORVALUE_TARGET_BLOCK_ROWS")
 
 
 @pytest.fixture(scope="module")
