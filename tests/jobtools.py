@@ -1,5 +1,5 @@
 """Helpers shared by the tests that run the job: tiny models saved as HF directories, Parquet/JSONL files, the CLI
-in-process, a local Ray (`local_ray`), reading outputs back."""
+in-process, a local Ray (`local_ray`), a real `ray start` head (`ray_head`), reading outputs back."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ import contextlib
 import io as _io
 import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -129,3 +134,83 @@ def child_env(**extra: str) -> dict:
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
     env.update(extra)
     return env
+
+
+def ray_cli() -> list[str]:
+    """The `ray` of this interpreter's environment (never another one found on PATH)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "ray")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
+
+
+@contextlib.contextmanager
+def ray_auth_disabled():
+    """RAY_AUTH_MODE=disabled in this process for the block (the client side of a cluster without token auth),
+    then its old value (or its absence) back."""
+    old_auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        yield
+    finally:
+        if old_auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = old_auth
+
+
+@contextlib.contextmanager
+def ray_head(log_path: Path, *, num_cpus: int, env: dict[str, str] | None = None):
+    """A real `ray start --head` (this interpreter's `ray`) for the block, its output in LOG_PATH. It listens on
+    loopback with its own free ports and its own short --temp-dir, so no other Ray on this machine finds it
+    (ray.init() without an address looks for <temp dir>/ray_current_cluster), and it is stopped by its own
+    process group, never by `ray stop` (which would stop every Ray on the machine). Its environment is
+    child_env() plus ENV. Yields .address (the dashboard's, for the Job API) and .env (the head's environment,
+    which a `ray job submit` client can use) once the job server answers."""
+    import psutil
+    from ray.job_submission import JobSubmissionClient
+
+    temp_dir = tempfile.mkdtemp(prefix="fvh", dir="/tmp")  # short: Ray's unix sockets live under it
+    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
+                                              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                              "runtime-env-agent-port", "metrics-export-port")}
+    # no token auth (a local test head); on SIGTERM stop at once instead of draining the node for 30 s
+    head_env = child_env(RAY_AUTH_MODE="disabled", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", **(env or {}))
+    cmd = [*ray_cli(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+           f"--num-cpus={num_cpus}", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+           *[f"--{k}={v}" for k, v in ports.items()]]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        def up():
+            assert proc.poll() is None, f"`ray start` exited {proc.returncode}:\n{log_path.read_text()[-4000:]}"
+            try:
+                JobSubmissionClient(address).list_jobs()
+                return True
+            except Exception:
+                return False
+
+        with ray_auth_disabled():
+            wait_for(up, 150, f"the Ray head's job server at {address}", interval=1.0)
+        yield SimpleNamespace(address=address, env=head_env)
+    finally:
+        family = []
+        if proc.poll() is None:
+            try:
+                family = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+            proc.send_signal(signal.SIGTERM)  # `ray start --block` drains the node and stops what it started
+        deadline = time.time() + 45
+        while time.time() < deadline and (proc.poll() is None or any(
+                p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family)):
+            time.sleep(0.5)
+        for p in family:  # ours: whatever did not stop
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)

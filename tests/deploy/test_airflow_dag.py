@@ -22,17 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import psutil
 import pytest
 import yaml
 
@@ -110,68 +106,12 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def head(s3):
     """A real local Ray head: loopback, its own ports and short --temp-dir, the S3 endpoint in its environment."""
-    from jobtools import child_env, free_port, wait_for
+    from jobtools import ray_head
 
-    temp_dir = tempfile.mkdtemp(prefix="fva", dir="/tmp")  # short: Ray's unix sockets live under it
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
-                                              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                              "runtime-env-agent-port", "metrics-export-port")}
-    env = child_env(RAY_AUTH_MODE="disabled", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-                    AWS_ENDPOINT_URL=s3.endpoint, **S3_KEYS)
-    env["PATH"] = os.pathsep.join([PROJECT_BIN, env.get("PATH", "")])  # job entrypoints: this interpreter
-    ray_exe = os.path.join(PROJECT_BIN, "ray")
-    cmd = [ray_exe, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           "--num-cpus=4", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-           *[f"--{k}={v}" for k, v in ports.items()]]
-    log_path = s3.root / "head.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{ports['dashboard-port']}"
     t0 = time.time()
-    try:
-        from ray.job_submission import JobSubmissionClient
-
-        def up():
-            assert proc.poll() is None, f"`ray start` exited {proc.returncode}:\n{log_path.read_text()[-4000:]}"
-            try:
-                JobSubmissionClient(address).list_jobs()
-                return True
-            except Exception:
-                return False
-
-        old_auth = os.environ.get("RAY_AUTH_MODE")
-        os.environ["RAY_AUTH_MODE"] = "disabled"  # the client side of a cluster without token auth
-        try:
-            wait_for(up, 150, f"the Ray head's job server at {address}", interval=1.0)
-        finally:
-            if old_auth is None:
-                os.environ.pop("RAY_AUTH_MODE", None)
-            else:
-                os.environ["RAY_AUTH_MODE"] = old_auth
+    with ray_head(s3.root / "head.log", num_cpus=4, env={"AWS_ENDPOINT_URL": s3.endpoint, **S3_KEYS}) as ray:
         print(f"\nray head up: {time.time() - t0:.1f} s", file=sys.stderr)
-        yield SimpleNamespace(address=address, log=log_path)
-    finally:
-        family = []
-        if proc.poll() is None:
-            try:
-                family = psutil.Process(proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
-            proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
-        deadline = time.time() + 45
-        while time.time() < deadline and (proc.poll() is None or any(
-                p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family)):
-            time.sleep(0.5)
-        for p in family:  # ours: whatever did not stop
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        yield ray
 
 
 @pytest.fixture(scope="module")

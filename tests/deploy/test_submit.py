@@ -12,87 +12,26 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 
 import numpy as np
-import psutil
 import pytest
 import yaml
 
 from forvalue_ray.sample_data import sentence_task
-from jobtools import REPO, child_env, cli, free_port, read_scores, save_tiny_model, wait_for, write_parquet
+from jobtools import REPO, cli, ray_auth_disabled, ray_cli, ray_head, read_scores, save_tiny_model, write_parquet
 
 pytestmark = [pytest.mark.slow, pytest.mark.last, pytest.mark.timeout(420)]
-
-
-def _ray_cli() -> list[str]:
-    """The `ray` of this interpreter's environment (never another one found on PATH)."""
-    exe = os.path.join(os.path.dirname(sys.executable), "ray")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     root = tmp_path_factory.mktemp("submit")
-    temp_dir = tempfile.mkdtemp(prefix="fvz", dir="/tmp")  # short: Ray's unix sockets live under it
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
-                                              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                              "runtime-env-agent-port", "metrics-export-port")}
-    # no token auth (a local test head); on SIGTERM stop at once instead of draining the node for 30 s
-    env = child_env(RAY_AUTH_MODE="disabled", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
-    cmd = [*_ray_cli(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           "--num-cpus=6", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-           *[f"--{k}={v}" for k, v in ports.items()]]
-    log = open(root / "head.log", "w")
-    old_auth = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # the client side of a cluster without token auth
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{ports['dashboard-port']}"
-    try:
-        from ray.job_submission import JobSubmissionClient
-
-        def up():
-            assert proc.poll() is None, \
-                f"`ray start` exited {proc.returncode}:\n{(root / 'head.log').read_text()[-4000:]}"
-            try:
-                JobSubmissionClient(address).list_jobs()
-                return True
-            except Exception:
-                return False
-
-        wait_for(up, 150, f"the Ray head's job server at {address}", interval=1.0)
-        yield {"address": address, "root": root, "env": env, "log": root / "head.log"}
-    finally:
-        if old_auth is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = old_auth
-        family = []
-        if proc.poll() is None:
-            try:
-                family = psutil.Process(proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
-            proc.send_signal(signal.SIGTERM)  # `ray start --block` drains the node and stops what it started
-        deadline = time.time() + 45
-        while time.time() < deadline and (proc.poll() is None or any(
-                p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family)):
-            time.sleep(0.5)
-        for p in family:  # ours: whatever did not stop
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    # the client side without token auth also while the test uses the head: `forvalue-ray submit` runs in-process
+    with ray_head(root / "head.log", num_cpus=6) as ray, ray_auth_disabled():
+        yield {"address": ray.address, "root": root, "env": ray.env}
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +63,7 @@ def test_submit_and_ray_job_submit_both_succeed(head, job_inputs):
     cfg_b, out_b = job_inputs["config"]("ray-job-submit")
     # (b) in the background: the `ray job submit` CLI follows the job and exits 1 if it fails
     log_b = open(head["root"] / "ray-job-submit.log", "w")
-    proc_b = subprocess.Popen([*_ray_cli(), "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
+    proc_b = subprocess.Popen([*ray_cli(), "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
                                "--", "python", "jobs/run.py", "--config", str(cfg_b)],
                               cwd=REPO, env=head["env"], stdout=log_b, stderr=subprocess.STDOUT, start_new_session=True)
     try:
