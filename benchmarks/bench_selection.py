@@ -19,6 +19,9 @@ Methods (a score per pool row, the top k kept; ties by id):
   fv-max         pairwise cosine, round-robin over the target rows (each target's best row in turn)
   fv-class       classification targets (≤ 20 distinct target responses): cosine to the target group of the row's
                  own response when it has one, else the max over groups (the own-class contrast of the docs)
+  fv-fit         fv-max over the rows whose prompt fit is at least ``--min-prompt-fit`` (default 0): ``value
+                 --prompt-fit-column template``, ``select --min-prompt-fit 0`` (drops responses their own prompt
+                 predicts no better than another prompt of their template: mislabeled rows)
   embed-cosine   the model's final hidden state mean-pooled over the response, cosine to the target mean (RDS-like)
   bm25           BM25 (rank-bm25) of the row text against each target text, mean over targets
   loss-low       lowest base-model NLL per response token;   loss-high: highest
@@ -55,7 +58,8 @@ import torch
 import sft
 from forvalue_ray.job.selection import selected_ids
 
-METHODS = ["zero-shot", "random", "fv-mean", "fv-cosine", "fv-center", "fv-max", "fv-class", "embed-cosine", "bm25",
+METHODS = ["zero-shot", "random", "fv-mean", "fv-cosine", "fv-center", "fv-max", "fv-class", "fv-fit", "embed-cosine",
+           "bm25",
            "length", "loss-low", "loss-high", "full", "less"]
 MAX_CLASSES = 20  # a template with at most this many distinct responses is a classification template
 
@@ -116,12 +120,17 @@ def write_rows(rows: list[dict], path: Path) -> str:
 
 # ---- ranking -------------------------------------------------------------------------------------------------------------
 
-def choose(ids: list[str], values: np.ndarray, k: int, combine: str | None = None) -> list[int]:
-    """Indices of the k rows ``select`` keeps for these scores (one per row, or [n, targets] with ``combine``):
-    the product's reference ranking (score descending, ties by id), imported, not re-implemented."""
+def choose(ids: list[str], values: np.ndarray, k: int, combine: str | None = None, fit: np.ndarray | None = None,
+           min_fit: float | None = None) -> list[int]:
+    """Indices of the k rows ``select`` keeps for these scores (one per row, or [n, targets] with ``combine``; with
+    ``min_fit``, among rows whose prompt fit ``fit`` is at least it or NaN): the product's reference ranking (score
+    descending, ties by id), imported, not re-implemented."""
     col = {"scores": pa.array(list(values.astype(np.float64)))} if values.ndim == 2 else {
         "score": pa.array(values.astype(np.float64))}
-    chosen = selected_ids(pa.table({"id": pa.array(ids, pa.string()), **col}), top_k=k, combine=combine)
+    if fit is not None:
+        col["prompt_fit"] = pa.array(fit, pa.float64(), mask=np.isnan(fit))
+    chosen = selected_ids(pa.table({"id": pa.array(ids, pa.string()), **col}), top_k=k, combine=combine,
+                          min_prompt_fit=min_fit)
     return [i for i, rid in enumerate(ids) if rid in chosen]
 
 
@@ -140,14 +149,15 @@ def cosine_to_mean(x: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 FV_VALUE_FLAGS = {"fv-mean": [], "fv-cosine": ["--normalize"], "fv-center": ["--center", "{center}"],
                   "fv-max": ["--mode", "pairwise", "--normalize"],
-                  "fv-class": ["--mode", "groups", "--group-column", "response", "--normalize"]}
+                  "fv-class": ["--mode", "groups", "--group-column", "response", "--normalize"],
+                  "fv-fit": ["--mode", "pairwise", "--normalize", "--prompt-fit-column", "{fit_column}"]}
 
 
 def fv_job(method: str, pool_file: str, target_file: str, work: Path, args, k: int, pool: list[dict]) -> list[str]:
     """``forvalue-ray value`` then ``forvalue-ray select`` on a local Ray; the selected ids."""
     scores, sel = work / method / "scores", work / method / "selected"
     cli = [sys.executable, "-m", "forvalue_ray.cli"]
-    flags = [f.format(center=args.center) for f in FV_VALUE_FLAGS[method]]
+    flags = [f.format(center=args.center, fit_column=args.prompt_fit_column) for f in FV_VALUE_FLAGS[method]]
     run([*cli, "value", "--model", args.model, "--train", pool_file, "--target", target_file, "--out", str(scores),
          "--max-length", str(args.max_length), "--overwrite", *flags])
     if method == "fv-class":  # the own-group rule reads the per-group scores
@@ -158,29 +168,45 @@ def fv_job(method: str, pool_file: str, target_file: str, work: Path, args, k: i
         matrix = np.array(table["scores"].to_pylist())
         value = own_group(matrix, names, [by_id[i] for i in ids])
         return [ids[i] for i in choose(ids, value, k)]
-    combine = ["--combine", "round-robin"] if method == "fv-max" else []
+    combine = ["--combine", "round-robin"] if method in ("fv-max", "fv-fit") else []
+    if method == "fv-fit":
+        combine += ["--min-prompt-fit", str(args.min_prompt_fit)]
     run([*cli, "select", "--scores", str(scores), "--out", str(sel), "--top-k", str(k), "--overwrite", *combine])
     return pq.read_table(str(sel / "_selection"))["id"].to_pylist()
 
 
-def fv_api(method: str, vm, pool: list[dict], target: list[dict], args) -> tuple[np.ndarray, str | None]:
-    """The same scores from the in-process API (no Ray), and how ``select`` combines them."""
+def fv_api(method: str, vm, pool: list[dict], target: list[dict], args, memo: dict
+           ) -> tuple[np.ndarray, str | None, np.ndarray | None]:
+    """The same scores from the in-process API (no Ray), how ``select`` combines them, and (fv-fit) each row's
+    prompt fit (one shard: partners drawn over the whole pool, as the job does for a pool within one shard).
+    ``memo`` keeps the pairwise cosines fv-max and fv-fit share."""
     import forvalue_ray as fv
 
     kw = dict(max_length=args.max_length)
+
+    def pairwise():
+        if "pairwise" not in memo:
+            t0 = time.time()
+            memo["pairwise"] = fv.pairwise_scores(vm, pool, target, normalize=True, **kw)
+            memo["pairwise_s"] = time.time() - t0
+        return memo["pairwise"]
+
     if method == "fv-mean":
-        return fv.value_scores(vm, pool, target, **kw), None
+        return fv.value_scores(vm, pool, target, **kw), None, None
     if method == "fv-cosine":
-        return fv.value_scores(vm, pool, target, normalize=True, **kw), None
+        return fv.value_scores(vm, pool, target, normalize=True, **kw), None, None
     if method == "fv-center":
         rng = np.random.default_rng(0)
         sample = [pool[i] for i in sorted(rng.choice(len(pool), min(args.center, len(pool)), replace=False))]
-        return fv.value_scores(vm, pool, target, center=sample, **kw), None
+        return fv.value_scores(vm, pool, target, center=sample, **kw), None, None
     if method == "fv-max":
-        return fv.pairwise_scores(vm, pool, target, normalize=True, **kw), "round-robin"
+        return pairwise(), "round-robin", None
     if method == "fv-class":
         names, matrix = fv.group_scores(vm, pool, target, [r["response"] for r in target], normalize=True, **kw)
-        return own_group(matrix, names, [r["response"] for r in pool]), None
+        return own_group(matrix, names, [r["response"] for r in pool]), None, None
+    if method == "fv-fit":
+        fit = fv.prompt_fit(vm, pool, [r[args.prompt_fit_column] for r in pool], **kw)
+        return pairwise(), "round-robin", fit
     raise ValueError(method)
 
 
@@ -316,6 +342,12 @@ def main(argv=None):
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast for fine-tuning and evaluation (auto: on CUDA)")
     p.add_argument("--less-dim", type=int, default=8192)
+    p.add_argument("--prompt-fit-column", default="template", help="fv-fit: rows sharing this column's value lend "
+                                                                     "each other prompts")
+    p.add_argument("--min-prompt-fit", type=float, default=0.0, help="fv-fit: the prompt fit a row needs")
+    p.add_argument("--select-only", action="store_true",
+                   help="selection only, no fine-tuning: rows, tokens, noisy share and time per method (a CPU's "
+                        "quick look; test loss and accuracy stay null)")
     p.add_argument("--name", help="the target's name in the report (default: the target file's stem)")
     args = p.parse_args(argv)
 
@@ -387,7 +419,8 @@ def main(argv=None):
         "target_rows": len(target), "test_rows": len(test), "test_rows_with_choices": sum(a is not None for a in answer),
         "train_steps": steps, "batch_size": batch, "lr": args.lr, "engine": args.engine, "center": args.center,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "bf16": amp is not None,
-        "torch": torch.__version__,
+        "torch": torch.__version__, "select_only": args.select_only,
+        "prompt_fit": {"column": args.prompt_fit_column, "min": args.min_prompt_fit},
         "recipe": (f"full fine-tune of {args.model}, loss on response tokens (+EOS) only, AdamW lr {args.lr} linear "
                    f"decay to 0, no warmup, weight decay 0, grad clip 1.0, batch {batch}, {steps} steps for every "
                    f"method (`full`: the same steps drawn from the whole pool), bf16 autocast "
@@ -417,7 +450,7 @@ def main(argv=None):
             pool_stats["seconds"] = time.time() - t0
         return pool_stats
 
-    vm = None
+    vm, memo = None, {}
     scores: dict[str, np.ndarray] = {}  # every method's per-row scores, saved for later analysis
     for m in methods:
         if m in ("zero-shot", "random", "full"):
@@ -429,8 +462,10 @@ def main(argv=None):
         if m in ("embed-cosine", "loss-low", "loss-high", "length"):
             st = pool_statistics()
             shared = st["seconds"]  # the shared forward counts towards each method that uses it
+        if m == "fv-fit":
+            shared = memo.get("pairwise_s", 0.0)  # fv-max's pairwise cosines, when it ran first
         t0 = time.time()
-        combine = None
+        combine = fit = None
         if m.startswith("fv-") and args.engine == "job":
             chosen = set(fv_job(m, pool_file, target_file, work, args, k, pool))
             idx = [j for j, i in enumerate(pool_ids) if i in chosen]
@@ -438,7 +473,8 @@ def main(argv=None):
             if m.startswith("fv-"):
                 if vm is None:
                     vm = load_model(path, device=str(device))
-                value, combine = fv_api(m, vm, pool, target, args)
+                    config["value_dtype"] = str(vm.dtype).replace("torch.", "")
+                value, combine, fit = fv_api(m, vm, pool, target, args, memo)
             elif m == "bm25":
                 value = bm25_scores(pool, target)
             elif m == "less":
@@ -454,7 +490,7 @@ def main(argv=None):
                 value = {"embed-cosine": lambda: cosine_to_mean(st["hidden"], st["target_hidden"]),
                          "loss-low": lambda: -nll, "loss-high": lambda: nll,
                          "length": lambda: st["n_tokens"].astype(float)}[m]()
-            idx = choose(pool_ids, np.asarray(value), k, combine)
+            idx = choose(pool_ids, np.asarray(value), k, combine, fit, args.min_prompt_fit if fit is not None else None)
             scores[m] = np.asarray(value)
         selections[m] = {"idx": sorted(idx), "select_s": time.time() - t0 + shared}
         print(f"[select] {m}: {len(idx)} rows in {selections[m]['select_s']:.1f} s", flush=True)
@@ -473,6 +509,8 @@ def main(argv=None):
     for seed in range(args.seeds):
         for m in methods:
             if m == "zero-shot":
+                if args.select_only:
+                    continue
                 if zero is None:
                     zero = sft.evaluate(model, test_enc, candidates, answer, pad_id, amp=amp)
                 runs[m].append({"seed": seed, **zero, "rows": 0, "tokens": 0, "noisy_share": None, "select_s": 0.0})
@@ -488,17 +526,20 @@ def main(argv=None):
                 continue
             rows = [pool_enc[i] for i in idx]
             ids = sorted(pool_ids[i] for i in idx)
-            model.load_state_dict(base_state)
             t0 = time.time()
-            fit = sft.train(model, rows, pad_id, steps=steps, batch_size=batch, lr=args.lr, seed=seed, amp=amp)
-            ev = sft.evaluate(model, test_enc, candidates, answer, pad_id, amp=amp)
+            if args.select_only:
+                fit, ev = {}, {"test_loss": None, "accuracy": None}
+            else:
+                model.load_state_dict(base_state)
+                fit = sft.train(model, rows, pad_id, steps=steps, batch_size=batch, lr=args.lr, seed=seed, amp=amp)
+                ev = sft.evaluate(model, test_enc, candidates, answer, pad_id, amp=amp)
             runs[m].append({
                 "seed": seed, **ev, "rows": len(idx), "tokens": int(sum(len(r.input_ids) for r in rows)),
                 "response_tokens": int(sum(r.n_valued for r in rows)),
                 "noisy_share": (sum(pool_ids[i] in noisy_ids for i in idx) / len(idx)) if args.label_noise else None,
                 "ids_sha": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16], "select_s": sel_s,
                 "target_task_share": share_of_task(pool, idx, target), **fit})
-            print(f"[train] seed {seed} {m:13s} loss {ev['test_loss']:.4f} acc {ev['accuracy']} "
+            print(f"[train] seed {seed} {m:13s} loss {ev['test_loss']} acc {ev['accuracy']} "
                   f"({time.time() - t0:.1f} s)", flush=True)
             write_outputs(out, config, {mm: r for mm, r in runs.items() if r})
     if device.type == "cuda":

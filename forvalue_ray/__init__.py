@@ -2,13 +2,13 @@
 
 from ._version import __version__
 from .api import (TokenContributions, centered_sketches, diagnostics, encode_rows, group_scores, pairwise_scores,
-                  score_against, sketches, target_reference, target_statistics, token_contributions, value_scores)
+                  prompt_fit, score_against, sketches, target_reference, target_statistics, token_contributions, value_scores)
 from .center import CenteredSketches, center_target_stats
 from .encode import Columns, Encoded, RowError
 from .model import ValuationModel, from_hf, load_model
 from .sketch import SketchTargets, compress_sketches, restore_sketches, score_sketches, sketch_targets
 
-__all__ = ["load_model", "from_hf", "ValuationModel", "value_scores", "pairwise_scores", "group_scores",
+__all__ = ["load_model", "from_hf", "ValuationModel", "value_scores", "pairwise_scores", "group_scores", "prompt_fit",
            "sketches", "target_statistics", "center_target_stats", "score_against", "diagnostics", "encode_rows",
            "centered_sketches", "CenteredSketches", "compress_sketches", "restore_sketches", "sketch_targets",
            "SketchTargets", "score_sketches", "token_contributions", "TokenContributions", "target_reference", "Columns",

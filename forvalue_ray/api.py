@@ -6,6 +6,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from . import promptfit
 from .center import (CENTER_NORMALIZE_ERROR, CenteredSketches, center_target_stats, center_terms,
                      centered_sketch_rows, check_center)
 from .encode import Columns, Encoded, Encoder, RowError
@@ -111,6 +112,27 @@ def pairwise_scores(vm: ValuationModel, train_rows, target_rows, *, normalize: b
     reference = build_reference(vm, encode_rows(vm, target_rows, **encode_kw), vocab_chunk=vocab_chunk)
     rows = encode_rows(vm, train_rows, **encode_kw)
     return Scorer(vm, reference=reference, normalize=normalize, vocab_chunk=vocab_chunk)(rows)["pairwise"]
+
+
+def prompt_fit(vm: ValuationModel, rows: Sequence[dict], keys: Sequence, *, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+               **encode_kw) -> np.ndarray:
+    """Prompt fit of prompt/response rows (:mod:`~forvalue_ray.promptfit`): the NLL per response token under the
+    prompt of the next row with the same key (its task or template) minus the NLL under its own prompt: [n], NaN
+    where a row has no partner (or the swapped row does not fit ``max_length`` whole). Low or negative: the response does not belong to its prompt (mislabeled)."""
+    columns = encode_kw.get("columns", Columns())
+    scorer = Scorer(vm, vocab_chunk=vocab_chunk)
+    own = scorer(encode_rows(vm, rows, **encode_kw))["nll"]
+    swapped = []
+    for row in promptfit.swapped_rows(rows, keys, columns.prompt):
+        try:
+            swapped.append(promptfit.whole(encode_rows(vm, [row], **encode_kw)[0]) if row is not None else None)
+        except RowError:
+            swapped.append(None)
+    have = [i for i, r in enumerate(swapped) if r is not None]
+    other = np.full(len(own), np.nan)
+    if have:
+        other[have] = scorer([swapped[i] for i in have])["nll"]
+    return promptfit.prompt_fit(own, other)
 
 
 def target_reference(vm: ValuationModel, target_rows, *, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,

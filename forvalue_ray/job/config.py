@@ -20,10 +20,11 @@ MODES = ("mean", "groups", "pairwise")
 SKETCH_CENTER_ROWS = 1000
 
 
-def opt(default, help_text: str | None = None, *, result: bool = True, **kw):
+def opt(default, help_text: str | None = None, *, result: bool = True, added: bool = False, **kw):
     """A config field with its command-line help next to it; ``result=False`` marks an execution setting, one that
-    never changes a result (so it stays out of the output's plan fingerprint)."""
-    return field(default=default, metadata={"help": help_text, "result": result}, **kw)
+    never changes a result (so it stays out of the output's plan fingerprint); ``added=True`` a result setting added
+    after outputs were written without it, counted only when set (so those outputs keep their fingerprint)."""
+    return field(default=default, metadata={"help": help_text, "result": result, "added": added}, **kw)
 
 
 # ---- the groups -----------------------------------------------------------------------------------------------------
@@ -60,7 +61,8 @@ class JobConfig:
 
     def result_fields(self) -> dict:
         """The settings this command's result depends on (its execution settings excluded)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("result", True)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("result", True)
+                and not (f.metadata.get("added") and getattr(self, f.name) is None)}
 
     def validate(self) -> None:
         if not self.out:
@@ -147,6 +149,17 @@ class Valuation(Grouping):
 
 
 @dataclass
+class PromptFit:
+    title: ClassVar[str] = "valuation"
+    prompt_fit_column: str | None = opt(None, "also score each prompt/response row's response under the prompt of the "
+                                              "next row of its shard with the same value in this column (e.g. task "
+                                              "or template): output column prompt_fit = NLL(other prompt) − NLL(own "
+                                              "prompt) per token; near or below 0, the response does not belong to "
+                                              "its prompt (mislabeled). One more forward pass per row",
+                                        added=True)
+
+
+@dataclass
 class Centering:
     title: ClassVar[str] = "centering"
     center: int | None = opt(None, "center on the mean gradient μ of a seeded random sample of this many rows, saved "
@@ -227,7 +240,7 @@ class ModelJob(Replicas, Centering, DataArgs, ModelArgs):
 
 
 @dataclass
-class ValueConfig(Execution, ModelJob, Valuation, ValueInputs, JobConfig):
+class ValueConfig(Execution, ModelJob, PromptFit, Valuation, ValueInputs, JobConfig):
     """``forvalue-ray value``'s settings."""
 
     summary: ClassVar[str] = "score training rows against a target set"

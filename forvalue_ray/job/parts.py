@@ -229,7 +229,7 @@ def prepare_out(out: RunOutput, record: dict, shards: Shards, overwrite: bool = 
 def result_table(kind: str, ids: list[str], res: dict, mode: str = "mean", storage: str = "float32",
                  seed: int = 0, center: tuple[np.ndarray, float] | None = None) -> pa.Table:
     """The output schema: id, score (mean) | scores (groups, pairwise) | sketch [+ sketch_scale: int8, + center_dot:
-    centered], n_tokens, nll. ``center``: a centered index's μ terms (TS(μ), ‖μ‖²), ``res`` scored against μ."""
+    centered], n_tokens, nll [, prompt_fit: null where a row has none]. ``center``: a centered index's μ terms (TS(μ), ‖μ‖²), ``res`` scored against μ."""
     n = len(ids)
     cols = {"id": pa.array(ids, pa.string())}
     if kind == "sketches":
@@ -250,6 +250,9 @@ def result_table(kind: str, ids: list[str], res: dict, mode: str = "mean", stora
         cols["score"] = pa.array(res["scores"][:, 0] if n else [], pa.float64())
     cols["n_tokens"] = pa.array(res["n_tokens"] if n else [], pa.int64())
     cols["nll"] = pa.array(res["nll"] if n else [], pa.float64())
+    if "prompt_fit" in res:
+        fit = np.asarray(res["prompt_fit"], dtype=np.float64)
+        cols["prompt_fit"] = pa.array(fit, pa.float64(), mask=~np.isfinite(fit))
     return pa.table(cols)
 
 

@@ -67,11 +67,13 @@ def _stream(spec: RunSpec, done: set[str], scorer_kw: dict, broadcast) -> tuple[
     """The shards not done, each read and encoded (CPU actors), then scored or sketched (model actors)."""
     model, group_col = spec.model, spec.group_column if spec.kind == "sketches" else None
     encode = executor.Stage(EncodeShards, {"tokenizer_path": model.path, "encode_kw": spec.reading.encode_kw,
-                                           "group_column": group_col, "trust_remote_code": model.trust_remote_code},
+                                           "group_column": group_col, "trust_remote_code": model.trust_remote_code,
+                                           "prompt_fit_column": spec.prompt_fit_column},
                             (1, max(1, model.actors[1])), {"num_cpus": 0.5})
     score = executor.Stage(ScoreShards, {"model_path": model.path, "load_kw": model.load_kw, "scorer_kw": scorer_kw,
                                          "broadcast": broadcast, "out": spec.out.root, "kind": spec.kind,
                                          "mode": spec.mode, "group_column": group_col,
+                                         "prompt_fit": spec.prompt_fit_column is not None,
                                          **({"storage": spec.sketch["storage"]} if spec.sketch else {})},
                            model.actors, model.resources)
     return executor.run_shards(spec.command, spec.shards, done, [encode, score], spec.progress)

@@ -69,11 +69,22 @@ def lane_values(scores: pa.Table, target: int | None, combine: str | None) -> np
     return ranked_values(scores, target, combine).reshape(-1, 1)
 
 
+def eligible(scores: pa.Table, min_prompt_fit: float | None) -> pa.Table:
+    """The scored rows a selection ranks: all, or with ``min_prompt_fit`` those whose prompt_fit is at least it or
+    null (a row with no partner prompt: no evidence against it)."""
+    if min_prompt_fit is None:
+        return scores
+    fit = scores["prompt_fit"]
+    return scores.filter(pc.or_kleene(pc.is_null(fit), pc.greater_equal(fit, min_prompt_fit)))
+
+
 def shard_keys(shard: Shard, scores_dir: str, id_column: str, per_group: str | None, target: int | None,
-               combine: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
-    """The scored rows of one shard: ids, the [n, L] values ranked, n_tokens, and (per group) each row's group."""
+               combine: str | None = None, min_prompt_fit: float | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """The ranked rows of one shard (:func:`eligible`): ids, the [n, L] values ranked, n_tokens, and (per group)
+    each row's group."""
     fs, path = io.filesystem(parts.RunOutput(scores_dir).part("scores", shard.key))
-    scores = pq.read_table(path, filesystem=fs)
+    scores = eligible(pq.read_table(path, filesystem=fs), min_prompt_fit)
     ids = np.asarray(scores["id"].to_pylist(), dtype=str) if scores.num_rows else np.zeros(0, dtype=str)
     values = lane_values(scores, target, combine)
     tokens = (np.asarray(scores["n_tokens"].to_numpy(), dtype=np.int64) if "n_tokens" in scores.column_names
@@ -265,14 +276,15 @@ def selection_counts(shard: Shard, out: str) -> dict:
 
 
 def selected_ids(scores: pa.Table, *, top_fraction=None, top_k=None, bottom_fraction=None, budget_tokens=None,
-                 groups: dict | None = None, target: int | None = None, combine: str | None = None
-                 ) -> dict[str, float]:
+                 groups: dict | None = None, target: int | None = None, combine: str | None = None,
+                 min_prompt_fit: float | None = None) -> dict[str, float]:
     """The reference selection by a full sort (in memory): ids → score of the chosen rows; per group when ``groups``
     maps id → group. Order: score descending, ties by id ascending; bottom is its tail. ``combine="max"`` ranks by
     the max over targets; ``combine="round-robin"`` orders rows by (their best rank over the targets' rankings, the
     first target reaching it) — the targets' rankings interleaved, each row where it first appears — and reports
     the max over targets as the score. ``budget_tokens``: the longest prefix of that order whose ``n_tokens`` sum is
-    at most the budget (``scores`` needs an ``n_tokens`` column)."""
+    at most the budget (``scores`` needs an ``n_tokens`` column). ``min_prompt_fit``: only :func:`eligible` rows."""
+    scores = eligible(scores, min_prompt_fit)
     ids = scores["id"].to_pylist()
     n = len(ids)
     id_rank = np.empty(n, np.int64)
@@ -454,13 +466,14 @@ def round_robin_cuts(shards: Shards, want: dict, stats: dict, keys_kw: dict, tok
 
 def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, top_k=None, bottom_fraction=None,
            budget_tokens=None, per_group: str | None = None, target: str | None = None, combine: str | None = None,
-           overwrite: bool = False) -> dict:
+           min_prompt_fit: float | None = None, overwrite: bool = False) -> dict:
     """Write the chosen rows of the scored data in its own format (Parquet or JSONL; HF Arrow → Parquet).
 
     ``data`` defaults to the input the scores were computed from (it must be that input: scores are
     shard-aligned with it). ``budget_tokens``: the longest prefix of the ranking whose valued tokens sum to at most
     the budget. ``combine`` (several targets): ``max`` ranks by a row's best score; ``round-robin`` interleaves the
-    targets' rankings. Exactly once and resumable like ``value``: re-running the same selection into the same
+    targets' rankings. ``min_prompt_fit``: rank only rows whose prompt fit is at least this, or has none
+    (:func:`eligible`; the scores need ``value --prompt-fit-column``). Exactly once and resumable like ``value``: re-running the same selection into the same
     ``out`` finishes it; a different one is refused unless ``overwrite`` (and only a selection is ever replaced).
     Returns the rows selected and written, the rows scored and the tokens selected."""
     if sum(x is not None for x in (top_fraction, top_k, bottom_fraction, budget_tokens)) != 1:
@@ -488,6 +501,9 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
                          f"(an unfinished or crashed run); `forvalue-ray verify {scores_dir}` tells which, and "
                          f"re-running the value (or score) command finishes them")
     settings = plan["settings"]
+    if min_prompt_fit is not None and not settings.get("prompt_fit_column"):
+        raise ValueError(f"--min-prompt-fit: {scores_dir} has no prompt_fit column; value with --prompt-fit-column "
+                         f"COLUMN (the column whose equal values share a template, e.g. task) to compute it")
     scored = settings.get("train")
     if bottom_fraction is None and raw_score_warning(settings):
         print(raw_score_warning(settings), file=sys.stderr)
@@ -517,14 +533,14 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
         target_index = names.index(target)
     criteria = {"scores": plan["fingerprint"], "top_fraction": top_fraction, "top_k": top_k,
                 "bottom_fraction": bottom_fraction, "per_group": per_group, "target": target}
-    new = {"budget_tokens": budget_tokens, "combine": combine}
+    new = {"budget_tokens": budget_tokens, "combine": combine, "min_prompt_fit": min_prompt_fit}
     # criteria added later count only when given: a selection written before them keeps its fingerprint
     record = {"kind": "selection", "fingerprint": parts.digest({**criteria, **{k: v for k, v in new.items() if v is not None}}),
               "settings": {**criteria, **new}}
     replace = _check_out(out, record, overwrite)
     executor.init_ray(None)
     keys_kw = {"scores_dir": scores_dir, "id_column": settings.get("id_column", "id"), "per_group": per_group,
-               "target": target_index, "combine": combine}
+               "target": target_index, "combine": combine, "min_prompt_fit": min_prompt_fit}
     stats: dict = {}  # lane (group, column) → rows, lowest, highest, tokens
     for res in executor.shard_pass(shards, group_stats, **keys_kw):
         for g, c, n, lo, hi, tok in res["lanes"]:

@@ -62,6 +62,7 @@ class RunSpec:
     center: int | None = None  # value, sketch: μ of a sample of this many rows, or an earlier run's
     center_seed: int = 0
     center_stats: str | None = None
+    prompt_fit_column: str | None = None  # value: the key of each row's partner prompt
     sketch: dict | None = None  # sketch: dim, seed, storage
     actors: tuple[int, int] | None = None  # score: its actors' pool (no model)
     index: str | None = None  # score: the index, the target index and their index.json
@@ -128,7 +129,7 @@ def resolve(cfg: JobConfig) -> RunSpec:
     if cfg.command == "value":
         stamps = {"target": reused.get("target") or io.file_stamp(cfg.target, exclude=cfg.out),
                   "train_files": io.file_stamp(cfg.train, exclude=cfg.out)}
-        own = {"target": cfg.target, "target_stats": cfg.target_stats}
+        own = {"target": cfg.target, "target_stats": cfg.target_stats, "prompt_fit_column": cfg.prompt_fit_column}
     else:
         stamps = {"data_files": io.file_stamp(cfg.data, exclude=cfg.out)}
         own = {"sketch": {"dim": cfg.dim, "seed": cfg.seed, "storage": cfg.storage}}

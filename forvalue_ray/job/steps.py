@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .. import io
+from .. import io, promptfit
 from ..center import center_terms
 from ..encode import Encoder, RowError
 from ..io import Shard
@@ -75,9 +75,10 @@ def _summaries(results: list[dict]) -> dict:
 class EncodeShards:
     """Read a shard and turn its rows into token ids + loss masks, routing bad rows aside (a CPU actor)."""
 
-    def __init__(self, tokenizer_path: str, encode_kw: dict, group_column: str | None, trust_remote_code: bool):
+    def __init__(self, tokenizer_path: str, encode_kw: dict, group_column: str | None, trust_remote_code: bool,
+                 prompt_fit_column: str | None = None):
         self.encoder = make_encoder(tokenizer_path, encode_kw, trust_remote_code)
-        self.group_column = group_column
+        self.group_column, self.prompt_fit_column = group_column, prompt_fit_column
 
     def __call__(self, batch):
         return {**{f: batch[f] for f in io.SHARD_FIELDS},
@@ -103,7 +104,7 @@ class EncodeShards:
     def encode(self, shard: Shard) -> dict:
         rows, rejected = io.read_shard(shard)
         n_read = len(rows) + len(rejected)
-        encoded, groups, seen, group_names, columns = [], [], set(), set(), {}
+        encoded, groups, seen, group_names, columns, kept = [], [], set(), set(), {}, []
         for fallback, row in rows:
             columns.update(dict.fromkeys(row))
             rid = self.encoder.row_id(row, fallback)
@@ -122,9 +123,26 @@ class EncodeShards:
                 continue
             seen.add(rid)
             encoded.append(enc)
+            kept.append(row)
             groups.append(None if group is None else str(group))
-        return {"rows": encoded, "groups": groups, "rejected": rejected, "n_read": n_read,
-                "group_names": group_names, "columns": list(columns)}
+        out = {"rows": encoded, "groups": groups, "rejected": rejected, "n_read": n_read,
+               "group_names": group_names, "columns": list(columns)}
+        if self.prompt_fit_column:
+            out["swapped"] = self.swapped(kept)
+        return out
+
+    def swapped(self, rows: list[dict]) -> list:
+        """The shard's valid rows, each with its partner's prompt (promptfit.swapped_rows), encoded; None where it
+        has no partner or the swapped row does not encode whole within --max-length."""
+        keys = [None if row.get(self.prompt_fit_column) is None else
+                json.dumps(row[self.prompt_fit_column], sort_keys=True, default=str) for row in rows]
+        out = []
+        for row in promptfit.swapped_rows(rows, keys, self.encoder.columns.prompt):
+            try:
+                out.append(None if row is None else promptfit.whole(self.encoder(row)))
+            except RowError:
+                out.append(None)
+        return out
 
 
 class ScoreShards:
@@ -133,17 +151,30 @@ class ScoreShards:
     centered index, {"stats": μ}."""
 
     def __init__(self, model_path: str, load_kw: dict, scorer_kw: dict, broadcast: dict | None, out: str, kind: str,
-                 mode: str = "mean", group_column: str | None = None, storage: str = "float32"):
+                 mode: str = "mean", group_column: str | None = None, storage: str = "float32",
+                 prompt_fit: bool = False):
         from ..engine import Scorer
 
         self.vm = load_replica(model_path, load_kw)
         extra = broadcast or {}
         self.scorer = Scorer(self.vm, **scorer_kw, **extra)
+        # prompt fit: the responses' NLL under their partners' prompts, a plain forward (no target side)
+        self.nll_scorer = Scorer(self.vm, **{k: v for k, v in scorer_kw.items() if k in ("vocab_chunk", "max_tokens")}
+                                 ) if prompt_fit else None
         self.out, self.kind, self.mode, self.group_column, self.storage = out, kind, mode, group_column, storage
         self.seed = scorer_kw.get("sketch_seed", 0)
         # a centered index: the scorer's statistics are μ; rows keep TS(G) − TS(μ) and ⟨G, μ⟩
         self.center = (center_terms(extra["stats"].stats[0], self.scorer.hashes)
                        if kind == "sketches" and "stats" in extra else None)
+
+    def prompt_fits(self, own_nll: np.ndarray, swapped: list) -> np.ndarray:
+        """Per row, NLL under its partner's prompt minus NLL under its own; NaN (written as null) where it has no
+        partner or that NLL overflows."""
+        have = [i for i, r in enumerate(swapped) if r is not None]
+        other = np.full(len(own_nll), np.nan)
+        if have:
+            other[have] = self.nll_scorer([swapped[i] for i in have])["nll"]
+        return promptfit.prompt_fit(own_nll, other)
 
     def __call__(self, batch):
         return _summaries([self.score(s, pickle.loads(p))
@@ -153,7 +184,7 @@ class ScoreShards:
         t0 = time.time()
         if "error" in enc:  # unreadable: nothing written, the driver stops the job naming the file
             return {"shard": shard.key, "label": shard.label, "error": enc["error"], "seconds": 0.0}
-        rows = enc["rows"]
+        rows, swapped = enc["rows"], enc.get("swapped")
         res = self.scorer(rows) if rows else {}
         if rows:  # a row whose numbers overflowed is rejected, never written as NaN
             finite = np.all([np.isfinite(v.reshape(len(rows), -1)).all(1) for v in res.values()], axis=0)
@@ -163,7 +194,10 @@ class ScoreShards:
                                    if not ok]
                 rows = [r for r, ok in zip(rows, finite) if ok]
                 enc["groups"] = [g for g, ok in zip(enc["groups"], finite) if ok]  # aligned with the kept rows
+                swapped = swapped and [r for r, ok in zip(swapped, finite) if ok]
                 res = {k: v[finite] for k, v in res.items()}
+        if self.nll_scorer is not None:  # the column in every part, an empty one's too: one schema
+            res["prompt_fit"] = self.prompt_fits(res["nll"], swapped) if rows else np.zeros(0)
         table = parts.result_table(self.kind, [r.id for r in rows], res, self.mode, self.storage, self.seed,
                                    self.center)
         if self.group_column:  # a sketch index keeps the group labels that `score --mode groups` needs

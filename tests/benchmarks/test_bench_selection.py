@@ -51,6 +51,10 @@ def test_own_group_and_choose_by_hand():
     # round-robin: target 0's best (a), target 1's best (c), then target 0's second (b)
     assert bs.choose(ids, matrix, 2, "round-robin") == [0, 1]
     assert bs.choose(ids, matrix, 3, "round-robin") == [0, 1, 2]
+    # a prompt-fit floor: a (fit -1) is not ranked; b (no fit) and c (fit 0.5) are
+    fit = np.array([0.5, -1.0, np.nan])
+    assert bs.choose(ids, np.array([1.0, 2.0, 2.0]), 2, fit=fit, min_fit=0.0) == [0, 2]
+    assert bs.choose(ids, np.array([1.0, 2.0, 2.0]), 3, fit=fit, min_fit=0.0) == [0, 2]
 
 
 @pytest.fixture(scope="module")

@@ -285,3 +285,68 @@ def test_select_notes_the_raw_score_only_for_the_raw_score(data, runs, tmp_path)
     assert selection.raw_score_warning({"command": "value", "mode": "mean", "normalize": True}) is None
     assert selection.raw_score_warning({"command": "value", "mode": "mean", "center": 100}) is None
     assert selection.raw_score_warning({"command": "score", "mode": "mean"}) is None
+
+
+# ---- prompt fit: computed per shard, and the filter select applies ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fit_run(data, ray_local):
+    out = data.root / "prompt-fit"
+    run_ok("value", "--model", data.model, "--train", data.train, "--target", data.target, "--out", out,
+           "--shard-rows", SHARD_ROWS, "--no-progress", "--mode", "pairwise", "--normalize",
+           "--prompt-fit-column", "class")
+    return out
+
+
+def test_prompt_fit_column_equals_the_api_on_each_shard(data, fit_run):
+    """The job pairs rows within each shard: its prompt_fit equals the in-process API on that shard's rows (a
+    second code path), null where a row's class is alone in its shard."""
+    from forvalue_ray import load_model, prompt_fit
+
+    table = fio.read_parts(str(fit_run / "scores"))
+    got = dict(zip(table["id"].to_pylist(), table["prompt_fit"].to_pylist()))
+    assert set(got) == {r["id"] for r in data.train_rows}
+    vm = load_model(str(data.model), device="cpu", dtype="float32")
+    for start in range(0, len(data.train_rows), SHARD_ROWS):
+        rows = data.train_rows[start:start + SHARD_ROWS]
+        want = prompt_fit(vm, rows, [r["class"] for r in rows])
+        for r, w in zip(rows, want):
+            if np.isnan(w):
+                assert got[r["id"]] is None, r["id"]
+            else:
+                assert got[r["id"]] == pytest.approx(w, rel=1e-4, abs=1e-6), r["id"]
+    assert sum(v is not None for v in got.values()) >= len(got) // 2
+
+
+def test_select_min_prompt_fit_equals_the_reference(data, fit_run, tmp_path):
+    """Only rows with prompt_fit >= the threshold (or none) are ranked: the distributed selection equals the full
+    sort over exactly those rows."""
+    table = fio.read_parts(str(fit_run / "scores"))
+    fits = table["prompt_fit"].to_pylist()
+    threshold = float(np.median([f for f in fits if f is not None]))
+    eligible = {i for i, f in zip(table["id"].to_pylist(), fits) if f is None or f >= threshold}
+    assert 0 < len(eligible) < len(fits)
+    sel = tmp_path / "sel"
+    run_ok("select", "--scores", fit_run, "--out", sel, "--top-k", "6", "--combine", "round-robin",
+           "--min-prompt-fit", threshold)
+    want = selection.selected_ids(table, top_k=6, combine="round-robin", min_prompt_fit=threshold)
+    assert _selection(sel) == want and len(want) == 6 and set(want) <= eligible
+    literal = table.filter(pa.array([i in eligible for i in table["id"].to_pylist()]))
+    assert want == selection.selected_ids(literal, top_k=6, combine="round-robin")
+
+
+def test_select_refuses_min_prompt_fit_without_the_column(data, runs, tmp_path):
+    out = tmp_path / "sel"
+    rc, _, err = cli("select", "--scores", runs["groups"], "--out", out, "--top-k", "2", "--min-prompt-fit", "0")
+    assert rc == 2 and "has no prompt_fit column" in err and "--prompt-fit-column" in err, err
+    assert not out.exists()
+
+
+def test_prompt_fit_enters_the_plan_only_when_set():
+    """Outputs written before --prompt-fit-column existed keep their fingerprint (and resume)."""
+    from forvalue_ray.job import ValueConfig
+
+    base = {"out": "o", "train": "t", "target": "g"}
+    assert "prompt_fit_column" not in ValueConfig(**base).result_fields()
+    assert ValueConfig(**base, prompt_fit_column="task").result_fields()["prompt_fit_column"] == "task"

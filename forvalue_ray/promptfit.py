@@ -1,0 +1,61 @@
+"""Prompt fit: does a response belong to its own prompt?
+
+A mislabeled row (the response of another question of the same template) is a fluent, well-formed answer: every
+score against the targets' mean gradient, and the row's own loss, see nothing wrong with it. What gives it away is
+that its own prompt does not predict it any better than some other prompt of the same kind does. For a
+prompt/response row r with prompt p and response y, and a *partner* prompt p' (the prompt of another row sharing
+r's key: its task or template),
+
+    prompt_fit(r) = NLL(y | p') − NLL(y | p)         (each: mean over y's valued tokens, in nats per token)
+
+a pointwise mutual information between the response and its prompt, measured against a same-template prompt so
+that the template's own share cancels. High: the response is specific to its prompt. Near or below 0: the prompt
+tells the model nothing about this response (measured on P3 with 30% of responses swapped within their template,
+SmolLM2-135M: AUC 0.9–1.0 for mislabeled rows on generation and QA tasks; at chance on classification, where the
+small model cannot tell which class a text belongs to — see docs/selection.md).
+
+Partners are the next row with the same key in the rows' order, wrapping around (a rotation: every row with a
+partner lends its prompt exactly once); a row alone with its key has none, and no prompt fit; nor has a row whose
+swapped version does not fit ``max_length`` whole (a cut response would be measured on other tokens than its own).
+The job draws partners within each shard, the Python API within the rows it is given.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def partners(keys: Sequence) -> list[int | None]:
+    """For each row, the index of the next row with the same key (wrapping around), or None: a row alone with its
+    key, or with key None."""
+    by_key: dict = {}
+    for i, k in enumerate(keys):
+        if k is not None:
+            by_key.setdefault(k, []).append(i)
+    out: list[int | None] = [None] * len(keys)
+    for members in by_key.values():
+        if len(members) > 1:
+            for a, b in zip(members, members[1:] + members[:1]):
+                out[a] = b
+    return out
+
+
+def swapped_rows(rows: Sequence[dict], keys: Sequence, prompt_column: str = "prompt") -> list[dict | None]:
+    """Each row with its partner's prompt (:func:`partners`), or None where it has no partner or no prompt."""
+    out: list[dict | None] = []
+    for row, j in zip(rows, partners(keys)):
+        has_prompt = j is not None and row.get(prompt_column) is not None and rows[j].get(prompt_column) is not None
+        out.append({**row, prompt_column: rows[j][prompt_column]} if has_prompt else None)
+    return out
+
+
+def whole(encoded):
+    """The encoded swapped row, or None when cut at max_length."""
+    return None if encoded.truncated else encoded
+
+
+def prompt_fit(own_nll: np.ndarray, swapped_nll: np.ndarray) -> np.ndarray:
+    """NLL under the partner's prompt minus NLL under the row's own (NaN where a row has no partner)."""
+    return np.asarray(swapped_nll, dtype=np.float64) - np.asarray(own_nll, dtype=np.float64)
