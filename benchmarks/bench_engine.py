@@ -1,6 +1,7 @@
 """Engine throughput and peak memory on CPU: plain forward with logits vs For-Value readouts.
 
-    python benchmarks/bench_engine.py [--model smollm2] [--seq 256] [--batch 8] [--iters 3]
+    python benchmarks/bench_engine.py [--model smollm2] [--seq 256] [--batch 8] [--iters 3] [--dtype float32]
+        [--methods forward_logits,value_mean]
 
 Each method runs in its own process so peak RSS (ru_maxrss) is its own. Inputs are random token ids,
 every position valued (text rows); the pairwise reference holds 100 targets of 32 valued tokens.
@@ -30,7 +31,7 @@ def run_one(args) -> dict:
     from forvalue_ray.engine import Scorer, build_reference, finish_target_stats, target_partial
 
     torch.set_num_threads(args.threads)
-    vm = load_model(args.model)
+    vm = load_model(args.model, dtype=args.dtype)
     rng = np.random.default_rng(0)
     V = vm.head.vocab_size
 
@@ -82,6 +83,9 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or auto (the product's default)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"a subset of {','.join(METHODS)}; the first "
+                   "is the baseline of 'x forward'")
     p.add_argument("--method", choices=METHODS)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "engine_cpu.json"))
     args = p.parse_args()
@@ -89,9 +93,9 @@ def main():
         print(json.dumps(run_one(args)))
         return
     results = []
-    for m in METHODS:
+    for m in args.methods.split(","):
         cmd = [sys.executable, __file__, "--method", m] + [f"--{k}={getattr(args, k)}" for k in
-                                                           ("model", "seq", "batch", "iters", "threads")]
+                                                           ("model", "seq", "batch", "iters", "threads", "dtype")]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(results[-1], flush=True)
@@ -99,7 +103,7 @@ def main():
     for r in results:
         r["throughput_vs_forward"] = r["tokens_per_s"] / plain
     meta = {"command": "python benchmarks/bench_engine.py " + " ".join(sys.argv[1:]), "cpu_count": os.cpu_count(),
-            "seq": args.seq, "batch": args.batch, "model": args.model}
+            "seq": args.seq, "batch": args.batch, "model": args.model, "dtype": args.dtype}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     print("| method | tokens/s | × forward | peak RSS MiB | peak over setup MiB |\n|---|---|---|---|---|")
