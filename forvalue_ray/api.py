@@ -11,10 +11,11 @@ from .center import (CENTER_NORMALIZE_ERROR, CenteredSketches, center_target_sta
                      centered_sketch_rows, check_center)
 from .encode import Columns, Encoded, Encoder, RowError
 from .engine import (DEFAULT_MAX_TOKENS, Reference, Scorer, TargetStats, build_reference, finish_target_stats,
-                     target_form, target_partial)
+                     fit_subspace_on_rows, target_form, target_partial)
 from .model import ValuationModel
 from .readout import DEFAULT_VOCAB_CHUNK
 from .sketch import DEFAULT_SKETCH_DIM
+from .subspace import Subspace, parse_shape
 
 
 def encode_rows(vm: ValuationModel, rows: Iterable, *, max_length: int | None = None,
@@ -209,19 +210,40 @@ def sketches(vm: ValuationModel, rows, *, dim: int = DEFAULT_SKETCH_DIM, seed: i
 
 
 def centered_sketches(vm: ValuationModel, rows, center, *, dim: int = DEFAULT_SKETCH_DIM, seed: int = 0,
-                      vocab_chunk: int = DEFAULT_VOCAB_CHUNK, **encode_kw) -> CenteredSketches:
+                      subspace: Subspace | None = None, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+                      **encode_kw) -> CenteredSketches:
     """Sketches centered on μ, the mean gradient of ``center`` (a random sample of the corpus, or its dense
     statistics: ``target_statistics(..., stats_form="dense")`` or a loaded ``OUT/center``). Index and targets must be
     centered on the same μ; score them with :func:`~forvalue_ray.sketch.sketch_targets` and
     :func:`~forvalue_ray.sketch.score_sketches` (each takes ``center_dot``), which estimate For-Value without bias
     and with less variance than raw sketches when rows resemble the corpus mean. Costs one more dense LM-head product
-    per token (⟨G, μ⟩) than :func:`sketches`."""
+    per token (⟨G, μ⟩) than :func:`sketches`.
+
+    ``subspace`` (:func:`fit_subspace` on the same μ): each row is [A X Bᵀ, TS(X − Π_A X Π_B)] for X = G − μ, k1·k2 +
+    ``dim`` numbers; the same estimators apply, still unbiased, with the fitted subspace's share of the energy
+    exact instead of sketched."""
+    center = _dense_center(vm, center, vocab_chunk, encode_kw)
+    scorer = Scorer(vm, stats=center, sketch_dim=dim, sketch_seed=seed, subspace=subspace, vocab_chunk=vocab_chunk)
+    scored = scorer(encode_rows(vm, rows, **encode_kw))
+    return centered_sketch_rows(scored, center_terms(center.stats[0], scorer.hashes, subspace))
+
+
+def fit_subspace(vm: ValuationModel, sample, center=None, *, shape: str | tuple[int, int] = "32x16",
+                 vocab_chunk: int = DEFAULT_VOCAB_CHUNK, **encode_kw) -> Subspace:
+    """The subspace of a sketch index (``sketch --subspace K1xK2``), fitted on ``sample``, a random sample of the
+    corpus: k1 vocabulary × k2 hidden directions that hold most of the centered gradients' energy. ``center``: the
+    sample's statistics if already built (default: computed from ``sample``). Fitted on the sample's first
+    FIT_COLUMNS // k2 rows."""
+    k1, k2 = parse_shape(shape) if isinstance(shape, str) else shape
+    center = _dense_center(vm, sample if center is None else center, vocab_chunk, encode_kw)
+    return fit_subspace_on_rows(vm, encode_rows(vm, sample, **encode_kw), center.stats[0], k1, k2, vocab_chunk)
+
+
+def _dense_center(vm: ValuationModel, center, vocab_chunk: int, encode_kw: dict) -> TargetStats:
     if not isinstance(center, TargetStats):
         center = target_statistics(vm, center, vocab_chunk=vocab_chunk, stats_form="dense", **encode_kw)
     check_center(center)
-    scorer = Scorer(vm, stats=center, sketch_dim=dim, sketch_seed=seed, vocab_chunk=vocab_chunk)
-    scored = scorer(encode_rows(vm, rows, **encode_kw))
-    return centered_sketch_rows(scored, center_terms(center.stats[0], scorer.hashes))
+    return center
 
 
 def diagnostics(vm: ValuationModel, rows, **encode_kw) -> dict[str, np.ndarray]:

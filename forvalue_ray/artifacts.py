@@ -11,9 +11,11 @@ from safetensors.torch import save as st_save
 from . import io
 from .engine import TargetStats, TargetTokens
 from .readout import ReferenceTokens
+from .subspace import Subspace
 
 STATS_FILE = "target_stats.safetensors"
 STATS_META = "target_stats.json"
+SUBSPACE_FILE = "subspace.safetensors"  # beside a centering sample's statistics: the index's fitted subspace
 
 
 def save_target_stats(stats: TargetStats, out_dir: str) -> None:
@@ -46,6 +48,22 @@ def load_target_stats(path: str) -> TargetStats:
         return TargetStats(t["stats"], *head)
     return TargetStats(None, *head, tokens=TargetTokens(ReferenceTokens(t["h"], t["y"], t["lse"], t["group"]),
                                                         t["weights"]))
+
+
+def save_subspace(subspace: Subspace, out_dir: str) -> None:
+    io.write_bytes_atomic(io.join(out_dir, SUBSPACE_FILE), st_save(
+        {"vocab": subspace.vocab.cpu().contiguous(), "hidden": subspace.hidden.cpu().contiguous()}))
+
+
+def load_subspace(path: str) -> Subspace | None:
+    """The fitted subspace saved beside centering statistics (``OUT/center``), or None where there is none."""
+    base = path[: -len("/" + STATS_FILE)] if path.endswith(STATS_FILE) else path.rstrip("/")
+    if not io.exists(io.join(base, SUBSPACE_FILE)):
+        return None
+    fs, p = io.filesystem(io.join(base, SUBSPACE_FILE))
+    with fs.open(p, "rb") as fh:
+        t = st_load(fh.read())
+    return Subspace(t["vocab"], t["hidden"])
 
 
 def artifact_identity(path: str) -> dict:

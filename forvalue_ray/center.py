@@ -15,6 +15,7 @@ import torch
 
 from .engine import TargetStats
 from .sketch import SketchHashes, sketch_of_matrix
+from .subspace import Subspace
 
 CENTER_NORMALIZE_ERROR = ("centering is defined for the plain For-Value inner product only: drop normalize "
                           "(--normalize) or the centering sample (center= / --center)")
@@ -59,9 +60,11 @@ class CenteredSketches(NamedTuple):
     center_sq_norm: float
 
 
-def center_terms(mu: torch.Tensor, hashes: SketchHashes) -> tuple[np.ndarray, float]:
-    """What centering on μ [V, d] subtracts and adds: TS(μ) as float32 (the dtype of a row's sketch) and ‖μ‖²."""
-    return sketch_of_matrix(mu, hashes).float().numpy(), float(mu.double().pow(2).sum())
+def center_terms(mu: torch.Tensor, hashes: SketchHashes, subspace: Subspace | None = None) -> tuple[np.ndarray, float]:
+    """What centering on μ [V, d] subtracts and adds: μ's stored vector as float32 (the dtype of a row's sketch:
+    TS(μ), or with a subspace [A μ Bᵀ, TS(μ − Π_A μ Π_B)]) and ‖μ‖²."""
+    vector = sketch_of_matrix(mu, hashes).float().numpy() if subspace is None else subspace.center_vector(mu, hashes)
+    return vector, float(mu.double().pow(2).sum())
 
 
 def centered_sketch_rows(scored: dict, terms: tuple[np.ndarray, float]) -> CenteredSketches:

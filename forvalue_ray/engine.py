@@ -21,10 +21,11 @@ import torch
 
 from .encode import IGNORE, Encoded
 from .model import ValuationModel
-from .readout import (DEFAULT_VOCAB_CHUNK, CountSketchOfError, ReferenceTokens, TargetStatDot, TokenKernel,
-                      accumulation_dtype, block_sizes, gradient_sq_norms, product_dtype, segment_sum, vocab_pass,
+from .readout import (DEFAULT_VOCAB_CHUNK, CountSketchOfError, ProjectionOfError, ReferenceTokens, TargetStatDot,
+                      TokenKernel, accumulation_dtype, block_sizes, gradient_sq_norms, product_dtype, segment_sum, vocab_pass,
                       weighted_gradient_sum)
 from .sketch import SketchHashes, sketch_spectrum, spectrum_to_sketch
+from .subspace import Subspace
 
 DEFAULT_MAX_TOKENS = 4096  # padded tokens per forward
 DEFAULT_MAX_ROWS = 64
@@ -178,9 +179,9 @@ class Scorer:
     """Scores batches of encoded rows against target statistics, a reference set, and/or sketches them."""
 
     def __init__(self, vm: ValuationModel, *, stats: TargetStats | None = None, reference: Reference | None = None,
-                 sketch_dim: int | None = None, sketch_seed: int = 0, normalize: bool = False,
-                 vocab_chunk: int = DEFAULT_VOCAB_CHUNK, max_tokens: int = DEFAULT_MAX_TOKENS,
-                 padding_side: str = "right"):
+                 sketch_dim: int | None = None, sketch_seed: int = 0, subspace: Subspace | None = None,
+                 normalize: bool = False, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+                 max_tokens: int = DEFAULT_MAX_TOKENS, padding_side: str = "right"):
         self.vm, self.normalize, self.vocab_chunk = vm, normalize, vocab_chunk
         self.max_tokens, self.padding_side = max_tokens, padding_side
         dev, cd = vm.device, product_dtype(vm.dtype)
@@ -202,6 +203,11 @@ class Scorer:
             self.pairs = TokenSet(t, t.h.to(cd), len(self.reference.ids))
         self.hashes = None if sketch_dim is None else SketchHashes.make(
             sketch_dim, sketch_seed, vm.head.vocab_size, vm.head.weight.shape[1], dev)
+        if subspace is not None and self.hashes is None:
+            raise ValueError("a subspace index sketches the residual: give sketch_dim too")
+        # a subspace index: each row is [A G Bᵀ, TS(G − Π_A G Π_B)] (see forvalue_ray.subspace)
+        self.subspace = None if subspace is None else subspace.to(dev)
+        self.cs_vocab_basis = None if subspace is None else self.subspace.sketched_vocab_basis(self.hashes)
 
     @torch.no_grad()
     def __call__(self, rows: list[Encoded]) -> dict[str, np.ndarray]:
@@ -249,7 +255,7 @@ class Scorer:
                                    n_reference=sum(len(t.tokens.y) for t in token_sets),
                                    sketch_dim=0 if self.hashes is None else self.hashes.dim)
         nll = torch.zeros(n, dtype=acc, device=vt.h.device)
-        scores = pairwise = spectrum = None
+        scores = pairwise = spectrum = coords = None
         lse, terms = [], {"scores": [], "pairwise": []}  # per block, per_token only
         for t0 in range(0, len(vt.y), block):
             h, y, seg = vt.h[t0:t0 + block], vt.y[t0:t0 + block], vt.seg[t0:t0 + block]
@@ -260,6 +266,8 @@ class Scorer:
             if self.hashes is not None:
                 accs.append(CountSketchOfError(self.hashes.vocab_buckets, self.hashes.vocab_signs,
                                                self.hashes.dim, len(y), acc))
+            if self.subspace is not None:
+                accs.append(ProjectionOfError(self.subspace.vocab, len(y), acc))
             res = vocab_pass(head, h, y, accs, chunk)
             lse.append(res.lse)
             nll += segment_sum(res.nll, seg, n)
@@ -281,6 +289,8 @@ class Scorer:
                     terms["pairwise"].append(self.pairs.per_token(v, h))
             if self.hashes is not None:
                 spectrum = _add(spectrum, sketch_spectrum(next(values), h, self.hashes, seg, n))
+            if self.subspace is not None:
+                coords, spectrum = self._subspace_terms(next(values), h, seg, n, coords, spectrum)
         counts = vt.n_tokens
         out = {"n_tokens": counts.astype(np.int64), "nll": nll.cpu().double().numpy() / np.maximum(counts, 1)}
         inv_norm = None
@@ -293,7 +303,10 @@ class Scorer:
                 pairwise = pairwise * inv_norm[:, None] * ref.sq_norms.to(acc).rsqrt()[None, :]
             out["pairwise"] = pairwise.double().cpu().numpy()
         if self.hashes is not None:
-            out["sketch"] = spectrum_to_sketch(spectrum, self.hashes).float().cpu().numpy()
+            sketch = spectrum_to_sketch(spectrum, self.hashes)
+            if coords is not None:
+                sketch = torch.cat([coords.to(sketch.dtype), sketch], 1)
+            out["sketch"] = sketch.float().cpu().numpy()
         if per_token:
             for kind, blocks in terms.items():
                 if not blocks:
@@ -305,6 +318,16 @@ class Scorer:
                         t = t * ref.sq_norms.to(acc).rsqrt()[None, :]
                 out["token_" + kind] = _per_row(t.double().cpu().numpy(), vt, rows)
         return out
+
+
+    def _subspace_terms(self, pa, h, seg, n, coords, spectrum):
+        """Add one token block's A G Bᵀ (from P α = ``pa`` [T, k1] and B h) to ``coords`` and subtract the sketch of
+        its projected part, TS(Σ_t Π_A α_t (Π_B h_t)ᵀ), from ``spectrum``: the row keeps the residual's sketch."""
+        hb = h.to(pa.dtype) @ self.subspace.hidden.to(pa.dtype).T  # [T, k2]
+        coords = _add(coords, segment_sum((pa[:, :, None] * hb[:, None, :]).flatten(1), seg, n))
+        projected_error = pa @ self.cs_vocab_basis.to(pa.dtype).T  # CS₁(Aᵀ P α_t) [T, dim]
+        projected_h = hb @ self.subspace.hidden.to(pa.dtype)
+        return coords, spectrum - sketch_spectrum(projected_error, projected_h, self.hashes, seg, n)
 
 
 def _add(total, x):
@@ -319,6 +342,25 @@ def _per_row(t: np.ndarray, vt: ValuedTokens, rows: list[Encoded]) -> list[np.nd
         mine = seg == i
         o[pos[mine]] = t[mine]
     return out
+
+
+def fit_subspace_on_rows(vm: ValuationModel, rows: list[Encoded], mu: torch.Tensor, k1: int, k2: int,
+                        vocab_chunk: int = DEFAULT_VOCAB_CHUNK, max_tokens: int = DEFAULT_MAX_TOKENS) -> Subspace:
+    """:func:`~forvalue_ray.subspace.fit_subspace` on the first :func:`~forvalue_ray.subspace.fit_rows` rows of a
+    sample (already random) whose mean gradient is ``mu``."""
+    from .subspace import fit_rows, fit_subspace
+
+    rows = rows[:fit_rows(k2)]
+    hs, ys, lses, segs = [], [], [], []
+    with torch.no_grad():
+        for idx in plan_batches([len(r.input_ids) for r in rows], max_tokens):
+            vt = valued_tokens(vm, [rows[i] for i in idx])
+            hs.append(vt.h)
+            ys.append(vt.y)
+            lses.append(log_sum_exp(vm, vt, vocab_chunk))
+            segs.append(torch.as_tensor(np.asarray(idx), device=vt.seg.device)[vt.seg])
+        return fit_subspace(vm.head, torch.cat(hs), torch.cat(ys), torch.cat(lses), torch.cat(segs), len(rows),
+                            mu.to(vm.device), k1, k2, vocab_chunk)
 
 
 def log_sum_exp(vm: ValuationModel, vt: ValuedTokens, vocab_chunk: int) -> torch.Tensor:

@@ -189,6 +189,20 @@ class CountSketchOfError(Accumulator):
         return out
 
 
+class ProjectionOfError(Accumulator):
+    """w_t = the rows of a fixed projection P [k, V]: P α_t, the error's coordinates in a fitted subspace."""
+
+    def __init__(self, projection: torch.Tensor, n: int, acc):
+        self.projection, self.acc = projection.to(acc), acc
+        self.total = torch.zeros(n, projection.shape[0], dtype=acc, device=projection.device)
+
+    def chunk(self, h, v0, v1, e):
+        self.total += e @ self.projection[:, v0:v1].T
+
+    def at_label(self, h, y):
+        return self.projection[:, y].T
+
+
 @dataclass
 class ReferenceTokens:
     """Valued tokens of a fixed (target) set, kept for the pairwise kernel: h', y', lse', owner."""

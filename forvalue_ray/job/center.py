@@ -12,6 +12,8 @@ from .. import io
 from ..encode import Encoder
 from ..io import Shards
 from ..sketch import center_id
+from ..subspace import Subspace, parse_shape
+from . import executor
 from .parts import RunOutput
 from .spec import Model, Reading
 from .target import build_target, encode_target
@@ -35,17 +37,25 @@ def sample_training_rows(shards: Shards, n: int, seed: int) -> tuple[list[tuple[
 
 
 def build_center(shards: Shards, rows: int | None, seed: int, reused: str | None, model: Model, reading: Reading,
-                 out: RunOutput, train_files: list, normalize: bool):
+                 out: RunOutput, train_files: list, normalize: bool, subspace: str | None = None):
     """μ for --center: the target pass over a seeded random sample of ``rows`` training rows (of --data,
     sketching), saved under OUT/center/ with the sample itself (sample.parquet or .jsonl) and its provenance
     (sample.json, with ``train_files``: the sampled input's stamp); or the statistics of an earlier run's sample
-    (``reused``: --center-stats). Returns (payload, info)."""
-    from ..artifacts import check_compatible, load_target_stats
+    (``reused``: --center-stats). ``subspace`` (sketch --subspace K1xK2): the index's subspace fitted on the same
+    sample and saved beside μ; a reused sample brings the one saved with it. Returns (payload, info)."""
+    from ..artifacts import check_compatible, load_subspace, load_target_stats
 
     if reused:
         stats = load_target_stats(reused)
         check_compatible("--center-stats", {"model_fingerprint": model.fingerprint}, stats.provenance)
-        return {"stats": stats}, {"center_rows": sum(stats.counts)}
+        payload, found = {"stats": stats}, load_subspace(reused)
+        if subspace and (found is None or (found.vocab.shape[0], found.hidden.shape[0]) != parse_shape(subspace)):
+            have = "none" if found is None else f"{found.vocab.shape[0]}x{found.hidden.shape[0]}"
+            raise ValueError(f"--subspace {subspace}: --center-stats {reused} holds {have}; an index and its target "
+                             "index share the subspace saved with μ: drop --subspace to use it")
+        if found is not None:
+            payload["subspace"] = found
+        return payload, {"center_rows": sum(stats.counts), **subspace_info(found)}
     sample, read = sample_training_rows(shards, rows, seed)
     sampled = [row for _, row in sample]
     if any(s.fmt in ("jsonl", "json") for s in shards.only(read)):
@@ -60,9 +70,41 @@ def build_center(shards: Shards, rows: int | None, seed: int, reused: str | None
         "ids": [enc.row_id(row, fallback) for fallback, row in sample], "train_files": train_files})
     sample_reading = Reading(reading.encode_kw, reading.columns, "auto", reading.shard_rows, reading.shard_bytes,
                              reading.exclude)
-    payload, _, info = build_target(encode_target(path, sample_reading, model, None), path, model, out, mode="mean",
-                                    normalize=normalize, dense=True, artifact="center")
-    return payload, {"center_rows": info["target_rows"], "center_rejected": info["target_rejected"]}
+    enc = encode_target(path, sample_reading, model, None)
+    payload, _, info = build_target(enc, path, model, out, mode="mean", normalize=normalize, dense=True,
+                                    artifact="center")
+    fitted = None
+    if subspace:
+        from ..artifacts import save_subspace
+
+        fit = executor.ray_task(fit_center_subspace, model.resources)
+        fitted = executor.get(fit.remote(payload, enc["rows"], model.path, model.load_kw, parse_shape(subspace),
+                                         model.vocab_chunk, model.batch_tokens))
+        save_subspace(fitted, out.artifact("center"))
+        payload = executor.on_driver_node(_with_subspace, payload, fitted)
+    return payload, {"center_rows": info["target_rows"], "center_rejected": info["target_rejected"],
+                     **subspace_info(fitted)}
+
+
+def fit_center_subspace(payload: dict, rows: list, model_path: str, load_kw: dict, shape: tuple[int, int],
+                        vocab_chunk: int, batch_tokens: int) -> Subspace:
+    """The index's subspace, fitted on the centering sample's rows by a model replica (a task with a replica's
+    resources: one forward of at most FIT_COLUMNS // k2 rows)."""
+    from ..engine import fit_subspace_on_rows
+    from .steps import load_replica
+
+    vm = load_replica(model_path, load_kw)
+    return fit_subspace_on_rows(vm, rows, payload["stats"].stats[0], *shape, vocab_chunk, batch_tokens).to("cpu")
+
+
+def _with_subspace(payload: dict, subspace: Subspace) -> dict:
+    return {**payload, "subspace": subspace}
+
+
+def subspace_info(subspace: Subspace | None) -> dict:
+    if subspace is None:
+        return {}
+    return {"subspace": {"shape": [subspace.vocab.shape[0], subspace.hidden.shape[0]], "id": subspace.id()}}
 
 
 def center_payload(target: dict, center: dict) -> dict:
@@ -72,5 +114,8 @@ def center_payload(target: dict, center: dict) -> dict:
 
 
 def center_summary(payload: dict) -> dict:
-    mu = payload["stats"].stats[0]
-    return {"id": center_id(mu), "rows": payload["stats"].counts[0], "sq_norm": float(mu.double().pow(2).sum())}
+    """μ's identity, rows and ‖μ‖². With a subspace, the identity names both: an index and its target index pair
+    only on the same μ and the same subspace."""
+    mu, sub = payload["stats"].stats[0], payload.get("subspace")
+    ident = center_id(mu) if sub is None else f"{center_id(mu)}+{sub.id()}"
+    return {"id": ident, "rows": payload["stats"].counts[0], "sq_norm": float(mu.double().pow(2).sum())}

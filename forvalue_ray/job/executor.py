@@ -254,6 +254,14 @@ def get(ref):
     return ray.get(ref)
 
 
+def ray_task(fn, resources: dict):
+    """``fn`` as a Ray task with the given resources (a model replica's, for a one-off model pass), retried as the
+    job's other tasks are."""
+    import ray
+
+    return ray.remote(max_retries=3, **resources)(fn)
+
+
 def on_driver_node(fn, *args):
     """``fn(*args)`` as a task on the driver's node, for results that a broadcast depends on: a task's result lives
     on the node that ran it, and the actors that computed its inputs are gone by then, so Ray could not rebuild it if

@@ -138,11 +138,12 @@ def run_sketch(spec: RunSpec) -> dict:
     payload, info = None, {}
     if spec.center or spec.center_stats:
         center, info = build_center(spec.shards, spec.center, spec.center_seed, spec.center_stats, model,
-                                    spec.reading, out, spec.settings["data_files"], spec.normalize)
+                                    spec.reading, out, spec.settings["data_files"], spec.normalize,
+                                    spec.sketch["subspace"])
         payload = executor.broadcast(center)
         summary = executor.get(executor.on_driver_node(center_summary, payload))  # μ itself stays off the driver
         index_meta.update(center_id=summary["id"], center={
-            **summary, "artifact": spec.center_stats or out.artifact("center")})
+            **summary, "artifact": spec.center_stats or out.artifact("center")}, subspace=info.get("subspace"))
         info.update(center_id=summary["id"])
     out.save_index(index_meta)
     scorer_kw = {"sketch_dim": spec.sketch["dim"], "sketch_seed": spec.sketch["seed"],

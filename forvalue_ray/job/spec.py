@@ -63,7 +63,7 @@ class RunSpec:
     center_seed: int = 0
     center_stats: str | None = None
     prompt_fit_column: str | None = None  # value: the key of each row's partner prompt
-    sketch: dict | None = None  # sketch: dim, seed, storage
+    sketch: dict | None = None  # sketch: dim, seed, storage, subspace (K1xK2 or None)
     actors: tuple[int, int] | None = None  # score: its actors' pool (no model)
     index: str | None = None  # score: the index, the target index and their index.json
     target_index: str | None = None
@@ -132,7 +132,7 @@ def resolve(cfg: JobConfig) -> RunSpec:
         own = {"target": cfg.target, "target_stats": cfg.target_stats, "prompt_fit_column": cfg.prompt_fit_column}
     else:
         stamps = {"data_files": io.file_stamp(cfg.data, exclude=cfg.out)}
-        own = {"sketch": {"dim": cfg.dim, "seed": cfg.seed, "storage": cfg.storage}}
+        own = {"sketch": {"dim": cfg.dim, "seed": cfg.seed, "storage": cfg.storage, "subspace": cfg.subspace}}
     settings = {**cfg.result_fields(), "model_fingerprint": fp, **stamps, "center": reused["center"]}
     load_kw, resources, actors = model_load_kw(cfg, provenance), cfg.actor_resources(), actor_range(cfg.num_actors)
     encode_kw, columns = cfg.encode_kw(), cfg.columns()

@@ -163,8 +163,9 @@ class ScoreShards:
                                  ) if prompt_fit else None
         self.out, self.kind, self.mode, self.group_column, self.storage = out, kind, mode, group_column, storage
         self.seed = scorer_kw.get("sketch_seed", 0)
-        # a centered index: the scorer's statistics are μ; rows keep TS(G) − TS(μ) and ⟨G, μ⟩
-        self.center = (center_terms(extra["stats"].stats[0], self.scorer.hashes)
+        # a centered index: the scorer's statistics are μ; rows keep TS(G) − TS(μ) (with a subspace, μ's stored
+        # vector is subtracted from [A G Bᵀ, TS(G − Π_A G Π_B)]) and ⟨G, μ⟩
+        self.center = (center_terms(extra["stats"].stats[0], self.scorer.hashes, extra.get("subspace"))
                        if kind == "sketches" and "stats" in extra else None)
 
     def prompt_fits(self, own_nll: np.ndarray, swapped: list) -> np.ndarray:

@@ -175,3 +175,63 @@ def test_command_defaults_center_a_sketch_index_but_not_a_value_run():
     assert config("sketch", "--data", "d", "--out", "o", "--center", "0").center == 0
     for cfg in (value, index):
         cfg.validate()
+
+
+@pytest.mark.slow
+def test_job_subspace_index_equals_api_and_its_target_index_shares_it(job):
+    """`sketch --subspace 4x3`: the subspace saved under OUT/center is the API's fit on the recorded sample; every
+    index row equals the API's; a target index built with --center-stats takes the same subspace, and `score`
+    equals the API's estimate from those rows."""
+    from jobtools import read_column, read_scores, run_ok, target_ids, write_parquet
+
+    from forvalue_ray.artifacts import load_subspace, load_target_stats
+
+    root, common = job["root"], ["--model", job["model"], "--shard-rows", 6, "--form", "prompt_response",
+                                 "--no-progress", "--dim", 32, "--seed", 5, "--storage", "float32"]
+    run_ok("sketch", "--data", write_parquet(job["train"], root / "sub_train.parquet"), "--out", root / "sub", "--center", 10,
+           "--center-seed", 7, "--subspace", "4x3", *common)
+    run_ok("sketch", "--data", write_parquet(job["target"], root / "sub_target.parquet"), "--out", root / "sub_t",
+           "--center-stats", root / "sub" / "center", *common)
+    run_ok("score", "--index", root / "sub", "--target-index", root / "sub_t", "--mode", "pairwise",
+           "--out", root / "sub_s", "--no-progress")
+
+    vm = fv.load_model(str(job["model"]))
+    by_id = {r["id"]: r for r in job["train"]}
+    sample = [by_id[i] for i in json.loads((root / "sub" / "center" / "sample.json").read_text())["ids"]]
+    center = load_target_stats(str(root / "sub" / "center"))
+    saved = load_subspace(str(root / "sub" / "center"))
+    fitted = fv.fit_subspace(vm, sample, center, shape="4x3", form="prompt_response")
+    np.testing.assert_allclose(saved.vocab.numpy(), fitted.vocab.numpy(), atol=1e-6)
+    np.testing.assert_allclose(saved.hidden.numpy(), fitted.hidden.numpy(), atol=1e-6)
+
+    api = {name: fv.centered_sketches(vm, rows, center, dim=32, seed=5, subspace=saved, form="prompt_response")
+           for name, rows in (("train", job["train"]), ("target", job["target"]))}
+    got = read_column(root / "sub", "sketches", "sketch")
+    ids = [r["id"] for r in job["train"]]
+    assert rel_err(np.stack([got[i] for i in ids]), api["train"].sketch) < 1e-5
+    assert np.stack([got[i] for i in ids]).shape[1] == 4 * 3 + 32
+    meta = json.loads((root / "sub" / "index.json").read_text())
+    tmeta = json.loads((root / "sub_t" / "index.json").read_text())
+    assert meta["subspace"]["shape"] == [4, 3] and tmeta["center_id"] == meta["center_id"]
+
+    names = [str(j) for j in range(len(job["target"]))]
+    t = api["target"]
+    expected = fv.score_sketches(api["train"].sketch, None, fv.sketch_targets(
+        t.sketch, None, names, names, center_dot=t.center_dot, center_sq_norm=t.center_sq_norm),
+        center_dot=api["train"].center_dot)
+    scores = read_scores(root / "sub_s")
+    assert target_ids(root / "sub_s") == [r["id"] for r in job["target"]]
+    assert rel_err(np.stack([scores[i] for i in ids]), expected) < 1e-5
+
+
+@pytest.mark.slow
+def test_job_refuses_a_subspace_without_centering(job, tmp_path):
+    from jobtools import cli, write_parquet
+
+    data = write_parquet(job["train"], tmp_path / "d.parquet")
+    rc, _, err = cli("sketch", "--model", job["model"], "--data", data, "--out", tmp_path / "o", "--center", 0,
+                     "--subspace", "4x3", "--no-progress")
+    assert rc == 2 and "fitted on the centering sample" in err, err
+    rc, _, err = cli("sketch", "--model", job["model"], "--data", data, "--out", tmp_path / "o", "--subspace", "4",
+                     "--no-progress")
+    assert rc == 2 and "K1xK2" in err, err
