@@ -41,7 +41,7 @@ def sample(pool: str, n_rows: int, n_targets: int, target_task: str | None, seed
     task = target_task or table["task"].value_counts().index[0]
     rng = np.random.default_rng(seed)
     in_task = np.flatnonzero(table["task"].to_numpy() == task)
-    targets = rng.choice(in_task, n_targets, replace=False)  # the task's rows must fit --max-length
+    targets = rng.choice(in_task, n_targets, replace=False)  # each must fit --max-length: checked by encodable()
     rest = np.setdiff1d(np.arange(len(table)), targets)
     train = rng.choice(rest, min(len(rest), 2 * n_rows), replace=False)  # 2x: rows too long are dropped
     rows = lambda idx: [{"id": f"r{i}", "prompt": table["prompt"][i], "response": table["response"][i]}

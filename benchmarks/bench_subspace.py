@@ -153,6 +153,43 @@ def pool_task(path: str, n_train: int, n_val: int, seed: int = 0, n_tasks: int =
     return train, val
 
 
+PLOT = os.path.join(os.path.dirname(__file__), "plots", "subspace_fidelity_vs_bytes.png")
+
+
+def plot(results: dict, path: str = PLOT) -> None:
+    """Per task: mean per-target Spearman and AUC − exact against int8 bytes per row, every seed a point; today's
+    centered TensorSketch (K1xK2 = 0x0), the fitted subspace with a sketched residual, and a pure projection."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results["tasks"])
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6.4), squeeze=False)
+    kinds = {"TensorSketch (today)": lambda r: r["k1"] == 0, "subspace + residual sketch": lambda r: r["k1"] and r["dim"],
+             "pure projection (biased)": lambda r: r["k1"] and not r["dim"]}
+    for col, task in enumerate(tasks):
+        rows = results["tasks"][task]["rows"]
+        exact_auc = rows[0]["auc"]
+        for (label, keep), marker in zip(kinds.items(), "osx"):
+            pts = [r for r in rows[1:] if keep(r)]
+            x = [r["int8_bytes_per_row"] * (1 + 0.04 * (marker == "s") - 0.04 * (marker == "x")) for r in pts]
+            axes[0, col].scatter(x, [r["spearman"] for r in pts], marker=marker, label=label, alpha=0.8)
+            axes[1, col].scatter(x, [r["auc"] - exact_auc for r in pts], marker=marker, alpha=0.8)
+        axes[0, col].set_title(task)
+        for ax in axes[:, col]:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([1036, 4108], ["1 KB", "4 KB"])
+        axes[1, col].axhline(0, color="grey", lw=0.8)
+        axes[1, col].set_xlabel("int8 bytes per row")
+    axes[0, 0].set_ylabel("mean per-target Spearman vs exact")
+    axes[1, 0].set_ylabel("AUC − exact AUC")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2")
@@ -164,7 +201,11 @@ def main():
     p.add_argument("--configs", default=CONFIGS, help="k1xk2+D, comma-separated")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "subspace.json"))
+    p.add_argument("--plot-only", action="store_true", help=f"redraw {os.path.relpath(PLOT)} from --out")
     args = p.parse_args()
+    if args.plot_only:
+        with open(args.out) as f:
+            return plot(json.load(f))
     torch.set_num_threads(os.cpu_count() or 1)
     vm = fv.load_model(args.model, dtype=torch.float32)
     results = {"model": args.model, "fit_rows": args.fit_rows, "storage": "int8", "tasks": {}}
@@ -200,6 +241,7 @@ def main():
                                   "seconds": round(time.time() - t0, 1)}
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+    plot(results)
 
 
 if __name__ == "__main__":
