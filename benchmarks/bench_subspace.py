@@ -209,9 +209,15 @@ def main():
     torch.set_num_threads(os.cpu_count() or 1)
     vm = fv.load_model(args.model, dtype=torch.float32)
     results = {"model": args.model, "fit_rows": args.fit_rows, "storage": "int8", "tasks": {}}
-    for task in [t for t in args.tasks.split(",") if t] + (["pool"] if args.pool else []):
+    pool_name = os.path.splitext(os.path.basename(args.pool))[0] if args.pool else None
+    if os.path.exists(args.out):  # a second command (e.g. --pool) adds its tasks to the first one's
+        with open(args.out) as f:
+            earlier = json.load(f)
+        if (earlier.get("model"), earlier.get("fit_rows")) == (args.model, args.fit_rows):
+            results["tasks"] = earlier["tasks"]
+    for task in [t for t in args.tasks.split(",") if t] + ([pool_name] if args.pool else []):
         t0 = time.time()
-        train, val = (pool_task(args.pool, args.n_train_per_class, args.n_val_per_class) if task == "pool" else
+        train, val = (pool_task(args.pool, args.n_train_per_class, args.n_val_per_class) if task == pool_name else
                       make_task(task, n_classes=10, n_train_per_class=args.n_train_per_class,
                                 n_val_per_class=args.n_val_per_class))
         fit = [train[i] for i in sorted(np.random.default_rng(0).choice(len(train), args.fit_rows, replace=False))]
