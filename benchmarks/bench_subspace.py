@@ -135,6 +135,20 @@ def fidelity(approx: np.ndarray, exact: np.ndarray, tr_cls, va_cls) -> dict:
     return {"spearman": float(np.mean(rho)), "spearman_min": float(np.min(rho)), "auc": float(np.mean(auc))}
 
 
+def fit_sample(train: list[dict], keep_per_class: int | None, n: int) -> tuple[list[dict], list[dict]]:
+    """(train, the sample μ and the subspace are fitted on): n seeded rows of train itself, or with keep_per_class,
+    n seeded rows of what lies beyond the first keep_per_class rows of each class (held out of train: the corpus's
+    distribution, none of the scored rows, as a sample of a large corpus is)."""
+    rng = np.random.default_rng(0)
+    if keep_per_class is None:
+        return train, [train[i] for i in sorted(rng.choice(len(train), n, replace=False))]
+    seen, kept, rest = {}, [], []
+    for r in train:
+        seen[r["class"]] = seen.get(r["class"], 0) + 1
+        (kept if seen[r["class"]] <= keep_per_class else rest).append(r)
+    return kept, [rest[i] for i in sorted(rng.choice(len(rest), n, replace=False))]
+
+
 def pool_task(path: str, n_train: int, n_val: int, seed: int = 0, n_tasks: int = 10):
     """A task of a real mixture: n_train + n_val rows of each of n_tasks seeded tasks, the class being the task."""
     import pyarrow.parquet as pq
@@ -153,10 +167,13 @@ def pool_task(path: str, n_train: int, n_val: int, seed: int = 0, n_tasks: int =
     return train, val
 
 
-PLOT = os.path.join(os.path.dirname(__file__), "plots", "subspace_fidelity_vs_bytes.png")
+def plot_path(out: str) -> str:
+    """plots/<results file's name>_fidelity_vs_bytes.png"""
+    stem = os.path.splitext(os.path.basename(out))[0]
+    return os.path.join(os.path.dirname(__file__), "plots", f"{stem}_fidelity_vs_bytes.png")
 
 
-def plot(results: dict, path: str = PLOT) -> None:
+def plot(results: dict, path: str) -> None:
     """Per task: mean per-target Spearman and AUC − exact against int8 bytes per row, every seed a point; today's
     centered TensorSketch (K1xK2 = 0x0), the fitted subspace with a sketched residual, and a pure projection."""
     import matplotlib
@@ -198,29 +215,33 @@ def main():
     p.add_argument("--n-val-per-class", type=int, default=3)
     p.add_argument("--pool", default=None, help="also a real mixture: Parquet with task, prompt, response")
     p.add_argument("--fit-rows", type=int, default=64, help="train rows for μ and the fitted projections")
+    p.add_argument("--fit-heldout", action="store_true",
+                   help="draw the --fit-rows from more rows of the same classes, none of them scored")
     p.add_argument("--configs", default=CONFIGS, help="k1xk2+D, comma-separated")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "subspace.json"))
-    p.add_argument("--plot-only", action="store_true", help=f"redraw {os.path.relpath(PLOT)} from --out")
+    p.add_argument("--plot-only", action="store_true", help="redraw the plot from --out")
     args = p.parse_args()
     if args.plot_only:
         with open(args.out) as f:
-            return plot(json.load(f))
+            return plot(json.load(f), plot_path(args.out))
     torch.set_num_threads(os.cpu_count() or 1)
     vm = fv.load_model(args.model, dtype=torch.float32)
-    results = {"model": args.model, "fit_rows": args.fit_rows, "storage": "int8", "tasks": {}}
+    results = {"model": args.model, "fit_rows": args.fit_rows, "fit_heldout": args.fit_heldout, "storage": "int8",
+               "tasks": {}}
     pool_name = os.path.splitext(os.path.basename(args.pool))[0] if args.pool else None
     if os.path.exists(args.out):  # a second command (e.g. --pool) adds its tasks to the first one's
         with open(args.out) as f:
             earlier = json.load(f)
-        if (earlier.get("model"), earlier.get("fit_rows")) == (args.model, args.fit_rows):
+        if [earlier.get(k) for k in ("model", "fit_rows", "fit_heldout")] == [args.model, args.fit_rows,
+                                                                             args.fit_heldout]:
             results["tasks"] = earlier["tasks"]
     for task in [t for t in args.tasks.split(",") if t] + ([pool_name] if args.pool else []):
         t0 = time.time()
-        train, val = (pool_task(args.pool, args.n_train_per_class, args.n_val_per_class) if task == pool_name else
-                      make_task(task, n_classes=10, n_train_per_class=args.n_train_per_class,
-                                n_val_per_class=args.n_val_per_class))
-        fit = [train[i] for i in sorted(np.random.default_rng(0).choice(len(train), args.fit_rows, replace=False))]
+        per_class = args.n_train_per_class + (-(-args.fit_rows // 10) if args.fit_heldout else 0)
+        train, val = (pool_task(args.pool, per_class, args.n_val_per_class) if task == pool_name else
+                      make_task(task, n_classes=10, n_train_per_class=per_class, n_val_per_class=args.n_val_per_class))
+        train, fit = fit_sample(train, args.n_train_per_class if args.fit_heldout else None, args.fit_rows)
         tr, va, sa = Tokens(vm, train), Tokens(vm, val), Tokens(vm, fit)
         tr_cls, va_cls = np.array([r["class"] for r in train]), [r["class"] for r in val]
         ids = [r["id"] for r in train], [r["id"] for r in val]
@@ -247,7 +268,7 @@ def main():
                                   "seconds": round(time.time() - t0, 1)}
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
-    plot(results)
+    plot(results, plot_path(args.out))
 
 
 if __name__ == "__main__":
