@@ -22,10 +22,10 @@ import torch
 from .encode import IGNORE, Encoded
 from .model import ValuationModel
 from .readout import (DEFAULT_VOCAB_CHUNK, CountSketchOfError, ProjectionOfError, ReferenceTokens, TargetStatDot,
-                      TokenKernel, accumulation_dtype, block_sizes, gradient_sq_norms, product_dtype, segment_sum, vocab_pass,
-                      weighted_gradient_sum)
+                      TokenKernel, accumulation_dtype, block_sizes, gradient_sq_norms, product_dtype, segment_sum,
+                      vocab_pass, weighted_gradient_sum)
 from .sketch import SketchHashes, sketch_spectrum, spectrum_to_sketch
-from .subspace import Subspace
+from .subspace import Subspace, fit_rows, fit_subspace
 
 DEFAULT_MAX_TOKENS = 4096  # padded tokens per forward
 DEFAULT_MAX_ROWS = 64
@@ -348,8 +348,6 @@ def fit_subspace_on_rows(vm: ValuationModel, rows: list[Encoded], mu: torch.Tens
                         vocab_chunk: int = DEFAULT_VOCAB_CHUNK, max_tokens: int = DEFAULT_MAX_TOKENS) -> Subspace:
     """:func:`~forvalue_ray.subspace.fit_subspace` on the first :func:`~forvalue_ray.subspace.fit_rows` rows of a
     sample (already random) whose mean gradient is ``mu``."""
-    from .subspace import fit_rows, fit_subspace
-
     rows = rows[:fit_rows(k2)]
     hs, ys, lses, segs = [], [], [], []
     with torch.no_grad():
