@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -82,17 +83,33 @@ def spectrum_to_sketch(spectrum: torch.Tensor, hashes: SketchHashes) -> torch.Te
 
 
 # ---- storage: the index's on-disk form of the float sketches -------------------------------------------------
-STORAGES = ("float32", "float16", "int8")
+STORAGES = ("float32", "float16", "int8", "binary")
 SCORE_BLOCK_ROWS = 1024  # rows decoded to float64 at a time when scoring: a part is never copied whole
 
 
 def compress_sketches(sk: np.ndarray, storage: str, ids: list[str], seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The stored form of float sketches [n, dim] and, for int8, one float32 scale per row (max |x| / 127).
-    int8 rounds stochastically, up with probability equal to the remainder, so the stored sketch is an unbiased
-    estimate of the float one and inner products of two rows stay unbiased. Each row's rounding draws are seeded by
-    its id and the sketch seed: a re-run writes the same bytes."""
+    """The stored form of float sketches [n, dim] and, for int8 and binary, one float32 per row.
+
+    int8: the row's scale (max |x| / 127). Rounding is stochastic, up with probability equal to the remainder, so the
+    stored sketch is an unbiased estimate of the float one and inner products of two rows stay unbiased. Each row's
+    rounding draws are seeded by its id and the sketch seed: a re-run writes the same bytes.
+
+    binary: the signs of the rotated row R x (:func:`rotate`), 8 to a byte [n, dim / 8] uint8, and per row [s, ‖x‖]
+    (float32 [n, 2]). A row restores as x̂ = Rᵀ (s · sign(R x)) with s = ‖x‖² / ‖R x‖₁, the multiple whose inner
+    product with the row itself is exact: ⟨x̂, y⟩ estimates ⟨x, y⟩ exactly along x, and the part of y orthogonal to x
+    adds an error of mean zero when that part is symmetric (R spreads every row over all coordinates, so signs see
+    near-Gaussian values; for Gaussian ones s = √(π/2) ‖x‖/√dim). The rows' own norm ‖x‖ serves the cosine. 1 bit per
+    number: at equal bytes, 8 times the dimensions of int8 (benchmarks/docs/storage.md)."""
     if storage not in STORAGES:
         raise ValueError(f"--storage must be one of {STORAGES}, not {storage!r}")
+    if storage == "binary":
+        if sk.shape[1] % 8:
+            raise ValueError(f"binary storage packs 8 signs to a byte: the row length ({sk.shape[1]}) must be a "
+                             f"multiple of 8")
+        rotated = rotate(sk)
+        sq, l1 = (rotated ** 2).sum(1), np.abs(rotated).sum(1)
+        scale = np.stack([sq / np.where(l1 > 0, l1, 1), np.sqrt(sq)], 1).astype(np.float32)
+        return np.packbits(rotated >= 0, axis=1), scale
     if storage != "int8":
         return sk.astype(storage), None
     sk = sk.astype(np.float32, copy=False)  # float32 throughout: 2.5x faster, biased by ~1e-6 of a step at most
@@ -104,9 +121,28 @@ def compress_sketches(sk: np.ndarray, storage: str, ids: list[str], seed: int) -
 
 
 def restore_sketches(values: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
-    """float64 sketches from their stored form."""
+    """float64 sketches from their stored form (binary: packed uint8 signs, the scale each row's [s, ‖x‖])."""
+    if values.dtype == np.uint8:  # s · sign(R x), rotated back
+        return rotate((np.unpackbits(values, axis=1) * 2.0 - 1) * scale[:, :1].astype(np.float64), inverse=True)
     out = values.astype(np.float64)
     return out * scale.astype(np.float64)[:, None] if scale is not None else out
+
+
+@lru_cache(maxsize=8)
+def _rotation_signs(dim: int) -> np.ndarray:
+    # fixed, not drawn from the sketch seed: the sketch's own hashes are the randomness; any index restores alone
+    return np.random.default_rng(0xB1A5).integers(0, 2, dim).astype(np.float64) * 2 - 1
+
+
+def rotate(x: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """The orthogonal R x = DHT(D x) of rows [n, dim] (float64): D fixed random signs, DHT the unitary discrete
+    Hartley transform (its own inverse). Spreads a row's energy over every coordinate, so the binary storage's
+    signs see near-Gaussian values."""
+    d = _rotation_signs(x.shape[1])
+    y = x.astype(np.float64) if inverse else x.astype(np.float64) * d
+    f = np.fft.fft(y, axis=1)
+    out = (f.real - f.imag) / np.sqrt(x.shape[1])
+    return out * d if inverse else out
 
 
 def sketch_of_matrix(m: torch.Tensor, hashes: SketchHashes, vocab_block: int = 8192) -> torch.Tensor:
@@ -131,8 +167,8 @@ def center_id(mu: torch.Tensor) -> str:
     return hashlib.blake2b(mu.detach().cpu().float().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
 
 
-def _blocks(n: int):
-    return (slice(i, i + SCORE_BLOCK_ROWS) for i in range(0, n, SCORE_BLOCK_ROWS))
+def _blocks(n: int, size: int):
+    return (slice(i, i + size) for i in range(0, n, size))
 
 
 def _sq_norm_estimates(sketch_sq: np.ndarray, center_dot: np.ndarray | None, center_sq_norm: float) -> np.ndarray:
@@ -141,6 +177,15 @@ def _sq_norm_estimates(sketch_sq: np.ndarray, center_dot: np.ndarray | None, cen
     if center_dot is not None:
         sq = sq + 2 * center_dot - center_sq_norm
     return np.maximum(sq, 1e-60)
+
+
+def _stored_sq_norms(values: np.ndarray, scale: np.ndarray | None, widened: np.ndarray) -> np.ndarray:
+    """‖x‖² of stored rows from their widened values (before any scale): a binary row's is its stored norm squared
+    (the norm of its signs is not the row's)."""
+    if values.dtype == np.uint8:
+        return scale[:, 1].astype(np.float64) ** 2
+    sq = np.einsum("nd,nd->n", widened, widened).astype(np.float64)
+    return sq if scale is None else sq * scale.astype(np.float64) ** 2
 
 
 @dataclass
@@ -173,7 +218,8 @@ def sketch_targets(values: np.ndarray, scale: np.ndarray | None, labels: Sequenc
     a = np.zeros(len(x)) if center_dot is None else np.asarray(center_dot, np.float64)
     w = 1.0 / np.bincount(col, minlength=len(names))[col]
     if normalize:
-        w = w / np.sqrt(_sq_norm_estimates(np.einsum("nd,nd->n", x, x), center_dot, center_sq_norm))
+        sq = _stored_sq_norms(values, scale, values.astype(np.float64))
+        w = w / np.sqrt(_sq_norm_estimates(sq, center_dot, center_sq_norm))
     columns = np.zeros((len(names), x.shape[1]))
     np.add.at(columns, col, x * w[:, None])
     return SketchTargets(list(names), columns.T, np.bincount(col, w, len(names)),
@@ -185,21 +231,27 @@ def score_sketches(values: np.ndarray, scale: np.ndarray | None, targets: Sketch
     """Scores [n, K] of stored index rows [n, dim] (and ⟨G_i, μ⟩ when centered) against the target columns,
     SCORE_BLOCK_ROWS rows at a time. Stored values widen to float32 (never a float64 copy: the scan is bound by
     memory traffic) and the int8 scale applies to the [n, K] products; sums run in float32, a relative error of
-    ~1e-6, far below the sketch's own."""
-    columns = targets.columns.astype(np.float32)
+    ~1e-6, far below the sketch's own. Binary rows are scored in the rotated basis: the columns are rotated once,
+    the rows' signs never leave it, and a row's ‖x‖² is its stored norm squared."""
+    binary = values.dtype == np.uint8
+    columns = (rotate(targets.columns.T).T if binary else targets.columns).astype(np.float32)
+    # binary: s·(2b − 1)·c = s·(b·2c − Σc) on the unpacked bits b, in blocks small enough to stay in cache
+    block = min(SCORE_BLOCK_ROWS, max(8, 2 ** 19 // (8 * values.shape[1]))) if binary else SCORE_BLOCK_ROWS
+    doubled, column_sums = 2 * columns, columns.sum(0, dtype=np.float64)
     out = np.empty((len(values), len(targets.names)))
-    for rows in _blocks(len(values)):
-        x = values[rows].astype(np.float32, copy=False)
-        s = (x @ columns).astype(np.float64)
-        row_scale = None if scale is None else scale[rows].astype(np.float64)
+    for rows in _blocks(len(values), block):
+        x = (np.unpackbits(values[rows], axis=1).astype(np.float32) if binary
+             else values[rows].astype(np.float32, copy=False))
+        row_scale = None if scale is None else scale[rows, 0] if binary else scale[rows]
+        s = (x @ doubled).astype(np.float64) - column_sums if binary else (x @ columns).astype(np.float64)
         if row_scale is not None:
-            s *= row_scale[:, None]
+            s *= row_scale.astype(np.float64)[:, None]
         s += targets.offsets[None, :]
         a = None if center_dot is None else np.asarray(center_dot[rows], np.float64)
         if a is not None:
             s += a[:, None] * targets.weights[None, :]
         if targets.normalize:
-            sq = np.einsum("nd,nd->n", x, x).astype(np.float64) * (1.0 if row_scale is None else row_scale ** 2)
+            sq = _stored_sq_norms(values[rows], None if scale is None else scale[rows], x)
             s /= np.sqrt(_sq_norm_estimates(sq, a, targets.center_sq_norm))[:, None]
         out[rows] = s
     return out

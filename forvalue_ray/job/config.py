@@ -182,7 +182,9 @@ class SketchArgs:
     title: ClassVar[str] = "sketch"
     dim: int = opt(DEFAULT_SKETCH_DIM, "sketch size")
     seed: int = opt(0, "sketch hash seed")
-    storage: str = opt("int8", "sketch index storage: float32, float16 or int8 (one float32 scale per row; 4x smaller)")
+    storage: str = opt("int8", "sketch index storage: float32, float16, int8 (one float32 scale per row; 4x smaller) "
+                               "or binary (1 bit per number, rotated signs, two float32 per row: 32x smaller; "
+                               "--dim 8192 makes a 1 KB row, more faithful than int8 at --dim 1024)")
     subspace: str | None = opt(None, "K1xK2 (e.g. 32x16): keep each centered row's coordinates in a subspace of K1 "
                                      "vocabulary x K2 hidden directions fitted on the centering sample exactly, and "
                                      "sketch only the rest in --dim numbers (a row holds K1*K2 + dim); still unbiased, "
@@ -193,8 +195,10 @@ class SketchArgs:
     def check_storage(self) -> None:
         if self.storage not in STORAGES:
             raise ValueError(f"--storage must be one of {STORAGES}, not {self.storage!r}")
-        if self.subspace is not None:
-            parse_shape(self.subspace)
+        k1, k2 = parse_shape(self.subspace) if self.subspace is not None else (0, 0)
+        if self.storage == "binary" and (k1 * k2 + self.dim) % 8:
+            raise ValueError(f"--storage binary packs 8 numbers to a byte: a row's length (--dim {self.dim}"
+                             + (f" + {k1 * k2} subspace coordinates" if k1 else "") + ") must be a multiple of 8")
 
 
 @dataclass

@@ -228,8 +228,8 @@ def prepare_out(out: RunOutput, record: dict, shards: Shards, overwrite: bool = 
 
 def result_table(kind: str, ids: list[str], res: dict, mode: str = "mean", storage: str = "float32",
                  seed: int = 0, center: tuple[np.ndarray, float] | None = None) -> pa.Table:
-    """The output schema: id, score (mean) | scores (groups, pairwise) | sketch [+ sketch_scale: int8, + center_dot:
-    centered], n_tokens, nll [, prompt_fit: null where a row has none]. ``center``: a centered index's μ terms (TS(μ), ‖μ‖²), ``res`` scored against μ."""
+    """The output schema: id, score (mean) | scores (groups, pairwise) | sketch [+ sketch_scale: int8 and binary,
+    + sketch_norm: binary, + center_dot: centered], n_tokens, nll [, prompt_fit: null where a row has none]. ``center``: a centered index's μ terms (TS(μ), ‖μ‖²), ``res`` scored against μ."""
     n = len(ids)
     cols = {"id": pa.array(ids, pa.string())}
     if kind == "sketches":
@@ -239,8 +239,10 @@ def result_table(kind: str, ids: list[str], res: dict, mode: str = "mean", stora
         flat = pa.array(values.reshape(-1))
         cols["sketch"] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1]) if n else pa.array([], pa.list_(
             flat.type))
-        if scale is not None:
-            cols["sketch_scale"] = pa.array(scale, pa.float32())
+        if scale is not None:  # binary: [s, ‖x‖] per row
+            cols["sketch_scale"] = pa.array(scale.reshape(n, -1)[:, 0], pa.float32())
+            if scale.ndim == 2:
+                cols["sketch_norm"] = pa.array(scale[:, 1], pa.float32())
         if centered:  # the exact ⟨G, μ⟩
             cols["center_dot"] = pa.array(centered.center_dot, pa.float64())
     elif mode != "mean":
@@ -257,12 +259,12 @@ def result_table(kind: str, ids: list[str], res: dict, mode: str = "mean", stora
 
 
 def stored_sketches(table: pa.Table) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """An index table's sketches [n, dim] in their stored dtype (no copy), the int8 rows' scales and, centered,
-    each row's ⟨G, μ⟩."""
+    """An index table's sketches [n, dim] in their stored dtype (no copy), the int8 rows' scales (binary: [s, ‖x‖])
+    and, centered, each row's ⟨G, μ⟩."""
     flat = table["sketch"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    scale, center_dot = (table[c].to_numpy() if c in table.column_names else None
-                         for c in ("sketch_scale", "center_dot"))
-    return flat.reshape(table.num_rows, -1), scale, center_dot
+    scale, norm, center_dot = (table[c].to_numpy() if c in table.column_names else None
+                               for c in ("sketch_scale", "sketch_norm", "center_dot"))
+    return flat.reshape(table.num_rows, -1), scale if norm is None else np.stack([scale, norm], 1), center_dot
 
 
 def write_rejected(out: str, key: str, rejected: list[tuple[str, str]]) -> None:

@@ -226,7 +226,7 @@ class ScoreSketches:
         fs, path = io.filesystem(shard.path)
         with fs.open(path, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            columns = [c for c in ("id", "sketch", "sketch_scale", "center_dot", "n_tokens", "nll")
+            columns = [c for c in ("id", "sketch", "sketch_scale", "sketch_norm", "center_dot", "n_tokens", "nll")
                        if c in pf.schema_arrow.names]
             table = pf.read_row_groups(list(range(shard.start, shard.stop)), columns=columns)
         n = table.num_rows

@@ -349,9 +349,9 @@ def test_score_equals_inner_products_of_sketches(data, sketch_runs, ray_local):
         _verify_ok(out)
 
 
-def test_int8_index_scores_its_restored_sketches_and_refuses_a_float32_target(data, sketch_runs, ray_local, core):
+def test_int8_index_scores_its_restored_sketches_and_any_target_storage(data, sketch_runs, ray_local, core):
     """--storage int8: each stored row is within one rounding step of the core API's float sketch, and score
-    computes exactly the inner products of the restored sketches; a float32 target index is refused."""
+    computes exactly the inner products of the restored sketches, with an int8 or a float32 target index."""
     from forvalue_ray.sketch import restore_sketches
 
     common = ["--model", data.model, "--dim", DIM, "--seed", SEED, "--shard-rows", SHARD_ROWS, "--no-progress",
@@ -376,9 +376,43 @@ def test_int8_index_scores_its_restored_sketches_and_refuses_a_float32_target(da
            "--no-progress")
     expected = restored["sketch_train"] @ restored["sketch_target"].mean(0)[:, None]
     assert rel_err(as_matrix(read_scores(out), train_ids), expected) < 1e-5
-    rc, _, err = cli("score", "--index", s_train, "--target-index", sketch_runs[1], "--out",
-                         data.root / "score-mixed", "--no-progress")
-    assert rc != 0 and "storage: 'float32' != 'int8'" in err, err[-2000:]
+    out = data.root / "score-mixed"
+    run_ok("score", "--index", s_train, "--target-index", sketch_runs[1], "--out", out, "--no-progress")
+    expected = restored["sketch_train"] @ core("sketch_target").mean(0)[:, None]
+    assert rel_err(as_matrix(read_scores(out), train_ids), expected) < 1e-5
+
+
+def test_binary_index_stores_rotated_signs_and_scores_them_against_a_float32_target(data, sketch_runs, ray_local,
+                                                                                     core):
+    """--storage binary: a row is its rotated sketch's signs (8 to a byte) with s = ‖x‖²/‖Rx‖₁ and ‖x‖ from the
+    core API's float sketch; score against a float32 target index computes the restored rows' inner products, and
+    the cosine divides by the stored norms."""
+    from forvalue_ray.sketch import restore_sketches, rotate
+
+    s_train = data.root / "binary-train"
+    run_ok("sketch", "--data", data.train, "--out", s_train, "--model", data.model, "--dim", DIM, "--seed", SEED,
+           "--shard-rows", SHARD_ROWS, "--no-progress", "--storage", "binary", "--center", "0")
+    table = fio.read_parts(str(s_train / "sketches"))
+    assert table.schema.field("sketch").type.value_type == pa.uint8() and table.schema.field("sketch").type.list_size == DIM // 8
+    order = {i: k for k, i in enumerate(table["id"].to_pylist())}
+    train_ids = _ids(data.train_rows)
+    pick = [order[i] for i in train_ids]
+    packed = np.stack(table["sketch"].to_numpy(zero_copy_only=False))[pick]
+    scale = np.stack([table["sketch_scale"].to_numpy(), table["sketch_norm"].to_numpy()], 1)[pick]
+    rotated = rotate(core("sketch_train"))
+    signs = np.unpackbits(packed, axis=1) * 2 - 1.0
+    clear = np.abs(rotated) > 1e-4 * np.abs(rotated).max(1, keepdims=True)  # a sign at ~0 may go either way
+    assert np.array_equal(signs[clear], np.sign(rotated)[clear])
+    np.testing.assert_allclose(scale[:, 1], np.linalg.norm(rotated, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(scale[:, 0], (rotated ** 2).sum(1) / np.abs(rotated).sum(1), rtol=1e-5)
+    x, t = restore_sketches(packed, scale), core("sketch_target")
+    for extra, expected in (([], x @ t.mean(0)[:, None]),
+                            (["--normalize"], (x / scale[:, 1:]) @ (t / np.linalg.norm(t, axis=1, keepdims=True))
+                             .mean(0)[:, None])):
+        out = data.root / f"score-binary{'-'.join(extra)}"
+        run_ok("score", "--index", s_train, "--target-index", sketch_runs[1], "--out", out, "--no-progress", *extra)
+        assert rel_err(as_matrix(read_scores(out), train_ids), expected) < 1e-5
+        _verify_ok(out)
 
 
 def test_centered_int8_index_is_the_core_estimate_and_refuses_a_raw_partner(data, sketch_runs, ray_local, vm):
