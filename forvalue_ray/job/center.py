@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pyarrow as pa
 
@@ -14,8 +15,7 @@ from ..io import Shards
 from ..sketch import center_id
 from ..subspace import Subspace, parse_shape
 from . import executor
-from .parts import RunOutput
-from .spec import Model, Reading
+from .spec import RunSpec, TargetSpec
 from .target import build_target, encode_target
 
 CENTER_MIN_SHARDS = 16
@@ -36,29 +36,30 @@ def sample_training_rows(shards: Shards, n: int, seed: int) -> tuple[list[tuple[
     return [pool[i] for i in sorted(rng.sample(range(len(pool)), min(n, len(pool))))], read
 
 
-def build_center(shards: Shards, rows: int | None, seed: int, reused: str | None, model: Model, reading: Reading,
-                 out: RunOutput, train_files: list, normalize: bool, subspace: str | None = None):
-    """μ for --center: the target pass over a seeded random sample of ``rows`` training rows (of --data,
-    sketching), saved under OUT/center/ with the sample itself (sample.parquet or .jsonl) and its provenance
+def build_center(spec: RunSpec):
+    """μ for the run's centering (``spec.center``): the target pass over a seeded random sample of ``rows`` rows of
+    the input, saved under OUT/center/ with the sample itself (sample.parquet or .jsonl) and its provenance
     (sample.json, with ``train_files``: the sampled input's stamp); or the statistics of an earlier run's sample
     (``reused``: --center-stats). ``subspace`` (sketch --subspace K1xK2): the index's subspace fitted on the same
     sample and saved beside μ; a reused sample brings the one saved with it. Returns (payload, info)."""
     from ..artifacts import check_compatible, load_subspace, load_target_stats
 
-    if reused:
-        stats = load_target_stats(reused)
+    center, model, reading, out = spec.center, spec.model, spec.reading, spec.out
+    if center.reused:
+        stats = load_target_stats(center.reused)
         check_compatible("--center-stats", {"model_fingerprint": model.fingerprint}, stats.provenance)
-        payload, found = {"stats": stats}, load_subspace(reused)
-        if subspace and (found is None or (found.vocab.shape[0], found.hidden.shape[0]) != parse_shape(subspace)):
+        payload, found = {"stats": stats}, load_subspace(center.reused)
+        if center.subspace and (found is None or (found.vocab.shape[0], found.hidden.shape[0])
+                                != parse_shape(center.subspace)):
             have = "none" if found is None else f"{found.vocab.shape[0]}x{found.hidden.shape[0]}"
-            raise ValueError(f"--subspace {subspace}: --center-stats {reused} holds {have}; an index and its target "
-                             "index share the subspace saved with μ: drop --subspace to use it")
+            raise ValueError(f"--subspace {center.subspace}: --center-stats {center.reused} holds {have}; an index "
+                             "and its target index share the subspace saved with μ: drop --subspace to use it")
         if found is not None:
             payload["subspace"] = found
         return payload, {"center_rows": sum(stats.counts), **subspace_info(found)}
-    sample, read = sample_training_rows(shards, rows, seed)
+    sample, read = sample_training_rows(spec.shards, center.rows, center.seed)
     sampled = [row for _, row in sample]
-    if any(s.fmt in ("jsonl", "json") for s in shards.only(read)):
+    if any(s.fmt in ("jsonl", "json") for s in spec.shards.only(read)):
         path = out.center_sample("jsonl")
         io.write_bytes_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sampled).encode())
     else:
@@ -66,19 +67,17 @@ def build_center(shards: Shards, rows: int | None, seed: int, reused: str | None
         io.write_table_atomic(path, pa.Table.from_pylist(sampled))
     enc = Encoder(None, columns=reading.columns)
     out.save_center_sample_meta({
-        "requested_rows": rows, "seed": seed, "rows": len(sampled), "shards_read": read,
-        "ids": [enc.row_id(row, fallback) for fallback, row in sample], "train_files": train_files})
-    sample_reading = Reading(reading.encode_kw, reading.columns, "auto", reading.shard_rows, reading.shard_bytes,
-                             reading.exclude)
-    enc = encode_target(path, sample_reading, model, None)
-    payload, _, info = build_target(enc, path, model, out, mode="mean", normalize=normalize, dense=True,
-                                    artifact="center")
+        "requested_rows": center.rows, "seed": center.seed, "rows": len(sampled), "shards_read": read,
+        "ids": [enc.row_id(row, fallback) for fallback, row in sample], "train_files": center.train_files})
+    target = TargetSpec(path, "mean", None, spec.normalize, dense=True, artifact="center")
+    enc = encode_target(target, replace(reading, format="auto"), model)
+    payload, _, info = build_target(enc, target, model, out)
     fitted = None
-    if subspace:
+    if center.subspace:
         from ..artifacts import save_subspace
 
         fit = executor.ray_task(fit_center_subspace, model.resources)
-        fitted = executor.get(fit.remote(payload, enc["rows"], model.path, model.load_kw, parse_shape(subspace),
+        fitted = executor.get(fit.remote(payload, enc["rows"], model.path, model.load_kw, parse_shape(center.subspace),
                                          model.vocab_chunk, model.batch_tokens))
         save_subspace(fitted, out.artifact("center"))
         payload = executor.on_driver_node(_with_subspace, payload, fitted)

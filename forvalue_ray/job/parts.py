@@ -24,6 +24,7 @@ import hashlib
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +34,9 @@ from .. import __version__, io
 from ..center import centered_sketch_rows
 from ..io import SHARD_FIELDS, Shard, Shards
 from ..sketch import compress_sketches
+
+if TYPE_CHECKING:
+    from .spec import RunSpec
 
 PART_META = b"forvalue"
 COUNTS = ("rows_read", "scored", "rejected", "tokens")
@@ -292,19 +296,20 @@ def part_meta(url: str) -> dict:
 # ---- the run's summary ----------------------------------------------------------------------------------------------
 
 
-def write_run_json(out: RunOutput, command: str, config: dict, kind: str, shards: Shards, done_before: set[str],
-                   tally: dict | None, t0: float, extra: dict, faults: dict | None = None) -> dict:
-    """Counts over the whole output (a resumed run too), plus provenance: this invocation's ``tally`` (from
-    executor.run_shards) plus the footers of the shards finished before it (none read on a run that did not resume).
-    """
+def write_run_json(spec: RunSpec, done_before: set[str], tally: dict | None, t0: float, extra: dict,
+                   faults: dict | None = None) -> dict:
+    """OUT/run.json of a pass over ``spec``: counts over the whole output (a resumed run too), plus provenance: this
+    invocation's ``tally`` (from executor.run_shards; None: nothing ran) plus the footers of the shards finished
+    before it (none read on a run that did not resume)."""
+    out, shards = spec.out, spec.shards
     tally = tally or {"shards": 0, **dict.fromkeys(RUN_COUNTS, 0)}
     counts = {k: tally[k] for k in RUN_COUNTS}
     for key in shards.only(done_before).keys() if done_before else ():
-        meta = part_meta(out.part(kind, key))
+        meta = part_meta(out.part(spec.kind, key))
         for k in RUN_COUNTS:
             counts[k] += meta.get(k, 0)
     wall = time.time() - t0
-    run = {"command": command, "config": config, "counts": {**counts, "shards": len(shards)},
+    run = {"command": spec.command, "config": spec.config, "counts": {**counts, "shards": len(shards)},
            "this_invocation": {"shards": tally["shards"], "wall_seconds": round(wall, 3),
                                "rows_per_second": round((tally["scored"] + tally["rejected"]) / max(wall, 1e-9), 3),
                                **(faults or {"nodes_lost": [], "retried_shards": [], "shards_per_node": {}})},

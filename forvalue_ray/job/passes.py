@@ -87,39 +87,37 @@ def run_value(spec: RunSpec) -> dict:
     from ..artifacts import check_compatible, load_target_stats
 
     t0 = time.time()
-    model, out, centered = spec.model, spec.out, bool(spec.center or spec.center_stats)
+    model, out = spec.model, spec.out
     # the target is checked before the plan is written: a typo fails with nothing to replace
-    target = (encode_target(spec.target, spec.reading, model, spec.group_column if spec.mode == "groups" else None)
-              if not spec.target_stats else None)
-    done = parts.prepare_out(out, parts.plan_record(spec.kind, spec.settings, spec.shards), spec.shards,
-                             spec.overwrite)
+    encoded = encode_target(spec.target, spec.reading, model) if spec.target else None
+    done = parts.prepare_out(out, spec.plan, spec.shards, spec.overwrite)
     info = {"model": model.provenance, "model_fingerprint": model.fingerprint, "mode": spec.mode}
+    tally = faults = None
     if not spec.shards.without(done) and out.has_run():
         prev = out.load_run()  # finished: no target pass, no actors
-        return parts.write_run_json(out, spec.command, spec.config, spec.kind, spec.shards, done, None, t0, {
-            **info, **{k: prev.get(k) for k in ("target_rows", "target_rejected", "center_rows")}})
-    executor.init_ray(spec.ray_address)
-    if spec.target_stats:
-        stats = load_target_stats(spec.target_stats)
-        check_compatible("--target-stats", {"model_fingerprint": model.fingerprint}, stats.provenance)
-        if stats.normalize != spec.normalize:
-            raise ValueError(f"--target-stats was built with normalize={stats.normalize}; pass the same --normalize")
-        target_ids, target_info = stats.names, {"target_rows": sum(stats.counts), "target_rejected": None,
-                                                "target_stats_form": stats.form}
-        payload = {"stats": stats}
+        info.update({k: prev.get(k) for k in ("target_rows", "target_rejected", "center_rows")})
     else:
-        payload, target_ids, target_info = build_target(target, spec.target, model, out, mode=spec.mode,
-                                                        normalize=spec.normalize, dense=centered)
-    if centered:
-        center, center_info = build_center(spec.shards, spec.center, spec.center_seed, spec.center_stats, model,
-                                           spec.reading, out, spec.settings["train_files"], spec.normalize)
-        payload = executor.on_driver_node(center_payload, payload, center)
-        target_info.update(center_info)
-    out.save_targets(target_ids)
-    scorer_kw = {"normalize": spec.normalize, "vocab_chunk": model.vocab_chunk, "max_tokens": model.batch_tokens}
-    tally, faults = _stream(spec, done, scorer_kw, executor.broadcast(payload))
-    return parts.write_run_json(out, spec.command, spec.config, spec.kind, spec.shards, done, tally, t0,
-                                {**info, **target_info}, faults)
+        executor.init_ray(spec.ray_address)
+        if spec.target_stats:
+            stats = load_target_stats(spec.target_stats)
+            check_compatible("--target-stats", {"model_fingerprint": model.fingerprint}, stats.provenance)
+            if stats.normalize != spec.normalize:
+                raise ValueError(f"--target-stats was built with normalize={stats.normalize}; pass the same "
+                                 "--normalize")
+            target_ids, target_info = stats.names, {"target_rows": sum(stats.counts), "target_rejected": None,
+                                                    "target_stats_form": stats.form}
+            payload = {"stats": stats}
+        else:
+            payload, target_ids, target_info = build_target(encoded, spec.target, model, out)
+        if spec.center:
+            center, center_info = build_center(spec)
+            payload = executor.on_driver_node(center_payload, payload, center)
+            target_info.update(center_info)
+        out.save_targets(target_ids)
+        scorer_kw = {"normalize": spec.normalize, "vocab_chunk": model.vocab_chunk, "max_tokens": model.batch_tokens}
+        tally, faults = _stream(spec, done, scorer_kw, executor.broadcast(payload))
+        info.update(target_info)
+    return parts.write_run_json(spec, done, tally, t0, info, faults)
 
 
 # ---- sketch and score -----------------------------------------------------------------------------------------------
@@ -132,24 +130,21 @@ def run_sketch(spec: RunSpec) -> dict:
     model, out = spec.model, spec.out
     index_meta = {**spec.sketch, "model_fingerprint": model.fingerprint, "model": model.provenance,
                   "group_column": spec.group_column, "center_id": None, "forvalue_ray": __version__}
-    done = parts.prepare_out(out, parts.plan_record(spec.kind, spec.settings, spec.shards), spec.shards,
-                             spec.overwrite)
+    done = parts.prepare_out(out, spec.plan, spec.shards, spec.overwrite)
     executor.init_ray(spec.ray_address)
     payload, info = None, {}
-    if spec.center or spec.center_stats:
-        center, info = build_center(spec.shards, spec.center, spec.center_seed, spec.center_stats, model,
-                                    spec.reading, out, spec.settings["data_files"], spec.normalize,
-                                    spec.sketch["subspace"])
+    if spec.center:
+        center, info = build_center(spec)
         payload = executor.broadcast(center)
         summary = executor.get(executor.on_driver_node(center_summary, payload))  # μ itself stays off the driver
         index_meta.update(center_id=summary["id"], center={
-            **summary, "artifact": spec.center_stats or out.artifact("center")}, subspace=info.get("subspace"))
+            **summary, "artifact": spec.center.reused or out.artifact("center")}, subspace=info.get("subspace"))
         info.update(center_id=summary["id"])
     out.save_index(index_meta)
     scorer_kw = {"sketch_dim": spec.sketch["dim"], "sketch_seed": spec.sketch["seed"],
                  "vocab_chunk": model.vocab_chunk, "max_tokens": model.batch_tokens}
     tally, faults = _stream(spec, done, scorer_kw, payload)
-    return parts.write_run_json(out, spec.command, spec.config, spec.kind, spec.shards, done, tally, t0,
+    return parts.write_run_json(spec, done, tally, t0,
                                 {"model": model.provenance, "model_fingerprint": model.fingerprint, **info}, faults)
 
 
@@ -173,13 +168,12 @@ def run_score(spec: RunSpec) -> dict:
     columns = sketch_targets(values, scale, labels, ids, normalize=spec.normalize, center_dot=center_dot,
                              center_sq_norm=(tmeta.get("center") or {}).get("sq_norm", 0.0))
     ids = target_ids if spec.mode == "pairwise" else ids
-    done = parts.prepare_out(spec.out, parts.plan_record(spec.kind, spec.settings, spec.shards), spec.shards,
-                             spec.overwrite)
+    done = parts.prepare_out(spec.out, spec.plan, spec.shards, spec.overwrite)
     spec.out.save_targets(ids)
     executor.init_ray(spec.ray_address)
     stage = executor.Stage(ScoreSketches, {"targets": executor.broadcast(columns), "out": spec.out.root,
                                            "mode": spec.mode},
                            spec.actors, {"num_cpus": 0.5})
     tally, faults = executor.run_shards(spec.command, spec.shards, done, [stage], spec.progress)
-    return parts.write_run_json(spec.out, spec.command, spec.config, spec.kind, spec.shards, done, tally, t0,
+    return parts.write_run_json(spec, done, tally, t0,
                                 {"model": meta.get("model"), "model_fingerprint": meta["model_fingerprint"]}, faults)

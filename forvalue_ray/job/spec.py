@@ -1,6 +1,7 @@
 """``resolve``: a job's config turned, once and up front, into what its passes read: the output, the input's
-shards, the model (loadable path, provenance, fingerprint) and the plan's settings with the stamps of every input
-and reused artifact. The passes then take the values they need from the :class:`RunSpec`, never the config."""
+shards, the model (loadable path, provenance, fingerprint), the plan (its settings with the stamps of every input
+and reused artifact, and its fingerprint), the target pass and the centering. The passes then take the values they
+need from the :class:`RunSpec`, never the config."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from .. import io
 from ..encode import Columns
 from ..io import Shards
 from .config import JobConfig, actor_range
-from .parts import RunOutput
+from .parts import RunOutput, plan_record
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,30 @@ class Reading:
 
 
 @dataclass(frozen=True)
+class TargetSpec:
+    """One target pass: which rows, how they are routed, which statistics they make and where they are saved
+    (value's --target, or the centering sample)."""
+
+    rows: str  # the target rows (a file, a folder or a glob), read and encoded as the training rows are
+    mode: str = "mean"  # mean | groups | pairwise
+    group_column: str | None = None  # groups mode: the column naming each row's group
+    normalize: bool = False
+    dense: bool = False  # statistics to be centered (centering subtracts dense ones)
+    artifact: str = "target"  # saved as OUT/<artifact>
+
+
+@dataclass(frozen=True)
+class CenterSpec:
+    """Centering on μ: the target pass over a seeded random sample of the input's rows, or an earlier run's μ."""
+
+    rows: int  # the sample's size (0 when reused)
+    seed: int
+    reused: str | None  # --center-stats: an earlier run's OUT/center
+    train_files: list  # the sampled input's stamp, recorded with the sample (sample.json)
+    subspace: str | None = None  # sketch --subspace K1xK2: fitted on the same sample, saved beside μ
+
+
+@dataclass(frozen=True)
 class RunSpec:
     command: str
     kind: str  # what the parts hold: scores | sketches
@@ -49,7 +74,7 @@ class RunSpec:
     overwrite: bool
     config: dict  # every setting, as run.json records it
     shards: Shards  # the input's, planned
-    settings: dict  # the plan's: what the result depends on, inputs stamped
+    plan: dict  # OUT/_plan.json's record: what the result depends on (inputs stamped) and its fingerprint
     model: Model | None  # None for score (no model: sketches only)
     reading: Reading | None
     mode: str
@@ -57,11 +82,9 @@ class RunSpec:
     group_column: str | None
     ray_address: str | None
     progress: bool
-    target: str | None = None  # value: the target rows, or an earlier run's statistics
+    target: TargetSpec | None = None  # value: the target pass over --target (None: --target-stats reused)
     target_stats: str | None = None
-    center: int | None = None  # value, sketch: μ of a sample of this many rows, or an earlier run's
-    center_seed: int = 0
-    center_stats: str | None = None
+    center: CenterSpec | None = None  # value, sketch: None when not centered
     prompt_fit_column: str | None = None  # value: the key of each row's partner prompt
     sketch: dict | None = None  # sketch: dim, seed, storage, subspace (K1xK2 or None)
     actors: tuple[int, int] | None = None  # score: its actors' pool (no model)
@@ -117,7 +140,8 @@ def resolve(cfg: JobConfig) -> RunSpec:
                                 cfg.shard_bytes)
         settings = {**cfg.result_fields(), "index": meta, "target_index": tmeta,
                     "target_files": io.file_stamp(RunOutput(cfg.target_index).parts_dir("sketches"))}
-        return RunSpec(**common, out=RunOutput(cfg.out), kind="scores", shards=shards, settings=settings, model=None,
+        return RunSpec(**common, out=RunOutput(cfg.out), kind="scores", shards=shards,
+                       plan=plan_record("scores", settings, shards), model=None,
                        reading=None, actors=actor_range(cfg.num_actors), index=cfg.index,
                        target_index=cfg.target_index, index_meta=meta, target_index_meta=tmeta)
     # the driver's resolving first (reused artifacts, model), then the inputs and settings: plain values for the
@@ -126,22 +150,28 @@ def resolve(cfg: JobConfig) -> RunSpec:
     reused["center"] = artifact_stamp(cfg.center_stats)
     path, provenance, fp = model_identity(cfg)
     shards = io.plan_shards(cfg.scored_data, cfg.format, cfg.shard_rows, cfg.shard_bytes, exclude=cfg.out)
+    centered = bool(cfg.center or cfg.center_stats)
     if cfg.command == "value":
         stamps = {"target": reused.get("target") or io.file_stamp(cfg.target, exclude=cfg.out),
                   "train_files": io.file_stamp(cfg.train, exclude=cfg.out)}
-        own = {"target": cfg.target, "target_stats": cfg.target_stats, "prompt_fit_column": cfg.prompt_fit_column}
+        target = None if cfg.target_stats else TargetSpec(
+            cfg.target, cfg.mode, cfg.group_column if cfg.mode == "groups" else None, cfg.normalize, dense=centered)
+        own = {"target": target, "target_stats": cfg.target_stats, "prompt_fit_column": cfg.prompt_fit_column}
+        subspace, sampled = None, stamps["train_files"]
     else:
         stamps = {"data_files": io.file_stamp(cfg.data, exclude=cfg.out)}
         own = {"sketch": {"dim": cfg.dim, "seed": cfg.seed, "storage": cfg.storage, "subspace": cfg.subspace}}
+        subspace, sampled = cfg.subspace, stamps["data_files"]
     settings = {**cfg.result_fields(), "model_fingerprint": fp, **stamps, "center": reused["center"]}
     load_kw, resources, actors = model_load_kw(cfg, provenance), cfg.actor_resources(), actor_range(cfg.num_actors)
     encode_kw, columns = cfg.encode_kw(), cfg.columns()
-    centering = {"center": cfg.center, "center_seed": cfg.center_seed, "center_stats": cfg.center_stats}
+    center = CenterSpec(cfg.center, cfg.center_seed, cfg.center_stats, sampled, subspace) if centered else None
     model = Model(path, provenance, fp, load_kw, resources, actors, cfg.vocab_chunk, cfg.batch_tokens,
                   cfg.target_block_rows, cfg.trust_remote_code)
     reading = Reading(encode_kw, columns, cfg.format, cfg.shard_rows, cfg.shard_bytes, cfg.out)
-    return RunSpec(**common, out=RunOutput(cfg.out), kind="scores" if cfg.command == "value" else "sketches",
-                   shards=shards, settings=settings, model=model, reading=reading, **own, **centering)
+    kind = "scores" if cfg.command == "value" else "sketches"
+    return RunSpec(**common, out=RunOutput(cfg.out), kind=kind, shards=shards, plan=plan_record(kind, settings, shards),
+                   model=model, reading=reading, center=center, **own)
 
 
 def check_pair(index: str, target_index: str, meta: dict, tmeta: dict) -> None:

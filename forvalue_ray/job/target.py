@@ -10,15 +10,17 @@ import pyarrow as pa
 from .. import io
 from . import executor
 from .parts import RunOutput
-from .spec import Model, Reading
+from .spec import Model, Reading, TargetSpec
 from .steps import EncodeShards, TargetWorker, encode_summary
 
-def encode_target(url: str, reading: Reading, model: Model, group_column: str | None) -> dict:
+
+def encode_target(target: TargetSpec, reading: Reading, model: Model) -> dict:
     """The target rows read and encoded on the driver (the same reading, encoding and row routing as the training
-    rows'; ``group_column``: groups mode's); raises, saying why, when no row is valid."""
-    encoder = EncodeShards(model.path, reading.encode_kw, group_column, model.trust_remote_code)
+    rows'; ``target.group_column``: groups mode's); raises, saying why, when no row is valid."""
+    encoder = EncodeShards(model.path, reading.encode_kw, target.group_column, model.trust_remote_code)
     rows, groups, rejected, group_names, columns = [], [], [], set(), {}
-    for shard in io.plan_shards(url, reading.format, reading.shard_rows, reading.shard_bytes, exclude=reading.exclude):
+    for shard in io.plan_shards(target.rows, reading.format, reading.shard_rows, reading.shard_bytes,
+                                exclude=reading.exclude):
         enc = encoder.encode(shard)
         rows += enc["rows"]
         groups += ["mean" if g is None else g for g in enc["groups"]]
@@ -26,7 +28,7 @@ def encode_target(url: str, reading: Reading, model: Model, group_column: str | 
         group_names |= enc["group_names"]
         columns.update(dict.fromkeys(enc["columns"]))
     if not rows:
-        raise ValueError(no_valid_rows(url, rejected, list(columns), group_column))
+        raise ValueError(no_valid_rows(target.rows, rejected, list(columns), target.group_column))
     return {"rows": rows, "groups": groups, "rejected": rejected, "group_names": group_names}
 
 
@@ -43,35 +45,34 @@ def no_valid_rows(what: str, rejected: list, columns: list[str], group_column: s
     return f"no valid target rows in {what} ({len(rejected)} rejected: {top}); its columns are {found}"
 
 
-def build_target(enc: dict, what: str, model: Model, out: RunOutput, *, mode: str, normalize: bool, dense: bool,
-                 artifact: str = "target"):
-    """The target pass over the encoded rows ``enc`` (of ``what``): model actors compute one additive partial per
+def build_target(enc: dict, target: TargetSpec, model: Model, out: RunOutput):
+    """The target pass over the encoded rows ``enc`` (of ``target.rows``): model actors compute one additive partial per
     fixed block of target rows (or keep its tokens, pairwise); blocks are reduced in float64 in block order by Ray
     tasks, so the result is bit-identical for any number of actors and the statistics ([K, V, d]) never pass
     through the driver process: the last task, on the driver's node, saves the artifact and holds the broadcast. A
     target row whose statistics overflow (not finite) is rejected with its reason, like a row that cannot be
-    encoded, and left out of the statistics. ``dense``: statistics to be centered (centering subtracts dense ones).
-    Returns (payload ref, target ids, info); the artifact goes to OUT/<artifact>/."""
+    encoded, and left out of the statistics. ``target.dense``: statistics to be centered (centering subtracts dense
+    ones). Returns (payload ref, target ids, info); the artifact goes to OUT/<target.artifact>/."""
     rows, groups, rejected, group_names = enc["rows"], enc["groups"], list(enc["rejected"]), enc["group_names"]
-    rejected_url = out.artifact_rejected(artifact)
+    rejected_url = out.artifact_rejected(target.artifact)
     names = sorted(set(groups))
     size = model.target_block_rows
     blocks = [list(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
     pool = executor.ActorPool(TargetWorker, (model.path, model.load_kw, model.vocab_chunk, model.batch_tokens),
                               model.resources, min(model.actors[1], len(blocks)))
     info = {}
-    if mode == "pairwise":
+    if target.mode == "pairwise":
         calls = [pool.submit(b, "reference", [rows[i] for i in block], block[0], num_returns=2)
                  for b, block in enumerate(blocks)]
     else:
         from ..engine import target_form
 
         index = [names.index(g) for g in groups]
-        stats_form = "dense" if dense else target_form(
+        stats_form = "dense" if target.dense else target_form(
             sum(r.n_valued for r in rows), len(names), *executor.get(pool.submit(0, "head_shape")))
         info["target_stats_form"] = stats_form
         calls = [pool.submit(b, "partial", [rows[i] for i in block], [index[i] for i in block], len(names),
-                             normalize, stats_form, block[0], num_returns=2) for b, block in enumerate(blocks)]
+                             target.normalize, stats_form, block[0], num_returns=2) for b, block in enumerate(blocks)]
     overflowed = [bad for _, bad_ref in calls for bad in executor.get(bad_ref)]  # (row, id, reason): a few
     rejected += [(rid, reason) for _, rid, reason in overflowed]
     if rejected:
@@ -81,7 +82,7 @@ def build_target(enc: dict, what: str, model: Model, out: RunOutput, *, mode: st
     kept = [i for i in range(len(rows)) if i not in dropped]
     if not kept:
         pool.close(wait_for=None)
-        raise ValueError(f"no valid target rows in {what} ({len(rejected)} rejected: see {rejected_url})")
+        raise ValueError(f"no valid target rows in {target.rows} ({len(rejected)} rejected: see {rejected_url})")
     if overflowed:
         print(f"warning: {len(overflowed)} target row(s) rejected: non-finite statistics (first: "
               f"{overflowed[0][1]!r}; see {rejected_url})", file=sys.stderr)
@@ -94,14 +95,14 @@ def build_target(enc: dict, what: str, model: Model, out: RunOutput, *, mode: st
         print(f"warning: target group(s) {empty} have no valid row (all rejected: see "
               f"{rejected_url}); they get no score column", file=sys.stderr)
     refs = [ref for ref, _ in calls]
-    if mode == "pairwise":
+    if target.mode == "pairwise":
         payload = executor.on_driver_node(_join_references, *refs)
     else:
-        payload = executor.on_driver_node(_finish_target, executor.fold(_add_partials, refs), names, normalize,
-                                          {**model.provenance, "model_fingerprint": model.fingerprint},
-                                          out.artifact(artifact))
+        provenance = {**model.provenance, "model_fingerprint": model.fingerprint}
+        payload = executor.on_driver_node(_finish_target, executor.fold(_add_partials, refs), names,
+                                          target.normalize, provenance, out.artifact(target.artifact))
     pool.close(wait_for=payload)  # free their model replicas before the value pass starts its own
-    return payload, ([rows[i].id for i in kept] if mode == "pairwise" else kept_names), info
+    return payload, ([rows[i].id for i in kept] if target.mode == "pairwise" else kept_names), info
 
 
 def _add_partials(a, b):

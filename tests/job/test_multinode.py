@@ -185,9 +185,8 @@ def test_the_broadcast_outlives_every_worker_node(cluster, tmp_path):
     ray.init(address=c.address)
     try:
         run = spec.resolve(cfg)
-        payload, names, _ = target.build_target(target.encode_target(run.target, run.reading, run.model, None),
-                                                run.target, run.model, run.out, mode=run.mode,
-                                                normalize=run.normalize, dense=False)
+        payload, names, _ = target.build_target(target.encode_target(run.target, run.reading, run.model),
+                                                run.target, run.model, run.out)
         assert ray.experimental.get_object_locations([payload])[payload]["node_ids"] == [
             ray.get_runtime_context().get_node_id()]
         while workers:
