@@ -1,5 +1,6 @@
 """Helpers shared by the tests that run the job: tiny models saved as HF directories, Parquet/JSONL files, the CLI
-in-process, a local Ray (`local_ray`), a real `ray start` head (`ray_head`), reading outputs back."""
+in-process, a local Ray (`local_ray`), a real `ray start` head (`ray_head`), a local S3 server (`moto_s3`), reading
+outputs back. The fixtures built on them (`head`, `s3_server`) are in conftest.py."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from forvalue_ray import io as fio
 from forvalue_ray.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @contextlib.contextmanager
@@ -214,3 +216,28 @@ def ray_head(log_path: Path, *, num_cpus: int, env: dict[str, str] | None = None
         proc.wait()
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def moto_s3():
+    """moto's S3 server on loopback (a free port) for the block, with this process's AWS settings pointed at it:
+    S3_KEYS and AWS_ENDPOINT_URL set, AWS_PROFILE and AWS_SESSION_TOKEN unset, all restored after the block whatever
+    happens. A local Ray started inside the block gives its workers the same settings. Yields .endpoint, .keys
+    (S3_KEYS) and .env (the keys and the endpoint: what a process started apart, such as a Ray head, needs)."""
+    import pytest
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {**S3_KEYS, "AWS_ENDPOINT_URL": endpoint}
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for k, v in env.items():
+                patch.setenv(k, v)
+            for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+                patch.delenv(k, raising=False)
+            yield SimpleNamespace(endpoint=endpoint, keys=dict(S3_KEYS), env=env)
+    finally:
+        server.stop()

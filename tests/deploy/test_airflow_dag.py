@@ -44,7 +44,6 @@ pytestmark = [
 DAG_ID = "forvalue_daily_valuation"
 BUCKET = "forvalue-airflow"
 DAY, BAD_DAY = "2026-01-15", "2026-01-16"
-S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 PROJECT_BIN = os.path.dirname(sys.executable)  # the project's venv: `forvalue-ray`, `ray`, job entrypoints
 BAD_MODEL = "/nonexistent/forvalue-airflow-test-model"
 
@@ -59,59 +58,37 @@ def airflow_bin() -> Path:
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """moto's S3 server, with the two days' partitions (data + _SUCCESS), the target set and a tiny model."""
-    from moto.server import ThreadedMotoServer
-
+def s3(s3_server, tmp_path_factory):
+    """conftest's moto S3 server (this process reads the outputs back through it), with the two days' partitions
+    (data + _SUCCESS), the target set and a tiny model."""
     import boto3
     from forvalue_ray.sample_data import sentence_task
     from jobtools import save_tiny_model, write_parquet
 
     root = tmp_path_factory.mktemp("airflow")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    # this process reads the outputs back through the same endpoint
-    saved = {k: os.environ.get(k) for k in [*S3_KEYS, "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
-    os.environ.update(S3_KEYS, AWS_ENDPOINT_URL=endpoint)
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        os.environ.pop(k, None)
-    try:
-        train, target = sentence_task(n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=3)
-        client = boto3.client("s3", endpoint_url=endpoint)
-        client.create_bucket(Bucket=BUCKET)
-        for day in (DAY, BAD_DAY):
-            part = write_parquet(train, root / f"train-{day}.parquet", row_group_size=8)
-            client.upload_file(str(part), BUCKET, f"train/{day}/part-00000.parquet")
-            client.put_object(Bucket=BUCKET, Key=f"train/{day}/_SUCCESS", Body=b"")
-        client.upload_file(str(write_parquet(target, root / "target.parquet")), BUCKET, "target/target.parquet")
-        model = save_tiny_model(root / "model")
-        # the small base configs the DAG gets through the Variable forvalue_base_config
-        small = {"command": "value", "model": str(model), "train": "set-by-the-dag", "target": "set-by-the-dag",
-                 "out": "set-by-the-dag", "shard_rows": 8, "num_actors": "1", "progress": False}
-        (root / "small.yaml").write_text(yaml.safe_dump(small, sort_keys=False))
-        (root / "bad-model.yaml").write_text(yaml.safe_dump({**small, "model": BAD_MODEL}, sort_keys=False))
-        yield SimpleNamespace(root=root, endpoint=endpoint, client=client, n_train=len(train),
-                              train_ids=sorted(r["id"] for r in train))
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    endpoint = s3_server.endpoint
+    train, target = sentence_task(n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=3)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket=BUCKET)
+    for day in (DAY, BAD_DAY):
+        part = write_parquet(train, root / f"train-{day}.parquet", row_group_size=8)
+        client.upload_file(str(part), BUCKET, f"train/{day}/part-00000.parquet")
+        client.put_object(Bucket=BUCKET, Key=f"train/{day}/_SUCCESS", Body=b"")
+    client.upload_file(str(write_parquet(target, root / "target.parquet")), BUCKET, "target/target.parquet")
+    model = save_tiny_model(root / "model")
+    # the small base configs the DAG gets through the Variable forvalue_base_config
+    small = {"command": "value", "model": str(model), "train": "set-by-the-dag", "target": "set-by-the-dag",
+             "out": "set-by-the-dag", "shard_rows": 8, "num_actors": "1", "progress": False}
+    (root / "small.yaml").write_text(yaml.safe_dump(small, sort_keys=False))
+    (root / "bad-model.yaml").write_text(yaml.safe_dump({**small, "model": BAD_MODEL}, sort_keys=False))
+    yield SimpleNamespace(root=root, endpoint=endpoint, keys=s3_server.keys, client=client, n_train=len(train),
+                          train_ids=sorted(r["id"] for r in train))
 
 
 @pytest.fixture(scope="module")
-def head(s3):
-    """A real local Ray head: loopback, its own ports and short --temp-dir, the S3 endpoint in its environment."""
-    from jobtools import ray_head
-
-    t0 = time.time()
-    with ray_head(s3.root / "head.log", num_cpus=4, env={"AWS_ENDPOINT_URL": s3.endpoint, **S3_KEYS}) as ray:
-        print(f"\nray head up: {time.time() - t0:.1f} s", file=sys.stderr)
-        yield ray
+def ray_head_options(s3_server):
+    """conftest's ``head``, the local Ray head: the S3 endpoint and keys in its environment."""
+    return {"num_cpus": 4, "env": s3_server.env}
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +105,9 @@ def airflow(airflow_bin, s3, head):
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("AWS_", "AIRFLOW", "RAY_", "PYTEST", "FORVALUE"))
             and k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    connection = {"conn_type": "aws", "login": S3_KEYS["AWS_ACCESS_KEY_ID"],
-                  "password": S3_KEYS["AWS_SECRET_ACCESS_KEY"],
-                  "extra": {"endpoint_url": s3.endpoint, "region_name": S3_KEYS["AWS_DEFAULT_REGION"]}}
+    connection = {"conn_type": "aws", "login": s3.keys["AWS_ACCESS_KEY_ID"],
+                  "password": s3.keys["AWS_SECRET_ACCESS_KEY"],
+                  "extra": {"endpoint_url": s3.endpoint, "region_name": s3.keys["AWS_DEFAULT_REGION"]}}
     env = {**base, "PATH": os.pathsep.join(path), "AIRFLOW_HOME": str(home),
            # the DAG installed as the README says: a local bundle at the repository's jobs/airflow
            "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps([{

@@ -1,6 +1,6 @@
-"""The job against S3 (moto's server standing in): s3:// inputs and output, the same scores as a local run,
-resume and `verify` on the bucket. The endpoint and credentials reach the Ray workers through the
-environment (AWS_ENDPOINT_URL etc.), set before Ray starts."""
+"""The job against S3 (moto's server standing in: conftest's ``s3_server``): s3:// inputs and output, the same
+scores as a local run, resume and `verify` on the bucket. The endpoint and credentials reach the Ray workers through
+the environment (AWS_ENDPOINT_URL etc.), set before Ray starts."""
 
 from __future__ import annotations
 
@@ -18,36 +18,24 @@ from jobtools import cli, local_ray, read_column, read_scores, run_ok, save_tiny
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 BUCKET = "forvalue-test"
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    moto_server = pytest.importorskip("moto.server")
+def s3(s3_server, tmp_path_factory):
+    """The bucket with the inputs, and a local Ray started while this process's AWS settings point at the server."""
     import boto3
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        with pytest.MonkeyPatch.context() as env:  # restored after the module, whatever happens
-            for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-                env.setenv(k, v)
-            for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-                env.delenv(k, raising=False)
-            root = tmp_path_factory.mktemp("s3")
-            train, target = sentence_task(n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=1)
-            d = SimpleNamespace(root=root, model=save_tiny_model(root / "model"),
-                                train=write_parquet(train, root / "train.parquet", row_group_size=8),
-                                target=write_parquet(target, root / "target.parquet"), train_rows=train)
-            client = boto3.client("s3")
-            client.create_bucket(Bucket=BUCKET)
-            client.upload_file(str(d.train), BUCKET, "data/train.parquet")
-            client.upload_file(str(d.target), BUCKET, "data/target.parquet")
-            with local_ray():  # its workers inherit the AWS_* variables from the raylet this process starts
-                yield d
-    finally:
-        server.stop()
+    root = tmp_path_factory.mktemp("s3")
+    train, target = sentence_task(n_classes=3, n_train_per_class=8, n_val_per_class=2, seed=1)
+    d = SimpleNamespace(root=root, model=save_tiny_model(root / "model"),
+                        train=write_parquet(train, root / "train.parquet", row_group_size=8),
+                        target=write_parquet(target, root / "target.parquet"), train_rows=train)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    client.upload_file(str(d.train), BUCKET, "data/train.parquet")
+    client.upload_file(str(d.target), BUCKET, "data/target.parquet")
+    with local_ray():  # its workers inherit the AWS_* variables from the raylet this process starts
+        yield d
 
 
 def _args(d, train, target, out):
