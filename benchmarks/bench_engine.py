@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("forward_logits", "value_mean", "sketch_4096", "sketch_16384", "pairwise_100")
+METHODS = ("forward_logits", "value_mean", "sketch_4096", "sketch_8192", "sketch_16384", "sketch_32768", "pairwise_100")
 
 
 def rss_mib() -> float:

@@ -5,7 +5,7 @@ c + TS(μ), so both estimators come from the same pass); μ is the mean gradient
 train rows, as `sketch --center` draws it. Every storage is then applied to the same sketches (compress → restore),
 so the only differences between rows of the table are the estimator and the storage. Fidelity: per-target Spearman with the exact pairwise scores (mean and
 min) and the class AUC (a train row of the target's class should outrank the others). Scan rate: `score`'s inner
-loop (score_sketches) over one 4096-row part on one core, per storage.
+loop (score_sketches) over one 4096-row part on one core, per storage (``--scan-only``: that alone).
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_storage.py                 # SmolLM2, the three tasks, ~1.5 h on 2 cores
     HF_HUB_OFFLINE=1 python benchmarks/bench_storage.py --tasks sentence --dims 4096
@@ -43,6 +43,8 @@ p.add_argument("--clusters", type=int, default=0,
 p.add_argument("--seeds", default="0,1")
 p.add_argument("--scan-rows", type=int, default=4096)
 p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "storage.json"))
+p.add_argument("--scan-only", action="store_true", help="measure the scan rates alone (--dims), kept with --out's "
+                                                        "earlier fidelity results")
 args = p.parse_args()
 torch.set_num_threads(os.cpu_count() or 1)
 
@@ -62,6 +64,8 @@ def estimate(s_tr, s_va, storage, seed, tr_ids, va_ids, a_tr=None, a_va=None, mu
 
 
 def bytes_per_row(dim: int, storage: str) -> int:
+    if storage == "binary":  # 8 signs a byte, s and ‖x‖
+        return dim // 8 + 8
     return dim * np.dtype(storage).itemsize + (4 if storage == "int8" else 0)
 
 
@@ -102,9 +106,12 @@ def clustered(s_tr, a_tr, s_va, a_va, ts, g, storage, seed, tr_ids, va_ids) -> n
     return x @ t.T + a_tr[:, k_va] + a_va[:, k_tr].T - g[np.ix_(k_tr, k_va)]
 
 
-vm = fv.load_model(args.model)
 results = {"model": args.model, "tasks": {}, "scan": {}}
-for task in args.tasks.split(","):
+if args.scan_only and os.path.exists(args.out):
+    with open(args.out) as fh:
+        results = {**json.load(fh), "scan": {}}
+vm = None if args.scan_only else fv.load_model(args.model)
+for task in [] if args.scan_only else args.tasks.split(","):
     train, val = make_task(task, n_classes=args.n_classes, n_train_per_class=args.n_train_per_class,
                            n_val_per_class=args.n_val_per_class)
     tr_ids, va_ids = [r["id"] for r in train], [r["id"] for r in val]

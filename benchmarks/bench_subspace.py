@@ -14,8 +14,10 @@ in D more numbers; the estimate ⟨coords, coords'⟩ + ⟨TS(R), TS(R')⟩ + �
 hashes for any fitted subspace (the subspace only moves energy out of the sketched part). D = 0 is a pure
 projection: no variance, biased towards the subspace. D = dim with k1 = k2 = 0 is today's centered index.
 
-Every estimate is scored through the index's own code (int8 `compress_sketches` of the concatenated vector →
-`sketch_targets` → `score_sketches`). Fidelity as in bench_storage.py: per-target Spearman against exact pairwise
+Each config also names a storage (``k1xk2+D:storage``): int8 by default, or ``binary`` (`sketch --storage binary`:
+the signs of the rotated row and two float32 per row, 1 bit per number, so D = 8192 is a 1 KB row), scored against
+a float32 target index or, as ``binary/binary``, a binary one. Every estimate is scored through the index's own
+code (`compress_sketches` of the concatenated vector → `sketch_targets` → `score_sketches`). Fidelity as in bench_storage.py: per-target Spearman against exact pairwise
 scores (mean, min), class AUC. ``--pool``: also a real mixture, 10 seeded tasks of a prompt/response Parquet with a
 `task` column (e.g. P3's T0 training mixture, bigscience/P3 on the Hugging Face hub), 30 train and 3 target rows each,
 the class being the task; rows with short responses (≤ 300 characters: the study holds every token's [V] error in
@@ -40,8 +42,10 @@ from forvalue_ray.readout import error_chunk
 from forvalue_ray.sketch import SketchHashes, sketch_of_matrix, sketch_spectrum, spectrum_to_sketch
 from tasks import make_task
 
-# (k1, k2, D): about 1 KB and 4 KB per row in int8
-CONFIGS = "0x0+1024,32x16+512,64x16+0,32x32+0,0x0+4096,64x16+3072,32x32+3072,64x32+2048,64x64+0"
+# k1xk2+D[:storage]: about 1 KB and 4 KB per row (int8 unless named; binary: the index in rotated signs, scored
+# against a float32 target index; binary/binary: the target index binary too)
+CONFIGS = ("0x0+1024,32x16+512,64x16+0,32x32+0,0x0+4096,64x16+3072,32x32+3072,64x32+2048,64x64+0,"
+           "0x0+8192:binary,0x0+8192:binary/binary,0x0+32768:binary,0x0+32768:binary/binary")
 
 
 class Tokens:
@@ -121,12 +125,27 @@ def index_rows(t: Tokens, mu: torch.Tensor, k1: int, k2: int, dim: int, seed: in
     return torch.cat(blocks, 1).float().numpy()
 
 
-def estimate(x_tr, x_va, a_tr, a_va, mu_sq, seed, tr_ids, va_ids) -> np.ndarray:
-    """Pairwise estimates through the index's own code (int8 storage, target columns, blocked scan)."""
+def estimate(x_tr, x_va, a_tr, a_va, mu_sq, seed, tr_ids, va_ids, storage="int8", target_storage="int8"):
+    """Pairwise estimates through the index's own code (stored forms, target columns, blocked scan)."""
     columns = [str(j) for j in range(len(x_va))]
-    targets = fv.sketch_targets(*fv.compress_sketches(x_va, "int8", va_ids, seed), columns, columns,
+    targets = fv.sketch_targets(*fv.compress_sketches(x_va, target_storage, va_ids, seed), columns, columns,
                                 center_dot=a_va, center_sq_norm=mu_sq)
-    return fv.score_sketches(*fv.compress_sketches(x_tr, "int8", tr_ids, seed), targets, center_dot=a_tr)
+    return fv.score_sketches(*fv.compress_sketches(x_tr, storage, tr_ids, seed), targets, center_dot=a_tr)
+
+
+def parse_config(config: str) -> tuple[int, int, int, str, str]:
+    """'k1xk2+D[:storage[/target storage]]' → (k1, k2, D, storage, target storage)."""
+    shape, _, stored = config.partition(":")
+    k, dim = shape.split("+")
+    storage, _, target_storage = (stored or "int8").partition("/")
+    return (*map(int, k.split("x")), int(dim), storage,
+            target_storage or ("float32" if storage == "binary" else storage))
+
+
+def bytes_per_row(k1: int, k2: int, dim: int, storage: str) -> int:
+    """The stored numbers, their scale(s) and the float64 ⟨G, μ⟩."""
+    n = k1 * k2 + dim
+    return (n // 8 + 8 if storage == "binary" else n + 4) + 8
 
 
 def fidelity(approx: np.ndarray, exact: np.ndarray, tr_cls, va_cls) -> dict:
@@ -174,8 +193,9 @@ def plot_path(out: str) -> str:
 
 
 def plot(results: dict, path: str) -> None:
-    """Per task: mean per-target Spearman and AUC − exact against int8 bytes per row, every seed a point; today's
-    centered TensorSketch (K1xK2 = 0x0), the fitted subspace with a sketched residual, and a pure projection."""
+    """Per task: mean per-target Spearman and AUC − exact against bytes per row, every seed a point; the centered
+    TensorSketch in int8, the fitted subspace with a sketched residual, a pure projection, and the TensorSketch in
+    binary storage (scored against a float32 target index, and against a binary one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,14 +203,19 @@ def plot(results: dict, path: str) -> None:
 
     tasks = list(results["tasks"])
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6.4), squeeze=False)
-    kinds = {"TensorSketch (today)": lambda r: r["k1"] == 0, "subspace + residual sketch": lambda r: r["k1"] and r["dim"],
-             "pure projection (biased)": lambda r: r["k1"] and not r["dim"]}
+    int8 = lambda r: r.get("storage", "int8") == "int8"
+    kinds = {"TensorSketch, int8": lambda r: int8(r) and r["k1"] == 0,
+             "subspace + residual sketch, int8": lambda r: int8(r) and r["k1"] and r["dim"],
+             "pure projection (biased)": lambda r: int8(r) and r["k1"] and not r["dim"],
+             "TensorSketch, binary (float32 targets)": lambda r: r.get("storage") == "binary"
+             and r["target_storage"] != "binary",
+             "TensorSketch, binary (binary targets)": lambda r: r.get("target_storage") == "binary"}
     for col, task in enumerate(tasks):
         rows = results["tasks"][task]["rows"]
         exact_auc = rows[0]["auc"]
-        for (label, keep), marker in zip(kinds.items(), "osx"):
+        for (label, keep), marker, shift in zip(kinds.items(), "osx^v", (0, 0.04, -0.04, 0.02, -0.02)):
             pts = [r for r in rows[1:] if keep(r)]
-            x = [r["int8_bytes_per_row"] * (1 + 0.04 * (marker == "s") - 0.04 * (marker == "x")) for r in pts]
+            x = [r.get("bytes_per_row", r.get("int8_bytes_per_row")) * (1 + shift) for r in pts]
             axes[0, col].scatter(x, [r["spearman"] for r in pts], marker=marker, label=label, alpha=0.8)
             axes[1, col].scatter(x, [r["auc"] - exact_auc for r in pts], marker=marker, alpha=0.8)
         axes[0, col].set_title(task)
@@ -198,7 +223,7 @@ def plot(results: dict, path: str) -> None:
             ax.set_xscale("log", base=2)
             ax.set_xticks([1036, 4108], ["1 KB", "4 KB"])
         axes[1, col].axhline(0, color="grey", lw=0.8)
-        axes[1, col].set_xlabel("int8 bytes per row")
+        axes[1, col].set_xlabel("bytes per row")
     axes[0, 0].set_ylabel("mean per-target Spearman vs exact")
     axes[1, 0].set_ylabel("AUC − exact AUC")
     axes[0, 0].legend(fontsize=8)
@@ -227,8 +252,7 @@ def main():
             return plot(json.load(f), plot_path(args.out))
     torch.set_num_threads(os.cpu_count() or 1)
     vm = fv.load_model(args.model, dtype=torch.float32)
-    results = {"model": args.model, "fit_rows": args.fit_rows, "fit_heldout": args.fit_heldout, "storage": "int8",
-               "tasks": {}}
+    results = {"model": args.model, "fit_rows": args.fit_rows, "fit_heldout": args.fit_heldout, "tasks": {}}
     pool_name = os.path.splitext(os.path.basename(args.pool))[0] if args.pool else None
     if os.path.exists(args.out):  # a second command (e.g. --pool) adds its tasks to the first one's
         with open(args.out) as f:
@@ -251,16 +275,15 @@ def main():
         rows = [{"config": "exact", **fidelity(exact, exact, tr_cls, va_cls)}]
         bases = {}
         for config in args.configs.split(","):
-            k, dim = config.split("+")
-            k1, k2, dim = *map(int, k.split("x")), int(dim)
+            k1, k2, dim, storage, target_storage = parse_config(config)
             if k1 and (k1, k2) not in bases:
                 bases[(k1, k2)] = fit_subspace(sa, mu, k1, k2)
             for seed in map(int, args.seeds.split(",")) if dim else [0]:
                 A, B = bases.get((k1, k2), (None, None))
                 x_tr, x_va = (index_rows(t, mu, k1, k2, dim, seed, A, B) for t in (tr, va))
-                approx = estimate(x_tr, x_va, a_tr, a_va, mu_sq, seed, *ids)
-                rows.append({"config": config, "k1": k1, "k2": k2, "dim": dim, "seed": seed,
-                             "int8_bytes_per_row": k1 * k2 + dim + 4 + 8,
+                approx = estimate(x_tr, x_va, a_tr, a_va, mu_sq, seed, *ids, storage, target_storage)
+                rows.append({"config": config, "k1": k1, "k2": k2, "dim": dim, "seed": seed, "storage": storage,
+                             "target_storage": target_storage, "bytes_per_row": bytes_per_row(k1, k2, dim, storage),
                              **fidelity(approx, exact, tr_cls, va_cls)})
                 print(task, json.dumps(rows[-1]), flush=True)
         results["tasks"][task] = {"rows": rows, "n_train": len(train), "n_val": len(val),

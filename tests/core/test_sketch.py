@@ -192,8 +192,8 @@ def test_storage_round_trips_and_is_reproducible():
 
 def test_binary_storage_is_exact_along_the_row_and_unbiased_across_it():
     """binary: x̂ = Rᵀ(s·sign(R x)) with R orthogonal and ⟨x̂, x⟩ = ‖x‖² exactly; for y = αx + symmetric noise the
-    mean error of ⟨x̂, y⟩ over many rows is within 5 standard errors of 0, on dense and on very sparse rows (a plain
-    Gaussian scale √(π/2)‖x‖/√dim is biased by ~5% on the sparse ones); the error's spread is about √(π/2 − 1)·‖x‖‖y⊥‖/√dim."""
+    mean error of ⟨x̂, y⟩ over many rows is within 5 standard errors of 0, on dense and on very sparse rows; the
+    error's spread is about √(π/2 − 1)·‖x‖‖y⊥‖/√dim."""
     from forvalue_ray.sketch import rotate
 
     rng = np.random.default_rng(5)

@@ -175,6 +175,11 @@ def test_command_defaults_center_a_sketch_index_but_not_a_value_run():
     assert config("sketch", "--data", "d", "--out", "o", "--center", "0").center == 0
     for cfg in (value, index):
         cfg.validate()
+    config("sketch", "--data", "d", "--out", "o", "--storage", "binary", "--dim", "8192").validate()
+    config("sketch", "--data", "d", "--out", "o", "--storage", "binary", "--dim", "512", "--subspace", "2x4").validate()
+    for extra in (["--dim", "1020"], ["--dim", "512", "--subspace", "3x3"]):  # 8 signs to a byte
+        with pytest.raises(ValueError, match="multiple of 8"):
+            config("sketch", "--data", "d", "--out", "o", "--storage", "binary", *extra).validate()
 
 
 @pytest.mark.slow
