@@ -88,7 +88,7 @@ SCORE_BLOCK_ROWS = 1024  # rows decoded to float64 at a time when scoring: a par
 
 
 def compress_sketches(sk: np.ndarray, storage: str, ids: list[str], seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The stored form of float sketches [n, dim] and, for int8 and binary, one float32 per row.
+    """The stored form of float sketches [n, dim] and, for int8, one float32 per row, for binary two.
 
     int8: the row's scale (max |x| / 127). Rounding is stochastic, up with probability equal to the remainder, so the
     stored sketch is an unbiased estimate of the float one and inner products of two rows stay unbiased. Each row's
@@ -218,7 +218,7 @@ def sketch_targets(values: np.ndarray, scale: np.ndarray | None, labels: Sequenc
     a = np.zeros(len(x)) if center_dot is None else np.asarray(center_dot, np.float64)
     w = 1.0 / np.bincount(col, minlength=len(names))[col]
     if normalize:
-        sq = _stored_sq_norms(values, scale, values.astype(np.float64))
+        sq = _stored_sq_norms(values, scale if values.dtype == np.uint8 else None, x)  # x: restored, scaled
         w = w / np.sqrt(_sq_norm_estimates(sq, center_dot, center_sq_norm))
     columns = np.zeros((len(names), x.shape[1]))
     np.add.at(columns, col, x * w[:, None])
@@ -229,7 +229,7 @@ def sketch_targets(values: np.ndarray, scale: np.ndarray | None, labels: Sequenc
 def score_sketches(values: np.ndarray, scale: np.ndarray | None, targets: SketchTargets,
                    center_dot: np.ndarray | None = None) -> np.ndarray:
     """Scores [n, K] of stored index rows [n, dim] (and ⟨G_i, μ⟩ when centered) against the target columns,
-    SCORE_BLOCK_ROWS rows at a time. Stored values widen to float32 (never a float64 copy: the scan is bound by
+    SCORE_BLOCK_ROWS rows at a time (binary: fewer, 2¹⁹ unpacked bits a block). Stored values widen to float32 (never a float64 copy: the scan is bound by
     memory traffic) and the int8 scale applies to the [n, K] products; sums run in float32, a relative error of
     ~1e-6, far below the sketch's own. Binary rows are scored in the rotated basis: the columns are rotated once,
     the rows' signs never leave it, and a row's ‖x‖² is its stored norm squared."""
