@@ -1,7 +1,9 @@
-"""bfloat16 against float32 on a CPU: speed of the forward and of the valuation, and agreement of the scores,
-on real prompt/response rows.
+"""bfloat16 weights and bfloat16-autocast (float32 weights, residual stream and readout; the layers' matmuls in
+bf16) against float32 on a CPU: speed of the forward and of the valuation, and agreement of the scores, on real
+prompt/response rows.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_dtype.py --pool P3.parquet [--rows 256] [--targets 32] [--job-rows 512]
+        [--dtypes float32,bfloat16,bfloat16-autocast]
 
 POOL is Parquet with `prompt`, `response` and `task` (e.g. P3's T0 training mixture, public on the Hugging Face
 hub as bigscience/P3). From it, seeded: --rows training rows drawn over every task, and --targets target rows of
@@ -14,7 +16,7 @@ rows and the same batches (the engine's own plan):
 - the job: ``forvalue-ray value --dtype D`` on --job-rows rows of a local Ray started beforehand (start-up
   excluded), rows/s and tok/s.
 
-Agreement of bf16 with fp32: Spearman of the mean scores, per-target Spearman of the pairwise scores (mean and
+Agreement of each dtype with fp32: Spearman of the mean scores, per-target Spearman of the pairwise scores (mean and
 min), and the overlap of the top 10% by the mean score. The record states the CPU and what ``--dtype auto``
 chooses on it. Results: ``results/dtype_cpu.json``.
 """
@@ -80,7 +82,8 @@ def forward_seconds(vm, encoded, max_tokens: int) -> float:
             for j, i in enumerate(idx):
                 n = len(encoded[i].input_ids)
                 ids[j, :n], mask[j, :n] = torch.as_tensor(encoded[i].input_ids), 1
-            logits = vm.model(input_ids=ids.to(vm.device), attention_mask=mask.to(vm.device)).logits
+            with vm.matmul_precision():
+                logits = vm.model(input_ids=ids.to(vm.device), attention_mask=mask.to(vm.device)).logits
             torch.log_softmax(logits.float(), -1)
     return time.perf_counter() - t0
 
@@ -117,8 +120,13 @@ def main():
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens per batch (the engine's plan)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtypes", default="float32,bfloat16,bfloat16-autocast",
+                   help="comma-separated; the first must be float32 (the reference)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "dtype_cpu.json"))
     args = p.parse_args()
+    args.dtypes = args.dtypes.split(",")
+    if args.dtypes[0] != "float32":
+        p.error("--dtypes must start with float32, the reference the others are compared with")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from forvalue_ray import encode_rows, load_model, target_statistics
     from forvalue_ray.engine import Scorer, build_reference
@@ -127,14 +135,15 @@ def main():
     torch.set_num_threads(os.cpu_count() or 1)
     train, target, task = sample(args.pool, max(args.rows, args.job_rows), args.targets, args.target_task, args.seed)
     auto, reason = choose_dtype("cpu", resolve_model(args.model, None)[0])
-    record = {"command": "python benchmarks/bench_dtype.py " + " ".join(sys.argv[1:]),
+    record = {"command": "python benchmarks/bench_dtype.py " + " ".join(  # the pool by name, not where it lies here
+                  os.path.basename(a) if a.endswith(".parquet") else a for a in sys.argv[1:]),
               "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
               "cpu_bf16_flags": sorted(cpu_bf16_flags()), "threads": torch.get_num_threads(),
-              "auto_dtype": str(auto).removeprefix("torch."), "auto_reason": reason, "target_task": task,
+              "auto_dtype": auto, "auto_reason": reason, "target_task": task,
               "rows": args.rows, "targets": args.targets, "max_length": args.max_length, "dtypes": {}}
     scores, job_tokens = {}, 0
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        vm = load_model(args.model, dtype=dtype)
+    for name in args.dtypes:
+        vm = load_model(args.model, dtype=name)
         if name == "float32":
             train = encodable(vm, train, max(args.rows, args.job_rows), args.max_length)
             target = encodable(vm, target, len(target), args.max_length)
@@ -158,35 +167,37 @@ def main():
             "value_mean_s": value, "value_mean_tok_per_s": tokens / value, "value_over_forward": value / fwd,
             "value_pairwise_s": pair, "pairwise_over_forward": pair / fwd}
         print(name, json.dumps(record["dtypes"][name]), flush=True)
-    (m32, p32), (m16, p16) = scores["float32"], scores["bfloat16"]
-    k = max(1, len(m32) // 10)
-    top = lambda s: set(np.argsort(-s)[:k])
-    rho = [spearmanr(p16[:, j], p32[:, j]).statistic for j in range(p32.shape[1])]
-    record["agreement"] = {
-        "spearman_mean_scores": float(spearmanr(m16, m32).statistic),
-        "spearman_pairwise_mean": float(np.mean(rho)), "spearman_pairwise_min": float(np.min(rho)),
-        "top10pct_overlap": len(top(m16) & top(m32)) / k,
-        "rel_error_mean_scores": float(np.linalg.norm(m16 - m32) / np.linalg.norm(m32))}
-    print("agreement", json.dumps(record["agreement"]), flush=True)
     if args.job_rows:
         import ray
 
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         with tempfile.TemporaryDirectory(prefix="fv-bench-dtype-") as tmp:
-            for name in ("float32", "bfloat16"):
+            for name in args.dtypes:
                 record["dtypes"][name]["job"] = job_rate(args.model, name, train[:args.job_rows], target,
                                                          job_tokens, args.max_length, tmp)
                 print(name, "job", json.dumps(record["dtypes"][name]["job"]), flush=True)
         ray.shutdown()
-    f32, b16 = record["dtypes"]["float32"], record["dtypes"]["bfloat16"]
-    record["bf16_speedup"] = {"forward": f32["forward_s"] / b16["forward_s"],
-                              "value_mean": f32["value_mean_s"] / b16["value_mean_s"],
-                              "value_pairwise": f32["value_pairwise_s"] / b16["value_pairwise_s"]}
-    if args.job_rows:
-        record["bf16_speedup"]["job"] = f32["job"]["seconds"] / b16["job"]["seconds"]
+    m32, p32 = scores["float32"]
+    f32 = record["dtypes"]["float32"]
+    k = max(1, len(m32) // 10)
+    top = lambda s: set(np.argsort(-s)[:k])
+    record["agreement_with_float32"], record["speedup_over_float32"] = {}, {}
+    for name in args.dtypes[1:]:
+        (m, pw), d = scores[name], record["dtypes"][name]
+        rho = [spearmanr(pw[:, j], p32[:, j]).statistic for j in range(p32.shape[1])]
+        record["agreement_with_float32"][name] = {
+            "spearman_mean_scores": float(spearmanr(m, m32).statistic),
+            "spearman_pairwise_mean": float(np.mean(rho)), "spearman_pairwise_min": float(np.min(rho)),
+            "top10pct_overlap": len(top(m) & top(m32)) / k,
+            "rel_error_mean_scores": float(np.linalg.norm(m - m32) / np.linalg.norm(m32))}
+        record["speedup_over_float32"][name] = {
+            "forward": f32["forward_s"] / d["forward_s"], "value_mean": f32["value_mean_s"] / d["value_mean_s"],
+            "value_pairwise": f32["value_pairwise_s"] / d["value_pairwise_s"],
+            **({"job": f32["job"]["seconds"] / d["job"]["seconds"]} if args.job_rows else {})}
+    print(json.dumps({"agreement_with_float32": record["agreement_with_float32"],
+                      "speedup_over_float32": record["speedup_over_float32"]}, indent=1))
     with open(args.out, "w") as f:
         json.dump(record, f, indent=2)
-    print(json.dumps(record["bf16_speedup"]))
 
 
 def cpu_model() -> str:

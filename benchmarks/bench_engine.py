@@ -50,7 +50,7 @@ def run_one(args) -> dict:
         ids = torch.as_tensor(np.stack([r.input_ids for r in batch]))
 
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), vm.matmul_precision():
                 logits = vm.model(input_ids=ids).logits
                 torch.log_softmax(logits.float(), -1)  # what any per-token loss needs at least
     else:
@@ -83,7 +83,7 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or auto (the product's default)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16, bfloat16-autocast or auto (the product's default)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"a subset of {','.join(METHODS)}; the first "
                    "is the baseline of 'x forward'")
     p.add_argument("--method", choices=METHODS)

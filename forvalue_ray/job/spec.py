@@ -96,17 +96,16 @@ class RunSpec:
 
 def model_identity(cfg: JobConfig) -> tuple[str, dict, str]:
     """The loadable model path (GGUF converted once, here on the driver), its provenance and fingerprint."""
-    from ..model import DTYPES, adapter_provenance, choose_dtype, model_fingerprint, resolve_model
+    from ..model import adapter_provenance, choose_dtype, model_fingerprint, resolve_model, weights_and_matmul_dtype
 
     model_path, provenance = resolve_model(cfg.model, cfg.revision)
     provenance.update(adapter_provenance(cfg.adapter))
     if cfg.dtype in (None, "auto"):  # chosen here, once, and handed to every replica (see model_load_kw)
-        dtype, provenance["dtype_reason"] = choose_dtype("cuda" if cfg.gpus_per_actor else "cpu", model_path)
-        provenance["dtype"] = str(dtype).replace("torch.", "")
-    elif cfg.dtype in DTYPES:
-        provenance["dtype"] = cfg.dtype
+        provenance["dtype"], provenance["dtype_reason"] = choose_dtype("cuda" if cfg.gpus_per_actor else "cpu",
+                                                                       model_path)
     else:
-        raise ValueError(f"--dtype must be one of {DTYPES} or auto, not {cfg.dtype!r}")
+        weights_and_matmul_dtype(cfg.dtype)  # refuses a name it does not know
+        provenance["dtype"] = cfg.dtype
     return model_path, provenance, model_fingerprint(provenance)
 
 

@@ -79,7 +79,17 @@ def value(c, data, out, wait=True, num_actors="2"):
            "RAY_RUNTIME_ENV_HOOK": "forvalue_ray.testing.faults.with_faults"}  # the slow node's straggler hook
     job = subprocess.Popen([str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
-    return job.communicate(timeout=900)[0] if wait else job
+    return finish(job) if wait else job
+
+
+def finish(job, timeout=900) -> str:
+    """The job's log once it exits; a job still running after ``timeout`` is killed and fails the test with the
+    end of its log (a hang shows where it hung)."""
+    try:
+        return job.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        job.kill()
+        pytest.fail(f"the job did not end in {timeout} s; its log ends:\n{job.communicate()[0][-8000:]}")
 
 
 def wait_for_part_in_flight(job, out, seconds=2.0):
@@ -139,7 +149,7 @@ def test_a_worker_node_lost_mid_shard_changes_nothing(cluster, uninterrupted, tm
     c.remove_node(slow, allow_graceful=False)  # abruptly, as a reclaimed spot instance
     workers.remove(slow)
     t_lost = time.time()
-    log = job.communicate(timeout=900)[0]
+    log = finish(job)
     recovery = time.time() - t_lost
     assert job.returncode == 0, log[-3000:]
     run = fio.read_json(str(out / "run.json"))
@@ -165,7 +175,7 @@ def test_a_node_added_mid_run_gets_an_actor(cluster, uninterrupted, tmp_path):
     wait_for_part_in_flight(job, out, seconds=0.5)
     added = c.add_node(num_cpus=3)
     workers.append(added)
-    log = job.communicate(timeout=900)[0]
+    log = finish(job)
     assert job.returncode == 0, log[-3000:]
     inv = fio.read_json(str(out / "run.json"))["this_invocation"]
     assert inv["shards_per_node"].get(added.node_id, 0) > 0, inv
