@@ -9,7 +9,9 @@ import json
 import logging
 import math
 import os
+import queue
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -112,7 +114,7 @@ def run_shards(command: str, shards: Shards, done: set[str], stages: list[Stage]
             faults["retried_shards"] += todo.keys()
             print(f"{command}: retrying {len(todo)} shards that did not finish (first: {todo[0].key})",
                   file=sys.stderr, flush=True)
-        for summary in _shard_round(todo, stages):
+        for summary in _shard_round(todo, stages, command):
             if summary.get("error"):  # a deterministic failure (a damaged file): every round would fail the same
                 bar.close()
                 raise RuntimeError(f"shard {summary['shard']} ({summary.get('label') or ''}): {summary['error']}; "
@@ -148,10 +150,12 @@ def shards_dataset(shards: Shards):
     return ray.data.from_arrow([table.slice(i, per_block) for i in range(0, len(shards), per_block)])
 
 
-def _shard_round(todo: Shards, stages: list[Stage]) -> Iterator[dict]:
+def _shard_round(todo: Shards, stages: list[Stage], label: str) -> Iterator[dict]:
     """One Ray Data pass over ``todo``, yielding each finished shard's summary; a shard whose task fails is skipped
-    (left for the next round)."""
+    (left for the next round). A pass that stalls after losing a node is ended (see _watched)."""
     import ray
+
+    nodes = _alive_nodes()
 
     ctx = ray.data.DataContext.get_current()  # a Dataset copies the context it is created in
     old, ctx.max_errored_blocks = ctx.max_errored_blocks, -1
@@ -166,9 +170,78 @@ def _shard_round(todo: Shards, stages: list[Stage]) -> Iterator[dict]:
                 ds = ds.map_batches(_as_actor(st.step), batch_size=1, fn_constructor_kwargs=st.kwargs,
                                     compute=ray.data.ActorPoolStrategy(min_size=st.actors[0], max_size=st.actors[1]),
                                     max_task_retries=0, **_named_resources(st.resources))
-        yield from ds.iter_rows()
+
+        def stalled(idle_s: float, longest_gap_s: float | None) -> bool:
+            limit = NODE_LOSS_STALL_S if longest_gap_s is None else STALL_MARGIN_S + STALL_GAPS * longest_gap_s
+            if idle_s < limit:
+                return False
+            lost = sorted(nodes - _alive_nodes())
+            if lost:
+                print(f"{label}: no shard finished for {idle_s:.0f} s since node(s) {', '.join(lost)} were lost: "
+                      f"ending this pass; its unfinished shards are redone", file=sys.stderr, flush=True)
+            return bool(lost)
+
+        def cancel():
+            # Ray Data runs a pass in a thread of its own, its StreamingExecutor, tagged with the dataset's id; it
+            # has no public handle before the pass's first output (Ray pinned: private names checked by the tests)
+            from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+            for thread in threading.enumerate():
+                if isinstance(thread, StreamingExecutor) and thread._dataset_id == ds.get_dataset_id():
+                    thread.shutdown(force=True)  # its actors killed: the next round has their room
+
+        yield from _watched(ds.iter_rows(), stalled, cancel)
     finally:
         ctx.max_errored_blocks = old
+
+
+# a pass that lost a node is ended after this long without a finished shard: before its first, NODE_LOSS_STALL_S;
+# then STALL_MARGIN_S + STALL_GAPS x the longest wait between two (the first counted from the pass's start)
+NODE_LOSS_STALL_S = 600
+STALL_MARGIN_S, STALL_GAPS = 60, 3
+CANCEL_GRACE_S = 60  # how long an ended pass's rows may take to stop
+_END = object()
+
+
+def _watched(rows: Iterator[dict], stalled, cancel, poll_s: float = 5.0) -> Iterator[dict]:
+    """``rows``, read in a thread of their own, so that a pass Ray Data never ends can be ended here.
+
+    Ray Data can wait forever on a task whose node died at the wrong moment (the last output of an actor's
+    streaming task lost with its node, ray-project/ray#62535): the shards it held would never be redone. Every
+    ``poll_s`` without a row, ``stalled(seconds since the last row, longest wait between two rows or None)`` is
+    asked; when it says so, ``cancel()`` ends the pass and the rows stop (what did not finish is redone by the
+    caller's next round)."""
+    q: queue.Queue = queue.Queue()
+
+    def read():
+        try:
+            for row in rows:
+                q.put(row)
+        except BaseException as e:  # handed to the reader below
+            q.put(e)
+        q.put(_END)
+
+    threading.Thread(target=read, daemon=True, name="forvalue-shard-round").start()
+    last, longest, cancelled = time.time(), None, None
+    while True:
+        try:
+            item = q.get(timeout=poll_s)
+        except queue.Empty:
+            if cancelled is None and stalled(time.time() - last, longest):
+                cancelled = time.time()
+                cancel()
+            elif cancelled is not None and time.time() - cancelled > CANCEL_GRACE_S:
+                return  # the reading thread never woke up: left behind (a daemon), its pass's actors gone
+            continue
+        if item is _END:
+            return
+        if isinstance(item, BaseException):
+            if cancelled is not None:
+                return  # the pass was ended here: its error is ours
+            raise item
+        now = time.time()
+        longest, last = max(longest or 0.0, now - last), now
+        yield item
 
 
 def _named_resources(resources: dict) -> dict:

@@ -45,7 +45,9 @@ def cluster(tmp_path_factory):
     # (by default up to 100 KB are returned inline to their owner, which would hide where the tiny model's live)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                       "_system_config": {"max_direct_call_object_size": 1024}})
-    workers = [c.add_node(num_cpus=3) for _ in range(2)]
+    # every shard takes >= 1 s (0.5 s before each of its two part writes): the pool's second actor, however slowly
+    # a loaded machine starts it, finds shards left to score
+    workers = [c.add_node(num_cpus=3, env_vars={faults.SLOW_S: "0.5"}) for _ in range(2)]
     c.wait_for_nodes()
     root = tmp_path_factory.mktemp("multinode")
     train, target = sentence_task(n_classes=3, n_train_per_class=32, n_val_per_class=2)
