@@ -173,7 +173,9 @@ def _verified(out: str) -> dict:
 
     rc, stdout, _ = cli("verify", out)
     assert rc == 0, stdout
-    return json.loads(stdout.strip().splitlines()[-1])
+    # the summary is verify's last JSON line; this process is a driver of the head's Ray, whose log monitor may
+    # print a worker's line (e.g. the raylet's "N PYTHON worker processes have been started") around it
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
 
 
 def _parts(s3, prefix: str) -> dict:
