@@ -222,26 +222,32 @@ def _watched(rows: Iterator[dict], stalled, cancel, poll_s: float = 5.0) -> Iter
         q.put(_END)
 
     threading.Thread(target=read, daemon=True, name="forvalue-shard-round").start()
-    last, longest, cancelled = time.time(), None, None
-    while True:
-        try:
-            item = q.get(timeout=poll_s)
-        except queue.Empty:
-            if cancelled is None and stalled(time.time() - last, longest):
-                cancelled = time.time()
-                cancel()
-            elif cancelled is not None and time.time() - cancelled > CANCEL_GRACE_S:
-                return  # the reading thread never woke up: left behind (a daemon), its pass's actors gone
-            continue
-        if item is _END:
-            return
-        if isinstance(item, BaseException):
-            if cancelled is not None:
-                return  # the pass was ended here: its error is ours
-            raise item
-        now = time.time()
-        longest, last = max(longest or 0.0, now - last), now
-        yield item
+    last, longest, cancelled, ended = time.time(), None, None, False
+    try:
+        while True:
+            try:
+                item = q.get(timeout=poll_s)
+            except queue.Empty:
+                if cancelled is None and stalled(time.time() - last, longest):
+                    cancelled = time.time()
+                    cancel()
+                elif cancelled is not None and time.time() - cancelled > CANCEL_GRACE_S:
+                    return  # the reading thread never woke up: left behind (a daemon), its pass's actors gone
+                continue
+            if item is _END:
+                ended = True
+                return
+            if isinstance(item, BaseException):
+                ended = True
+                if cancelled is not None:
+                    return  # the pass was ended here: its error is ours
+                raise item
+            now = time.time()
+            longest, last = max(longest or 0.0, now - last), now
+            yield item
+    finally:
+        if not ended and cancelled is None:  # the caller stopped reading (an error, a closed generator): the pass
+            cancel()                         # must not run on in the thread
 
 
 def _named_resources(resources: dict) -> dict:

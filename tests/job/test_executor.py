@@ -43,6 +43,15 @@ def test_a_stalled_pass_is_cancelled_once_and_keeps_what_it_yielded():
     assert all(i <= 0.3 for i, _ in asked[:-1])  # asked as the wait grew, until it said so
 
 
+def test_a_pass_its_reader_stops_reading_is_ended():
+    unblock, calls = threading.Event(), []
+    rows = executor._watched(rows_then_block(3, unblock), lambda *a: False, lambda: calls.append(1) or unblock.set(),
+                             poll_s=0.05)
+    assert next(rows)["shard"] == "s0" and calls == []
+    rows.close()  # the caller gave up (an error of its own): the pass must not run on in the reading thread
+    assert calls == [1]
+
+
 def test_an_error_of_a_pass_that_was_not_cancelled_is_raised():
     unblock = threading.Event()
     unblock.set()
