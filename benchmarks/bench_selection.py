@@ -22,6 +22,10 @@ Methods (a score per pool row, the top k kept; ties by id):
   fv-fit         fv-max over the rows whose prompt fit is at least ``--min-prompt-fit`` (default 0): ``value
                  --prompt-fit-column template``, ``select --min-prompt-fit 0`` (drops responses their own prompt
                  predicts no better than another prompt of their template: mislabeled rows)
+  fv-embed       ``select --by embed``: the embedding cosine the pairwise scores carry (the states that predict the
+                 response, mean-pooled; the same forward as fv-max), ranked by its mean over the target rows
+  fv-joint       ``select --by value+embed --combine round-robin``: fv-max's cosine plus the embedding cosine, per
+                 target row, interleaved
   embed-cosine   the model's final hidden state mean-pooled over the response, cosine to the target mean (RDS-like)
   bm25           BM25 (rank-bm25) of the row text against each target text, mean over targets
   loss-low       lowest base-model NLL per response token;   loss-high: highest
@@ -58,8 +62,8 @@ import torch
 import sft
 from forvalue_ray.job.selection import selected_ids
 
-METHODS = ["zero-shot", "random", "fv-mean", "fv-cosine", "fv-center", "fv-max", "fv-class", "fv-fit", "embed-cosine",
-           "bm25",
+METHODS = ["zero-shot", "random", "fv-mean", "fv-cosine", "fv-center", "fv-max", "fv-class", "fv-fit", "fv-embed",
+           "fv-joint", "embed-cosine", "bm25",
            "length", "loss-low", "loss-high", "full", "less"]
 MAX_CLASSES = 20  # a template with at most this many distinct responses is a classification template
 
@@ -121,16 +125,18 @@ def write_rows(rows: list[dict], path: Path) -> str:
 # ---- ranking -------------------------------------------------------------------------------------------------------------
 
 def choose(ids: list[str], values: np.ndarray, k: int, combine: str | None = None, fit: np.ndarray | None = None,
-           min_fit: float | None = None) -> list[int]:
+           min_fit: float | None = None, embed: np.ndarray | None = None, by: str = "value") -> list[int]:
     """Indices of the k rows ``select`` keeps for these scores (one per row, or [n, targets] with ``combine``; with
-    ``min_fit``, among rows whose prompt fit ``fit`` is at least it or NaN): the product's reference ranking (score
-    descending, ties by id), imported, not re-implemented."""
+    ``min_fit``, among rows whose prompt fit ``fit`` is at least it or NaN; ``by`` with the pairwise ``embed``): the
+    product's reference ranking (score descending, ties by id), imported, not re-implemented."""
     col = {"scores": pa.array(list(values.astype(np.float64)))} if values.ndim == 2 else {
         "score": pa.array(values.astype(np.float64))}
+    if embed is not None:
+        col["embed"] = pa.array(list(embed.astype(np.float64)))
     if fit is not None:
         col["prompt_fit"] = pa.array(fit, pa.float64(), mask=np.isnan(fit))
     chosen = selected_ids(pa.table({"id": pa.array(ids, pa.string()), **col}), top_k=k, combine=combine,
-                          min_prompt_fit=min_fit)
+                          min_prompt_fit=min_fit, by=by)
     return [i for i, rid in enumerate(ids) if rid in chosen]
 
 
@@ -148,16 +154,18 @@ def cosine_to_mean(x: np.ndarray, targets: np.ndarray) -> np.ndarray:
 # ---- For-Value through the product ---------------------------------------------------------------------------------
 
 FV_VALUE_FLAGS = {"fv-mean": [], "fv-cosine": ["--normalize"], "fv-center": ["--center", "{center}"],
-                  "fv-max": ["--mode", "pairwise", "--normalize"],
+                  "fv-max": ["--mode", "pairwise", "--normalize"], "fv-embed": ["--mode", "pairwise", "--normalize"],
+                  "fv-joint": ["--mode", "pairwise", "--normalize"],
                   "fv-class": ["--mode", "groups", "--group-column", "response", "--normalize"],
                   "fv-fit": ["--mode", "pairwise", "--normalize", "--prompt-fit-column", "{fit_column}"]}
 
 
 def fv_job(method: str, pool_file: str, target_file: str, work: Path, args, k: int, pool: list[dict]) -> list[str]:
-    """``forvalue-ray value`` then ``forvalue-ray select`` on a local Ray; the selected ids."""
-    scores, sel = work / method / "scores", work / method / "selected"
-    cli = [sys.executable, "-m", "forvalue_ray.cli"]
+    """``forvalue-ray value`` then ``forvalue-ray select`` on a local Ray; the selected ids. Methods with the same
+    value flags share one value run."""
     flags = [f.format(center=args.center, fit_column=args.prompt_fit_column) for f in FV_VALUE_FLAGS[method]]
+    scores, sel = work / ("value" + "_".join(flags).replace("-", "_")) / "scores", work / method / "selected"
+    cli = [sys.executable, "-m", "forvalue_ray.cli"]
     run([*cli, "value", "--model", args.model, "--train", pool_file, "--target", target_file, "--out", str(scores),
          "--max-length", str(args.max_length), "--overwrite", *flags])
     if method == "fv-class":  # the own-group rule reads the per-group scores
@@ -168,18 +176,19 @@ def fv_job(method: str, pool_file: str, target_file: str, work: Path, args, k: i
         matrix = np.array(table["scores"].to_pylist())
         value = own_group(matrix, names, [by_id[i] for i in ids])
         return [ids[i] for i in choose(ids, value, k)]
-    combine = ["--combine", "round-robin"] if method in ("fv-max", "fv-fit") else []
+    combine = ["--combine", "round-robin"] if method in ("fv-max", "fv-fit", "fv-joint") else []
+    combine += {"fv-embed": ["--by", "embed"], "fv-joint": ["--by", "value+embed"]}.get(method, [])
     if method == "fv-fit":
         combine += ["--min-prompt-fit", str(args.min_prompt_fit)]
     run([*cli, "select", "--scores", str(scores), "--out", str(sel), "--top-k", str(k), "--overwrite", *combine])
     return pq.read_table(str(sel / "_selection"))["id"].to_pylist()
 
 
-def fv_api(method: str, vm, pool: list[dict], target: list[dict], args, memo: dict
-           ) -> tuple[np.ndarray, str | None, np.ndarray | None]:
-    """The same scores from the in-process API (no Ray), how ``select`` combines them, and (fv-fit) each row's
-    prompt fit (one shard: partners drawn over the whole pool, as the job does for a pool within one shard).
-    ``memo`` keeps the pairwise cosines fv-max and fv-fit share."""
+def fv_api(method: str, vm, pool: list[dict], target: list[dict], args, memo: dict) -> dict:
+    """The same scores from the in-process API (no Ray) and the keywords of :func:`choose` that rank them as
+    ``select`` does: how targets combine, (fv-fit) each row's prompt fit (one shard: partners drawn over the whole
+    pool, as the job does for a pool within one shard), (fv-embed, fv-joint) the embedding cosines and ``by``.
+    ``memo`` keeps the pairwise cosines (and embedding cosines) the pairwise methods share."""
     import forvalue_ray as fv
 
     kw = dict(max_length=args.max_length)
@@ -187,26 +196,30 @@ def fv_api(method: str, vm, pool: list[dict], target: list[dict], args, memo: di
     def pairwise():
         if "pairwise" not in memo:
             t0 = time.time()
-            memo["pairwise"] = fv.pairwise_scores(vm, pool, target, normalize=True, **kw)
+            memo["pairwise"], memo["embed"] = fv.pairwise_scores(vm, pool, target, normalize=True, embed=True, **kw)
             memo["pairwise_s"] = time.time() - t0
         return memo["pairwise"]
 
     if method == "fv-mean":
-        return fv.value_scores(vm, pool, target, **kw), None, None
+        return {"values": fv.value_scores(vm, pool, target, **kw)}
     if method == "fv-cosine":
-        return fv.value_scores(vm, pool, target, normalize=True, **kw), None, None
+        return {"values": fv.value_scores(vm, pool, target, normalize=True, **kw)}
     if method == "fv-center":
         rng = np.random.default_rng(0)
         sample = [pool[i] for i in sorted(rng.choice(len(pool), min(args.center, len(pool)), replace=False))]
-        return fv.value_scores(vm, pool, target, center=sample, **kw), None, None
+        return {"values": fv.value_scores(vm, pool, target, center=sample, **kw)}
     if method == "fv-max":
-        return pairwise(), "round-robin", None
+        return {"values": pairwise(), "combine": "round-robin"}
     if method == "fv-class":
         names, matrix = fv.group_scores(vm, pool, target, [r["response"] for r in target], normalize=True, **kw)
-        return own_group(matrix, names, [r["response"] for r in pool]), None, None
+        return {"values": own_group(matrix, names, [r["response"] for r in pool])}
     if method == "fv-fit":
         fit = fv.prompt_fit(vm, pool, [r[args.prompt_fit_column] for r in pool], **kw)
-        return pairwise(), "round-robin", fit
+        return {"values": pairwise(), "combine": "round-robin", "fit": fit, "min_fit": args.min_prompt_fit}
+    if method == "fv-embed":
+        return {"values": pairwise(), "embed": memo["embed"], "by": "embed"}
+    if method == "fv-joint":
+        return {"values": pairwise(), "embed": memo["embed"], "by": "value+embed", "combine": "round-robin"}
     raise ValueError(method)
 
 
@@ -462,10 +475,10 @@ def main(argv=None):
         if m in ("embed-cosine", "loss-low", "loss-high", "length"):
             st = pool_statistics()
             shared = st["seconds"]  # the shared forward counts towards each method that uses it
-        if m == "fv-fit":
-            shared = memo.get("pairwise_s", 0.0)  # fv-max's pairwise cosines, when it ran first
+        if m in ("fv-fit", "fv-embed", "fv-joint"):
+            shared = memo.get("pairwise_s", 0.0)  # the pairwise cosines of the method that ran first
         t0 = time.time()
-        combine = fit = None
+        ranking: dict = {}
         if m.startswith("fv-") and args.engine == "job":
             chosen = set(fv_job(m, pool_file, target_file, work, args, k, pool))
             idx = [j for j, i in enumerate(pool_ids) if i in chosen]
@@ -474,7 +487,8 @@ def main(argv=None):
                 if vm is None:
                     vm = load_model(path, device=str(device))
                     config["value_dtype"] = str(vm.dtype).replace("torch.", "")
-                value, combine, fit = fv_api(m, vm, pool, target, args, memo)
+                ranking = fv_api(m, vm, pool, target, args, memo)
+                value = ranking.pop("values")
             elif m == "bm25":
                 value = bm25_scores(pool, target)
             elif m == "less":
@@ -490,8 +504,9 @@ def main(argv=None):
                 value = {"embed-cosine": lambda: cosine_to_mean(st["hidden"], st["target_hidden"]),
                          "loss-low": lambda: -nll, "loss-high": lambda: nll,
                          "length": lambda: st["n_tokens"].astype(float)}[m]()
-            idx = choose(pool_ids, np.asarray(value), k, combine, fit, args.min_prompt_fit if fit is not None else None)
-            scores[m] = np.asarray(value)
+            idx = choose(pool_ids, np.asarray(value), k, **ranking)
+            scores[m] = np.asarray(value) if "embed" not in ranking else ranking["embed"] + (
+                np.asarray(value) if ranking["by"] == "value+embed" else 0)
         selections[m] = {"idx": sorted(idx), "select_s": time.time() - t0 + shared}
         print(f"[select] {m}: {len(idx)} rows in {selections[m]['select_s']:.1f} s", flush=True)
     if scores:

@@ -107,12 +107,15 @@ def score_against(vm: ValuationModel, train_rows, stats: TargetStats, *, vocab_c
                   padding_side=padding_side)(rows)["scores"]
 
 
-def pairwise_scores(vm: ValuationModel, train_rows, target_rows, *, normalize: bool = False,
-                    vocab_chunk: int = DEFAULT_VOCAB_CHUNK, **encode_kw) -> np.ndarray:
-    """For-Value of every (train, target) pair: [n_train, n_target]."""
+def pairwise_scores(vm: ValuationModel, train_rows, target_rows, *, normalize: bool = False, embed: bool = False,
+                    vocab_chunk: int = DEFAULT_VOCAB_CHUNK, **encode_kw):
+    """For-Value of every (train, target) pair: [n_train, n_target]. ``embed``: also, from the same forward, the
+    cosine of every pair's mean final hidden states (:func:`~forvalue_ray.engine.row_embeddings`): returns
+    (values, embed)."""
     reference = build_reference(vm, encode_rows(vm, target_rows, **encode_kw), vocab_chunk=vocab_chunk)
     rows = encode_rows(vm, train_rows, **encode_kw)
-    return Scorer(vm, reference=reference, normalize=normalize, vocab_chunk=vocab_chunk)(rows)["pairwise"]
+    res = Scorer(vm, reference=reference, normalize=normalize, vocab_chunk=vocab_chunk)(rows)
+    return (res["pairwise"], res["embed"]) if embed else res["pairwise"]
 
 
 def prompt_fit(vm: ValuationModel, rows: Sequence[dict], keys: Sequence, *, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,

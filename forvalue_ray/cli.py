@@ -52,7 +52,7 @@ def cmd_select(args) -> int:
     res = select(args.scores, args.data, args.out, top_fraction=args.top_fraction, top_k=args.top_k,
                  bottom_fraction=args.bottom_fraction, budget_tokens=args.budget_tokens, per_group=args.per_group,
                  target=args.target, combine=args.combine, min_prompt_fit=args.min_prompt_fit,
-                 overwrite=args.overwrite)
+                 by=args.by, overwrite=args.overwrite)
     print(json.dumps(res))
     return 0
 
@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-prompt-fit", type=float,
                    help="rank only rows whose prompt_fit (value --prompt-fit-column) is at least this (e.g. 0: drop "
                         "responses their own prompt predicts no better than another's); rows without one stay")
+    p.add_argument("--by", choices=["value", "embed", "value+embed"], default="value",
+                   help="rank by the value (default), by the cosine of the row's mean final hidden state to the "
+                        "target's (embed: an embedding-similarity selection from the same forward; pairwise scores), "
+                        "or by the sum of the two cosines (value+embed: value --mode pairwise --normalize)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier, different selection in --out (never any other folder)")
     p = sub.add_parser("explain", help="why rows score what they do: each valued token's term of the score")

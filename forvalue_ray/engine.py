@@ -198,9 +198,11 @@ class Scorer:
             b = (tokens.h.to(accumulation_dtype(vm.dtype)) * stats.tokens.weights.to(dev)[:, None]).to(cd)
             self.factored = TokenSet(tokens, b, len(stats.names), tokens.errors(vm.head, cd, vocab_chunk))
         self.reference = None if reference is None else reference.to(dev)
+        self.target_embeddings = None
         if self.reference is not None:
             t = self.reference.tokens
             self.pairs = TokenSet(t, t.h.to(cd), len(self.reference.ids))
+            self.target_embeddings = row_embeddings(t.h[:, :vm.head.hidden_size], t.seg, len(self.reference.ids))
         self.hashes = None if sketch_dim is None else SketchHashes.make(
             sketch_dim, sketch_seed, vm.head.vocab_size, vm.head.weight.shape[1], dev)
         if subspace is not None and self.hashes is None:
@@ -211,7 +213,8 @@ class Scorer:
 
     @torch.no_grad()
     def __call__(self, rows: list[Encoded]) -> dict[str, np.ndarray]:
-        """Per-row results in input order: n_tokens, nll, and scores [n, K] / pairwise [n, M] / sketch [n, dim]."""
+        """Per-row results in input order: n_tokens, nll, and scores [n, K] / pairwise [n, M] with embed [n, M]
+        (cosine of the row's and each target row's :func:`row_embeddings`) / sketch [n, dim]."""
         parts = [(idx, self._batch([rows[i] for i in idx]))
                  for idx in plan_batches([len(r.input_ids) for r in rows], self.max_tokens)]
         out = {}
@@ -302,6 +305,8 @@ class Scorer:
             if inv_norm is not None:
                 pairwise = pairwise * inv_norm[:, None] * ref.sq_norms.to(acc).rsqrt()[None, :]
             out["pairwise"] = pairwise.double().cpu().numpy()
+            e = row_embeddings(vt.h[:, :head.hidden_size], vt.seg, n)
+            out["embed"] = (e @ self.target_embeddings.T).double().cpu().numpy()
         if self.hashes is not None:
             sketch = spectrum_to_sketch(spectrum, self.hashes)
             if coords is not None:
@@ -328,6 +333,16 @@ class Scorer:
         projected_error = pa @ self.cs_vocab_basis.to(pa.dtype).T  # CS₁(Aᵀ P α_t) [T, dim]
         projected_h = hb @ self.subspace.hidden.to(pa.dtype)
         return coords, spectrum - sketch_spectrum(projected_error, projected_h, self.hashes, seg, n)
+
+
+def row_embeddings(h: torch.Tensor, seg: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """[n_rows, d] each row's final hidden state averaged over its valued positions (the states that predict its
+    response), scaled to unit length: the representation an embedding-similarity selection (RDS) compares by
+    cosine. A by-product of the forward every score already runs."""
+    acc = accumulation_dtype(h.dtype)
+    counts = torch.bincount(seg, minlength=n_rows).clamp(min=1).to(acc)
+    mean = segment_sum(h.to(acc), seg, n_rows) / counts[:, None]
+    return mean / mean.norm(dim=1, keepdim=True).clamp(min=torch.finfo(acc).tiny)
 
 
 def _add(total, x):

@@ -156,9 +156,10 @@ def lm_head_of(model) -> LMHead:
     softcap = next((getattr(cfg, k) for k in ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
                     if getattr(cfg, k, None)), None)
     weight = head.weight.detach()
-    if getattr(head, "bias", None) is not None:  # ∂/∂b = Σ_t α_t: the gradient of a column of ones
+    folded = getattr(head, "bias", None) is not None
+    if folded:  # ∂/∂b = Σ_t α_t: the gradient of a column of ones
         weight = torch.cat([weight, head.bias.detach().to(weight.dtype)[:, None]], dim=1)
-    return LMHead(weight=weight, scale=scale, softcap=float(softcap) if softcap else None)
+    return LMHead(weight=weight, scale=scale, softcap=float(softcap) if softcap else None, folded_bias=folded)
 
 
 HEAD_CHECK_IDS = (1, 17, 5, 42, 7, 99, 3, 11)

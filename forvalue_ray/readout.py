@@ -62,6 +62,12 @@ class LMHead:
     weight: torch.Tensor  # [V, d] ([V, d + 1] with a folded bias)
     scale: float = 1.0
     softcap: float | None = None
+    folded_bias: bool = False
+
+    @property
+    def hidden_size(self) -> int:
+        """d: the model's hidden size (the weight's last column is the bias when one is folded)."""
+        return self.weight.shape[1] - int(self.folded_bias)
 
     @property
     def vocab_size(self) -> int:

@@ -232,7 +232,7 @@ def prepare_out(out: RunOutput, record: dict, shards: Shards, overwrite: bool = 
 
 def result_table(kind: str, ids: list[str], res: dict, mode: str = "mean", storage: str = "float32",
                  seed: int = 0, center: tuple[np.ndarray, float] | None = None) -> pa.Table:
-    """The output schema: id, score (mean) | scores (groups, pairwise) | sketch [+ sketch_scale: int8 and binary,
+    """The output schema: id, score (mean) | scores (groups, pairwise; + embed: pairwise) | sketch [+ sketch_scale: int8 and binary,
     + sketch_norm: binary, + center_dot: centered], n_tokens, nll [, prompt_fit: null where a row has none]. ``center``: a centered index's μ terms (TS(μ), ‖μ‖²), ``res`` scored against μ."""
     n = len(ids)
     cols = {"id": pa.array(ids, pa.string())}
@@ -252,6 +252,8 @@ def result_table(kind: str, ids: list[str], res: dict, mode: str = "mean", stora
     elif mode != "mean":
         mat = res.get("pairwise", res.get("scores"))
         cols["scores"] = pa.array(list(mat.astype(np.float64)) if n else [], pa.list_(pa.float64()))
+        if mode == "pairwise":
+            cols["embed"] = pa.array(list(res["embed"]) if n else [], pa.list_(pa.float64()))
     else:
         cols["score"] = pa.array(res["scores"][:, 0] if n else [], pa.float64())
     cols["n_tokens"] = pa.array(res["n_tokens"] if n else [], pa.int64())

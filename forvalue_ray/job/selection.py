@@ -39,34 +39,44 @@ ROUND_PROBES = 3  # round-robin: numbers of rounds tried per counting pass (a (P
 # JSON lists.
 
 COMBINES = ("max", "round-robin")
+# what a row is ranked by: its value (score/scores), the cosine of its embedding to the targets' (embed: pairwise
+# scores), or the sum of the two (both cosines: the similarity of the joined, unit-scaled features)
+RANK_BY = ("value", "embed", "value+embed")
 
 
-def score_matrix(scores: pa.Table) -> np.ndarray:
-    """[n, K] every target's score of each row (K = 1 for a mean-mode score)."""
+def score_matrix(scores: pa.Table, by: str = "value") -> np.ndarray:
+    """[n, K] every target's score of each row (K = 1 for a mean-mode score), by ``by`` (:data:`RANK_BY`)."""
+    if by != "value":
+        embed = _matrix(scores, "embed")
+        return embed if by == "embed" else score_matrix(scores) + embed
     if "score" in scores.column_names:
         return np.asarray(scores["score"].to_numpy(), dtype=np.float64).reshape(-1, 1)
+    return _matrix(scores, "scores")
+
+
+def _matrix(scores: pa.Table, column: str) -> np.ndarray:
     n = scores.num_rows
     if not n:
         return np.zeros((0, 1))
-    return np.asarray(pc.list_flatten(scores["scores"]).to_numpy(), dtype=np.float64).reshape(n, -1)
+    return np.asarray(pc.list_flatten(scores[column]).to_numpy(), dtype=np.float64).reshape(n, -1)
 
 
-def ranked_values(scores: pa.Table, target: int | None, combine: str | None = None) -> np.ndarray:
+def ranked_values(scores: pa.Table, target: int | None, combine: str | None = None, by: str = "value") -> np.ndarray:
     """The value each row is ranked by: its score (mean mode), one target's column, the max over targets
     (``combine="max"``) or the mean over targets. (Round-robin ranks by every column: :func:`lane_values`.)"""
     if "score" in scores.column_names:
         return np.asarray(scores["score"].to_numpy(), dtype=np.float64)
-    mat = score_matrix(scores)
+    mat = score_matrix(scores, by)
     if target is not None:
         return mat[:, target]
     return mat.max(1) if combine in COMBINES else mat.mean(1)
 
 
-def lane_values(scores: pa.Table, target: int | None, combine: str | None) -> np.ndarray:
+def lane_values(scores: pa.Table, target: int | None, combine: str | None, by: str = "value") -> np.ndarray:
     """[n, L]: the columns lanes rank by: every target's (round-robin), else the one ranked value."""
     if combine == "round-robin":
-        return score_matrix(scores)
-    return ranked_values(scores, target, combine).reshape(-1, 1)
+        return score_matrix(scores, by)
+    return ranked_values(scores, target, combine, by).reshape(-1, 1)
 
 
 def eligible(scores: pa.Table, min_prompt_fit: float | None) -> pa.Table:
@@ -79,14 +89,17 @@ def eligible(scores: pa.Table, min_prompt_fit: float | None) -> pa.Table:
 
 
 def shard_keys(shard: Shard, scores_dir: str, id_column: str, per_group: str | None, target: int | None,
-               combine: str | None = None, min_prompt_fit: float | None = None
+               combine: str | None = None, min_prompt_fit: float | None = None, by: str = "value"
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
     """The ranked rows of one shard (:func:`eligible`): ids, the [n, L] values ranked, n_tokens, and (per group)
     each row's group."""
     fs, path = io.filesystem(parts.RunOutput(scores_dir).part("scores", shard.key))
     scores = eligible(pq.read_table(path, filesystem=fs), min_prompt_fit)
     ids = np.asarray(scores["id"].to_pylist(), dtype=str) if scores.num_rows else np.zeros(0, dtype=str)
-    values = lane_values(scores, target, combine)
+    if by != "value" and "embed" not in scores.column_names:
+        raise ValueError(f"--by {by}: the scores part {path} has no embed column (pairwise scores of an earlier "
+                         f"forvalue-ray have none); re-run that value command with --overwrite")
+    values = lane_values(scores, target, combine, by)
     tokens = (np.asarray(scores["n_tokens"].to_numpy(), dtype=np.int64) if "n_tokens" in scores.column_names
               else np.zeros(len(ids), np.int64))
     if not per_group:
@@ -277,23 +290,24 @@ def selection_counts(shard: Shard, out: str) -> dict:
 
 def selected_ids(scores: pa.Table, *, top_fraction=None, top_k=None, bottom_fraction=None, budget_tokens=None,
                  groups: dict | None = None, target: int | None = None, combine: str | None = None,
-                 min_prompt_fit: float | None = None) -> dict[str, float]:
+                 min_prompt_fit: float | None = None, by: str = "value") -> dict[str, float]:
     """The reference selection by a full sort (in memory): ids → score of the chosen rows; per group when ``groups``
     maps id → group. Order: score descending, ties by id ascending; bottom is its tail. ``combine="max"`` ranks by
     the max over targets; ``combine="round-robin"`` orders rows by (their best rank over the targets' rankings, the
     first target reaching it) — the targets' rankings interleaved, each row where it first appears — and reports
     the max over targets as the score. ``budget_tokens``: the longest prefix of that order whose ``n_tokens`` sum is
-    at most the budget (``scores`` needs an ``n_tokens`` column). ``min_prompt_fit``: only :func:`eligible` rows."""
+    at most the budget (``scores`` needs an ``n_tokens`` column). ``min_prompt_fit``: only :func:`eligible` rows.
+    ``by``: what rows are ranked by (:data:`RANK_BY`)."""
     scores = eligible(scores, min_prompt_fit)
     ids = scores["id"].to_pylist()
     n = len(ids)
     id_rank = np.empty(n, np.int64)
     id_rank[np.argsort(np.asarray(ids, dtype=str), kind="stable")] = np.arange(n)
     if combine == "round-robin":
-        mat = score_matrix(scores)
+        mat = score_matrix(scores, by)
         shown = mat.max(1)
     else:
-        shown = np.asarray(ranked_values(scores, target, combine), dtype=np.float64)
+        shown = np.asarray(ranked_values(scores, target, combine, by), dtype=np.float64)
     tokens = np.asarray(scores["n_tokens"].to_numpy(), dtype=np.int64) if budget_tokens is not None else None
     codes: dict = {}
     label = np.fromiter((codes.setdefault(None if groups is None else groups.get(i), len(codes)) for i in ids),
@@ -466,14 +480,15 @@ def round_robin_cuts(shards: Shards, want: dict, stats: dict, keys_kw: dict, tok
 
 def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, top_k=None, bottom_fraction=None,
            budget_tokens=None, per_group: str | None = None, target: str | None = None, combine: str | None = None,
-           min_prompt_fit: float | None = None, overwrite: bool = False) -> dict:
+           min_prompt_fit: float | None = None, by: str = "value", overwrite: bool = False) -> dict:
     """Write the chosen rows of the scored data in its own format (Parquet or JSONL; HF Arrow → Parquet).
 
     ``data`` defaults to the input the scores were computed from (it must be that input: scores are
     shard-aligned with it). ``budget_tokens``: the longest prefix of the ranking whose valued tokens sum to at most
     the budget. ``combine`` (several targets): ``max`` ranks by a row's best score; ``round-robin`` interleaves the
     targets' rankings. ``min_prompt_fit``: rank only rows whose prompt fit is at least this, or has none
-    (:func:`eligible`; the scores need ``value --prompt-fit-column``). Exactly once and resumable like ``value``: re-running the same selection into the same
+    (:func:`eligible`; the scores need ``value --prompt-fit-column``). ``by``: rank by the value, the embedding
+    cosine (``embed``, written by pairwise scores) or their sum (:data:`RANK_BY`). Exactly once and resumable like ``value``: re-running the same selection into the same
     ``out`` finishes it; a different one is refused unless ``overwrite`` (and only a selection is ever replaced).
     Returns the rows selected and written, the rows scored and the tokens selected."""
     if sum(x is not None for x in (top_fraction, top_k, bottom_fraction, budget_tokens)) != 1:
@@ -488,6 +503,8 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
         raise ValueError(f"--combine must be one of {', '.join(COMBINES)}, not {combine!r}")
     if combine is not None and target is not None:
         raise ValueError("--combine and --target exclude each other: --target ranks by one target only")
+    if by not in RANK_BY:
+        raise ValueError(f"--by must be one of {', '.join(RANK_BY)}, not {by!r}")
     if combine == "round-robin" and bottom_fraction is not None:
         raise ValueError("--combine round-robin takes the top of each target; it has no bottom (use --combine max)")
     if not parts.RunOutput(scores_dir).has_plan():
@@ -504,8 +521,11 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
     if min_prompt_fit is not None and not settings.get("prompt_fit_column"):
         raise ValueError(f"--min-prompt-fit: {scores_dir} has no prompt_fit column; value with --prompt-fit-column "
                          f"COLUMN (the column whose equal values share a template, e.g. task) to compute it")
+    if by != "value" and (settings.get("command") != "value" or settings.get("mode") != "pairwise"):
+        raise ValueError(f"--by {by}: {scores_dir} has {settings.get('mode')}-mode scores; the embedding cosine is "
+                         f"written with pairwise scores (`value --mode pairwise`)")
     scored = settings.get("train")
-    if bottom_fraction is None and raw_score_warning(settings):
+    if by == "value" and bottom_fraction is None and raw_score_warning(settings):
         print(raw_score_warning(settings), file=sys.stderr)
     if settings.get("index"):  # a `score` output: its parts are named after the index's parts, i.e. data shards
         index_plan, data_shards = parts.RunOutput(settings["index"]).load_plan()
@@ -533,14 +553,15 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
         target_index = names.index(target)
     criteria = {"scores": plan["fingerprint"], "top_fraction": top_fraction, "top_k": top_k,
                 "bottom_fraction": bottom_fraction, "per_group": per_group, "target": target}
-    new = {"budget_tokens": budget_tokens, "combine": combine, "min_prompt_fit": min_prompt_fit}
+    new = {"budget_tokens": budget_tokens, "combine": combine, "min_prompt_fit": min_prompt_fit,
+           "by": None if by == "value" else by}
     # criteria added later count only when given: a selection written before them keeps its fingerprint
     record = {"kind": "selection", "fingerprint": parts.digest({**criteria, **{k: v for k, v in new.items() if v is not None}}),
               "settings": {**criteria, **new}}
     replace = _check_out(out, record, overwrite)
     executor.init_ray(None)
     keys_kw = {"scores_dir": scores_dir, "id_column": settings.get("id_column", "id"), "per_group": per_group,
-               "target": target_index, "combine": combine, "min_prompt_fit": min_prompt_fit}
+               "target": target_index, "combine": combine, "min_prompt_fit": min_prompt_fit, "by": by}
     stats: dict = {}  # lane (group, column) → rows, lowest, highest, tokens
     for res in executor.shard_pass(shards, group_stats, **keys_kw):
         for g, c, n, lo, hi, tok in res["lanes"]:

@@ -55,6 +55,12 @@ def test_own_group_and_choose_by_hand():
     fit = np.array([0.5, -1.0, np.nan])
     assert bs.choose(ids, np.array([1.0, 2.0, 2.0]), 2, fit=fit, min_fit=0.0) == [0, 2]
     assert bs.choose(ids, np.array([1.0, 2.0, 2.0]), 3, fit=fit, min_fit=0.0) == [0, 2]
+    # means over the targets: value c 0.5, a 0.5, b 0.45 → a, c (tie by id); embed c 0.5, a 0, b 0.2 → c, b;
+    # their sum c 1.0, a 0.5, b 0.65 → c, b
+    embed = np.array([[0.5, 0.5], [0.0, 0.0], [0.2, 0.2]])
+    assert bs.choose(ids, matrix, 2, embed=embed) == [0, 1]
+    assert bs.choose(ids, matrix, 2, embed=embed, by="embed") == [0, 2]
+    assert bs.choose(ids, matrix, 2, embed=embed, by="value+embed") == [0, 2]
 
 
 @pytest.fixture(scope="module")

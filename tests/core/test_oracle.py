@@ -4,6 +4,7 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 
 from forvalue_ray import encode_rows, from_hf, group_scores, pairwise_scores, value_scores
 from forvalue_ray.testing.tiny import CONFIGS, oracle_gradients, tiny_model
@@ -60,3 +61,30 @@ def test_fp32_model_matches_fp64_oracle():
     gt = oracle_gradients(vm64, encode_rows(vm64, TRAIN))
     gs = oracle_gradients(vm64, encode_rows(vm64, TARGET))
     assert rel_err(value_scores(vm32, TRAIN, TARGET), (gt @ gs.T).mean(1).numpy()) < 1e-4
+
+
+def head_inputs(vm, encoded) -> torch.Tensor:
+    """Reference embeddings: what the model's own LM head receives (a forward hook), averaged over the positions
+    that predict each row's valued labels, scaled to unit length."""
+    head, seen = vm.model.get_output_embeddings(), []
+    hook = head.register_forward_hook(lambda mod, args, out: seen.append(args[0][0].detach().double()))
+    rows = []
+    try:
+        for r in encoded:
+            seen.clear()
+            vm.model(input_ids=torch.as_tensor(r.input_ids)[None])
+            keep = torch.as_tensor(r.labels)[1:] != -100
+            mean = seen[0][:-1][keep].mean(0)
+            rows.append(mean / mean.norm())
+    finally:
+        hook.remove()
+    return torch.stack(rows)
+
+
+def test_pairwise_embed_is_the_cosine_of_the_heads_inputs(case):
+    vm = case[0]
+    values, embed = pairwise_scores(vm, TRAIN, TARGET, normalize=True, embed=True, vocab_chunk=48)
+    exact = (head_inputs(vm, encode_rows(vm, TRAIN)) @ head_inputs(vm, encode_rows(vm, TARGET)).T).numpy()
+    assert embed.shape == exact.shape == (len(TRAIN), len(TARGET))
+    assert rel_err(embed, exact) < 1e-10  # the tiny models compute in float64
+    assert rel_err(values, pairwise_scores(vm, TRAIN, TARGET, normalize=True, vocab_chunk=48)) == 0

@@ -151,7 +151,7 @@ def core(vm, data):
             elif kind == "groups":
                 cache[kind] = forvalue_ray.group_scores(vm, tr, tg, [r["class"] for r in tg])
             elif kind == "pairwise":
-                cache[kind] = forvalue_ray.pairwise_scores(vm, tr, tg)
+                cache[kind] = forvalue_ray.pairwise_scores(vm, tr, tg, embed=True)
             elif kind == "sketch_train":
                 cache[kind] = forvalue_ray.sketches(vm, tr, dim=DIM, seed=SEED)
             elif kind == "sketch_target":
@@ -243,7 +243,11 @@ def test_value_pairwise_equals_core_api(data, ray_local, core):
     assert target_ids(out) == _ids(data.target_rows)
     got = read_scores(out)
     ids = _ids(data.train_rows)
-    assert rel_err(as_matrix(got, ids), core("pairwise")) < 1e-5
+    values, embed = core("pairwise")
+    assert rel_err(as_matrix(got, ids), values) < 1e-5
+    table = fio.read_parts(str(out / "scores"), ["id", "embed"])
+    got_embed = dict(zip(table["id"].to_pylist(), table["embed"].to_pylist()))
+    assert rel_err(as_matrix(got_embed, ids), embed) < 1e-5  # the embedding cosine from the same forward
     _verify_ok(out)
 
 

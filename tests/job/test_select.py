@@ -90,6 +90,22 @@ def test_reference_round_robin_and_budget_follow_their_definitions():
     assert set(got) == want
 
 
+def test_reference_ranks_by_the_embedding_or_the_sum_of_both_cosines():
+    rng = np.random.default_rng(3)
+    n, k_targets = 29, 4
+    value, embed = rng.normal(size=(n, k_targets)), rng.normal(size=(n, k_targets))
+    ids = [f"r{i:02d}" for i in rng.permutation(n)]
+    table = _table(value, ids, rng.integers(1, 9, n)).append_column(
+        "embed", pa.array(list(embed), pa.list_(pa.float64())))
+    for by, mat in (("value", value), ("embed", embed), ("value+embed", value + embed)):
+        by_mean = sorted(ids, key=lambda i: (-mat[ids.index(i)].mean(), i))
+        got = selection.selected_ids(table, top_k=6, by=by)
+        assert list(got) and set(got) == set(by_mean[:6]), by
+        assert all(np.isclose(got[i], mat[ids.index(i)].mean()) for i in got)
+        assert set(selection.selected_ids(table, top_k=6, combine="round-robin", by=by)) == \
+            set(_interleaved(mat, ids)[:6]), by
+
+
 # ---- data, model, Ray, runs ------------------------------------------------------------------------------------------
 
 
@@ -173,6 +189,9 @@ CASES = [
      dict(budget_tokens="{third}", combine="round-robin")),
     ("groups", ["--budget-tokens", "{tenth}", "--combine", "round-robin", "--per-group", "class"],
      dict(budget_tokens="{tenth}", combine="round-robin", per_group="class")),
+    ("pairwise", ["--top-k", "9", "--combine", "round-robin", "--by", "embed"],
+     dict(top_k=9, combine="round-robin", by="embed")),
+    ("pairwise", ["--budget-tokens", "{third}", "--by", "value+embed"], dict(budget_tokens="{third}", by="value+embed")),
 ]
 
 
@@ -254,6 +273,12 @@ def test_select_refuses_a_group_column_missing_from_the_data(data, runs, tmp_pat
     rc, _, err = cli("select", "--scores", runs["groups"], "--out", out, "--top-k", "2", "--per-group", "klass")
     assert rc == 2 and "--per-group 'klass' is not a column" in err and "class" in err and "weight" in err, err
     assert not out.exists()
+
+
+def test_select_by_embed_refuses_scores_without_the_embedding(data, runs, tmp_path):
+    rc, _, err = cli("select", "--scores", runs["groups"], "--out", tmp_path / "sel", "--top-k", "3", "--by", "embed")
+    assert rc != 0 and "--by embed" in err and "--mode pairwise" in err
+    assert not (tmp_path / "sel").exists()
 
 
 def test_select_refuses_incomplete_scores(data, runs, tmp_path):
