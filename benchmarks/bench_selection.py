@@ -160,14 +160,17 @@ FV_VALUE_FLAGS = {"fv-mean": [], "fv-cosine": ["--normalize"], "fv-center": ["--
                   "fv-fit": ["--mode", "pairwise", "--normalize", "--prompt-fit-column", "{fit_column}"]}
 
 
-def fv_job(method: str, pool_file: str, target_file: str, work: Path, args, k: int, pool: list[dict]) -> list[str]:
+def fv_job(method: str, pool_file: str, target_file: str, work: Path, args, k: int, pool: list[dict],
+           memo: dict) -> list[str]:
     """``forvalue-ray value`` then ``forvalue-ray select`` on a local Ray; the selected ids. Methods with the same
-    value flags share one value run."""
+    value flags share one value run (``memo`` holds those this process ran)."""
     flags = [f.format(center=args.center, fit_column=args.prompt_fit_column) for f in FV_VALUE_FLAGS[method]]
     scores, sel = work / ("value" + "_".join(flags).replace("-", "_")) / "scores", work / method / "selected"
     cli = [sys.executable, "-m", "forvalue_ray.cli"]
-    run([*cli, "value", "--model", args.model, "--train", pool_file, "--target", target_file, "--out", str(scores),
-         "--max-length", str(args.max_length), "--overwrite", *flags])
+    if scores not in memo.setdefault("valued", set()):
+        run([*cli, "value", "--model", args.model, "--train", pool_file, "--target", target_file, "--out",
+             str(scores), "--max-length", str(args.max_length), "--overwrite", *flags])
+        memo["valued"].add(scores)
     if method == "fv-class":  # the own-group rule reads the per-group scores
         table = pq.read_table(str(scores / "scores"))
         names = pq.read_table(str(scores / "targets.parquet"))["id"].to_pylist()
@@ -299,6 +302,8 @@ def plot(out: Path, results: dict) -> None:
 
     keys = [k for k in ("test_loss", "accuracy", "noisy_share")
             if any(s[f"{k}_mean"] is not None for s in results["methods"].values())]
+    if not keys:  # selection only, without label noise: nothing to plot
+        return
     names = list(results["methods"])
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 0.35 * len(names) + 1.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -480,7 +485,7 @@ def main(argv=None):
         t0 = time.time()
         ranking: dict = {}
         if m.startswith("fv-") and args.engine == "job":
-            chosen = set(fv_job(m, pool_file, target_file, work, args, k, pool))
+            chosen = set(fv_job(m, pool_file, target_file, work, args, k, pool, memo))
             idx = [j for j, i in enumerate(pool_ids) if i in chosen]
         else:
             if m.startswith("fv-"):
