@@ -252,7 +252,7 @@ def result_table(kind: str, ids: list[str], res: dict, mode: str = "mean", stora
     elif mode != "mean":
         mat = res.get("pairwise", res.get("scores"))
         cols["scores"] = pa.array(list(mat.astype(np.float64)) if n else [], pa.list_(pa.float64()))
-        if mode == "pairwise":
+        if "embed" in res:  # pairwise scores from a model pass (a `score` from sketches has none)
             cols["embed"] = pa.array(list(res["embed"]) if n else [], pa.list_(pa.float64()))
     else:
         cols["score"] = pa.array(res["scores"][:, 0] if n else [], pa.float64())

@@ -96,7 +96,7 @@ def shard_keys(shard: Shard, scores_dir: str, id_column: str, per_group: str | N
     fs, path = io.filesystem(parts.RunOutput(scores_dir).part("scores", shard.key))
     scores = eligible(pq.read_table(path, filesystem=fs), min_prompt_fit)
     ids = np.asarray(scores["id"].to_pylist(), dtype=str) if scores.num_rows else np.zeros(0, dtype=str)
-    if by != "value" and "embed" not in scores.column_names:
+    if by != "value" and scores.num_rows and "embed" not in scores.column_names:
         raise ValueError(f"--by {by}: the scores part {path} has no embed column (pairwise scores of an earlier "
                          f"forvalue-ray have none); re-run that value command with --overwrite")
     values = lane_values(scores, target, combine, by)
