@@ -202,7 +202,10 @@ class Scorer:
         if self.reference is not None:
             t = self.reference.tokens
             self.pairs = TokenSet(t, t.h.to(cd), len(self.reference.ids))
-            self.target_embeddings = row_embeddings(t.h[:, :vm.head.hidden_size], t.seg, len(self.reference.ids))
+            # the cosines are one small [n, d] x [d, M] product per batch: float64 on the host, so the model's
+            # products stay in its own dtype and a 16-bit model's cosines do not tie
+            self.target_embeddings = row_embeddings(t.h[:, :vm.head.hidden_size], t.seg,
+                                                    len(self.reference.ids)).double().cpu().numpy()
         self.hashes = None if sketch_dim is None else SketchHashes.make(
             sketch_dim, sketch_seed, vm.head.vocab_size, vm.head.weight.shape[1], dev)
         if subspace is not None and self.hashes is None:
@@ -306,7 +309,7 @@ class Scorer:
                 pairwise = pairwise * inv_norm[:, None] * ref.sq_norms.to(acc).rsqrt()[None, :]
             out["pairwise"] = pairwise.double().cpu().numpy()
             e = row_embeddings(vt.h[:, :head.hidden_size], vt.seg, n)
-            out["embed"] = (e @ self.target_embeddings.T).double().cpu().numpy()
+            out["embed"] = e.double().cpu().numpy() @ self.target_embeddings.T
         if self.hashes is not None:
             sketch = spectrum_to_sketch(spectrum, self.hashes)
             if coords is not None:
