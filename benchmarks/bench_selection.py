@@ -22,6 +22,8 @@ Methods (a score per pool row, the top k kept; ties by id):
   fv-fit         fv-max over the rows whose prompt fit is at least ``--min-prompt-fit`` (default 0): ``value
                  --prompt-fit-column template``, ``select --min-prompt-fit 0`` (drops responses their own prompt
                  predicts no better than another prompt of their template: mislabeled rows)
+  fv-fit-auto    fv-fit with ``select --min-prompt-fit auto``: per template, at least the spread (root mean square)
+                 of its negative prompt fits, where 0 keeps about half of the mislabeled rows
   fv-embed       ``select --by embed``: the embedding cosine the pairwise scores carry (the states that predict the
                  response, mean-pooled; the same forward as fv-max), ranked by its mean over the target rows
   fv-joint       ``select --by value+embed --combine round-robin``: fv-max's cosine plus the embedding cosine, per
@@ -62,7 +64,8 @@ import torch
 import sft
 from forvalue_ray.job.selection import selected_ids
 
-METHODS = ["zero-shot", "random", "fv-mean", "fv-cosine", "fv-center", "fv-max", "fv-class", "fv-fit", "fv-embed",
+METHODS = ["zero-shot", "random", "fv-mean", "fv-cosine", "fv-center", "fv-max", "fv-class", "fv-fit", "fv-fit-auto",
+           "fv-embed",
            "fv-joint", "embed-cosine", "bm25",
            "length", "loss-low", "loss-high", "full", "less"]
 MAX_CLASSES = 20  # a template with at most this many distinct responses is a classification template
@@ -125,10 +128,12 @@ def write_rows(rows: list[dict], path: Path) -> str:
 # ---- ranking -------------------------------------------------------------------------------------------------------------
 
 def choose(ids: list[str], values: np.ndarray, k: int, combine: str | None = None, fit: np.ndarray | None = None,
-           min_fit: float | None = None, embed: np.ndarray | None = None, by: str = "value") -> list[int]:
+           min_fit: float | str | None = None, embed: np.ndarray | None = None, by: str = "value",
+           fit_keys: dict | None = None) -> list[int]:
     """Indices of the k rows ``select`` keeps for these scores (one per row, or [n, targets] with ``combine``; with
-    ``min_fit``, among rows whose prompt fit ``fit`` is at least it or NaN; ``by`` with the pairwise ``embed``): the
-    product's reference ranking (score descending, ties by id), imported, not re-implemented."""
+    ``min_fit``, among rows whose prompt fit ``fit`` is at least it (``"auto"``: per ``fit_keys`` key) or NaN;
+    ``by`` with the pairwise ``embed``): the product's reference ranking (score descending, ties by id), imported,
+    not re-implemented."""
     col = {"scores": pa.array(list(values.astype(np.float64)))} if values.ndim == 2 else {
         "score": pa.array(values.astype(np.float64))}
     if embed is not None:
@@ -136,7 +141,7 @@ def choose(ids: list[str], values: np.ndarray, k: int, combine: str | None = Non
     if fit is not None:
         col["prompt_fit"] = pa.array(fit, pa.float64(), mask=np.isnan(fit))
     chosen = selected_ids(pa.table({"id": pa.array(ids, pa.string()), **col}), top_k=k, combine=combine,
-                          min_prompt_fit=min_fit, by=by)
+                          min_prompt_fit=min_fit, fit_keys=fit_keys, by=by)
     return [i for i, rid in enumerate(ids) if rid in chosen]
 
 
@@ -158,6 +163,7 @@ FV_VALUE_FLAGS = {"fv-mean": [], "fv-cosine": ["--normalize"], "fv-center": ["--
                   "fv-joint": ["--mode", "pairwise", "--normalize"],
                   "fv-class": ["--mode", "groups", "--group-column", "response", "--normalize"],
                   "fv-fit": ["--mode", "pairwise", "--normalize", "--prompt-fit-column", "{fit_column}"]}
+FV_VALUE_FLAGS["fv-fit-auto"] = FV_VALUE_FLAGS["fv-fit"]
 
 
 def fv_job(method: str, pool_file: str, target_file: str, work: Path, args, k: int, pool: list[dict],
@@ -179,10 +185,9 @@ def fv_job(method: str, pool_file: str, target_file: str, work: Path, args, k: i
         matrix = np.array(table["scores"].to_pylist())
         value = own_group(matrix, names, [by_id[i] for i in ids])
         return [ids[i] for i in choose(ids, value, k)]
-    combine = ["--combine", "round-robin"] if method in ("fv-max", "fv-fit", "fv-joint") else []
-    combine += {"fv-embed": ["--by", "embed"], "fv-joint": ["--by", "value+embed"]}.get(method, [])
-    if method == "fv-fit":
-        combine += ["--min-prompt-fit", str(args.min_prompt_fit)]
+    combine = ["--combine", "round-robin"] if method in ("fv-max", "fv-fit", "fv-fit-auto", "fv-joint") else []
+    combine += {"fv-embed": ["--by", "embed"], "fv-joint": ["--by", "value+embed"], "fv-fit-auto":
+                ["--min-prompt-fit", "auto"], "fv-fit": ["--min-prompt-fit", str(args.min_prompt_fit)]}.get(method, [])
     run([*cli, "select", "--scores", str(scores), "--out", str(sel), "--top-k", str(k), "--overwrite", *combine])
     return pq.read_table(str(sel / "_selection"))["id"].to_pylist()
 
@@ -216,9 +221,15 @@ def fv_api(method: str, vm, pool: list[dict], target: list[dict], args, memo: di
     if method == "fv-class":
         names, matrix = fv.group_scores(vm, pool, target, [r["response"] for r in target], normalize=True, **kw)
         return {"values": own_group(matrix, names, [r["response"] for r in pool])}
-    if method == "fv-fit":
-        fit = fv.prompt_fit(vm, pool, [r[args.prompt_fit_column] for r in pool], **kw)
-        return {"values": pairwise(), "combine": "round-robin", "fit": fit, "min_fit": args.min_prompt_fit}
+    if method in ("fv-fit", "fv-fit-auto"):
+        keys = [r[args.prompt_fit_column] for r in pool]
+        if "fit" not in memo:
+            t0 = time.time()
+            memo["fit"] = fv.prompt_fit(vm, pool, keys, **kw)
+            memo["fit_s"] = time.time() - t0
+        return {"values": pairwise(), "combine": "round-robin", "fit": memo["fit"],
+                "min_fit": "auto" if method == "fv-fit-auto" else args.min_prompt_fit,
+                "fit_keys": {r["id"]: k for r, k in zip(pool, keys)}}
     if method == "fv-embed":
         return {"values": pairwise(), "embed": memo["embed"], "by": "embed"}
     if method == "fv-joint":
@@ -362,7 +373,8 @@ def main(argv=None):
     p.add_argument("--less-dim", type=int, default=8192)
     p.add_argument("--prompt-fit-column", default="template", help="fv-fit: rows sharing this column's value lend "
                                                                      "each other prompts")
-    p.add_argument("--min-prompt-fit", type=float, default=0.0, help="fv-fit: the prompt fit a row needs")
+    p.add_argument("--min-prompt-fit", type=float, default=0.0, help="fv-fit: the prompt fit a row needs "
+                   "(fv-fit-auto: per template, see forvalue-ray select --min-prompt-fit auto)")
     p.add_argument("--select-only", action="store_true",
                    help="selection only, no fine-tuning: rows, tokens, noisy share and time per method (a CPU's "
                         "quick look; test loss and accuracy stay null)")
@@ -480,8 +492,9 @@ def main(argv=None):
         if m in ("embed-cosine", "loss-low", "loss-high", "length"):
             st = pool_statistics()
             shared = st["seconds"]  # the shared forward counts towards each method that uses it
-        if m in ("fv-fit", "fv-embed", "fv-joint"):
-            shared = memo.get("pairwise_s", 0.0)  # the pairwise cosines of the method that ran first
+        if m in ("fv-fit", "fv-fit-auto", "fv-embed", "fv-joint"):
+            # the pairwise cosines (and prompt fits) of the method that ran first
+            shared = memo.get("pairwise_s", 0.0) + (memo.get("fit_s", 0.0) if m.startswith("fv-fit") else 0.0)
         t0 = time.time()
         ranking: dict = {}
         if m.startswith("fv-") and args.engine == "job":

@@ -46,6 +46,16 @@ def job_config(command: str, args: argparse.Namespace) -> JobConfig:
     return config.from_dict({**base, **given})
 
 
+def prompt_fit_threshold(text: str) -> float | str:
+    """``--min-prompt-fit``: a number (nats per token) or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'auto', not {text!r}") from None
+
+
 def cmd_select(args) -> int:
     from .job import select
 
@@ -120,9 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combine", choices=["max", "round-robin"],
                    help="groups/pairwise: rank by a row's max over targets, or interleave the targets' rankings "
                         "(round-robin: each target's best, then each one's second best, ..., a row once)")
-    p.add_argument("--min-prompt-fit", type=float,
-                   help="rank only rows whose prompt_fit (value --prompt-fit-column) is at least this (e.g. 0: drop "
-                        "responses their own prompt predicts no better than another's); rows without one stay")
+    p.add_argument("--min-prompt-fit", type=prompt_fit_threshold, metavar="X|auto",
+                   help="rank only rows whose prompt_fit (value --prompt-fit-column) is at least X (e.g. 0: drop "
+                        "responses their own prompt predicts no better than another's), or with 'auto' at least the "
+                        "spread of the negative fits of their own --prompt-fit-column value (drops most mislabeled "
+                        "rows, where 0 drops half); rows without one stay")
     p.add_argument("--by", choices=["value", "embed", "value+embed"], default="value",
                    help="rank by the value (default), by the cosine of the row's mean final hidden state to the "
                         "target's (embed: an embedding-similarity selection from the same forward; pairwise scores), "

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .. import io
+from .. import io, promptfit
 from ..encode import Columns, Encoder
 from ..io import Shard, Shards
 from . import executor, parts
@@ -79,34 +79,64 @@ def lane_values(scores: pa.Table, target: int | None, combine: str | None, by: s
     return ranked_values(scores, target, combine, by).reshape(-1, 1)
 
 
-def eligible(scores: pa.Table, min_prompt_fit: float | None) -> pa.Table:
+def eligible(scores: pa.Table, min_prompt_fit: float | dict | None, keys: list | None = None) -> pa.Table:
     """The scored rows a selection ranks: all, or with ``min_prompt_fit`` those whose prompt_fit is at least it or
-    null (a row with no partner prompt: no evidence against it)."""
+    null (a row with no partner prompt: no evidence against it). ``min_prompt_fit``: one number, or per key a
+    threshold (a dict, e.g. :func:`~forvalue_ray.promptfit.null_thresholds`; 0 for a key it lacks) with ``keys``
+    each row's key (:func:`_group_key` of its prompt-fit column)."""
     if min_prompt_fit is None:
         return scores
     fit = scores["prompt_fit"]
+    if isinstance(min_prompt_fit, dict):
+        min_prompt_fit = pa.array([min_prompt_fit.get(k, 0.0) for k in keys], pa.float64())
     return scores.filter(pc.or_kleene(pc.is_null(fit), pc.greater_equal(fit, min_prompt_fit)))
 
 
 def shard_keys(shard: Shard, scores_dir: str, id_column: str, per_group: str | None, target: int | None,
-               combine: str | None = None, min_prompt_fit: float | None = None, by: str = "value"
+               combine: str | None = None, min_prompt_fit: float | dict | None = None, by: str = "value",
+               fit_key: str | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
-    """The ranked rows of one shard (:func:`eligible`): ids, the [n, L] values ranked, n_tokens, and (per group)
-    each row's group."""
-    fs, path = io.filesystem(parts.RunOutput(scores_dir).part("scores", shard.key))
-    scores = eligible(pq.read_table(path, filesystem=fs), min_prompt_fit)
+    """The ranked rows of one shard (:func:`eligible`; per-key thresholds read each row's ``fit_key`` column from
+    the data): ids, the [n, L] values ranked, n_tokens, and (per group) each row's group."""
+    scores, path = read_scores(shard, scores_dir)
+    if isinstance(min_prompt_fit, dict):
+        scores = eligible(scores, min_prompt_fit, _keys(shard, id_column, fit_key, scores["id"].to_pylist()))
+    else:
+        scores = eligible(scores, min_prompt_fit)
     ids = np.asarray(scores["id"].to_pylist(), dtype=str) if scores.num_rows else np.zeros(0, dtype=str)
     if by != "value" and scores.num_rows and "embed" not in scores.column_names:
         raise ValueError(f"--by {by}: the scores part {path} has no embed column (pairwise scores of an earlier "
                          f"forvalue-ray have none); re-run that value command with --overwrite")
     values = lane_values(scores, target, combine, by)
+    if combine == "round-robin" and not scores.num_rows:  # no row to read the width from: one lane per target
+        values = np.zeros((0, len(parts.RunOutput(scores_dir).load_targets())))
     tokens = (np.asarray(scores["n_tokens"].to_numpy(), dtype=np.int64) if "n_tokens" in scores.column_names
               else np.zeros(len(ids), np.int64))
     if not per_group:
         return ids, values, tokens, [None] * len(ids)
+    return ids, values, tokens, _keys(shard, id_column, per_group, ids.tolist())
+
+
+def read_scores(shard: Shard, scores_dir: str) -> tuple[pa.Table, str]:
+    """The shard's scores part, and its path (for messages)."""
+    fs, path = io.filesystem(parts.RunOutput(scores_dir).part("scores", shard.key))
+    return pq.read_table(path, filesystem=fs), path
+
+
+def _keys(shard: Shard, id_column: str, column: str, ids: list) -> list:
+    """Each id's :func:`_group_key` of ``column`` in the shard's data (None where it has none)."""
     enc = Encoder(None, columns=Columns(id=id_column))
-    group_of = {enc.row_id(row, fb): row.get(per_group) for fb, row in io.read_shard(shard)[0]}
-    return ids, values, tokens, [_group_key(group_of.get(i)) for i in ids.tolist()]
+    key_of = {enc.row_id(row, fb): row.get(column) for fb, row in io.read_shard(shard)[0]}
+    return [_group_key(key_of.get(i)) for i in ids]
+
+
+def fit_null_moments(shard: Shard, scores_dir: str, id_column: str, fit_key: str) -> dict:
+    """The shard's :func:`~forvalue_ray.promptfit.null_moments` per prompt-fit key, as [[key, count, sum of
+    squares], ...]."""
+    scores, _ = read_scores(shard, scores_dir)
+    fit = np.asarray(scores["prompt_fit"].to_numpy(zero_copy_only=False), dtype=np.float64)
+    moments = promptfit.null_moments(fit, _keys(shard, id_column, fit_key, scores["id"].to_pylist()))
+    return {"moments": [[k, n, ss] for k, (n, ss) in moments.items()]}
 
 
 def _group_key(g) -> str | None:
@@ -290,15 +320,22 @@ def selection_counts(shard: Shard, out: str) -> dict:
 
 def selected_ids(scores: pa.Table, *, top_fraction=None, top_k=None, bottom_fraction=None, budget_tokens=None,
                  groups: dict | None = None, target: int | None = None, combine: str | None = None,
-                 min_prompt_fit: float | None = None, by: str = "value") -> dict[str, float]:
+                 min_prompt_fit: float | str | None = None, fit_keys: dict | None = None, by: str = "value"
+                 ) -> dict[str, float]:
     """The reference selection by a full sort (in memory): ids → score of the chosen rows; per group when ``groups``
     maps id → group. Order: score descending, ties by id ascending; bottom is its tail. ``combine="max"`` ranks by
     the max over targets; ``combine="round-robin"`` orders rows by (their best rank over the targets' rankings, the
     first target reaching it) — the targets' rankings interleaved, each row where it first appears — and reports
     the max over targets as the score. ``budget_tokens``: the longest prefix of that order whose ``n_tokens`` sum is
-    at most the budget (``scores`` needs an ``n_tokens`` column). ``min_prompt_fit``: only :func:`eligible` rows.
-    ``by``: what rows are ranked by (:data:`RANK_BY`)."""
-    scores = eligible(scores, min_prompt_fit)
+    at most the budget (``scores`` needs an ``n_tokens`` column). ``min_prompt_fit``: only :func:`eligible` rows;
+    ``"auto"``: per key, the :func:`~forvalue_ray.promptfit.auto_thresholds` of these rows, ``fit_keys`` mapping
+    id → key. ``by``: what rows are ranked by (:data:`RANK_BY`)."""
+    if min_prompt_fit == "auto":
+        keys = [_group_key((fit_keys or {}).get(i)) for i in scores["id"].to_pylist()]
+        fit = np.asarray(scores["prompt_fit"].to_numpy(zero_copy_only=False), dtype=np.float64)
+        scores = eligible(scores, promptfit.auto_thresholds(fit, keys), keys)
+    else:
+        scores = eligible(scores, min_prompt_fit)
     ids = scores["id"].to_pylist()
     n = len(ids)
     id_rank = np.empty(n, np.int64)
@@ -480,15 +517,17 @@ def round_robin_cuts(shards: Shards, want: dict, stats: dict, keys_kw: dict, tok
 
 def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, top_k=None, bottom_fraction=None,
            budget_tokens=None, per_group: str | None = None, target: str | None = None, combine: str | None = None,
-           min_prompt_fit: float | None = None, by: str = "value", overwrite: bool = False) -> dict:
+           min_prompt_fit: float | str | None = None, by: str = "value", overwrite: bool = False) -> dict:
     """Write the chosen rows of the scored data in its own format (Parquet or JSONL; HF Arrow → Parquet).
 
     ``data`` defaults to the input the scores were computed from (it must be that input: scores are
     shard-aligned with it). ``budget_tokens``: the longest prefix of the ranking whose valued tokens sum to at most
     the budget. ``combine`` (several targets): ``max`` ranks by a row's best score; ``round-robin`` interleaves the
     targets' rankings. ``min_prompt_fit``: rank only rows whose prompt fit is at least this, or has none
-    (:func:`eligible`; the scores need ``value --prompt-fit-column``). ``by``: rank by the value, the embedding
-    cosine (``embed``, written by pairwise scores) or their sum (:data:`RANK_BY`). Exactly once and resumable like ``value``: re-running the same selection into the same
+    (:func:`eligible`; the scores need ``value --prompt-fit-column``); ``"auto"``: per value of that column, the
+    root mean square of its negative prompt fits (:func:`~forvalue_ray.promptfit.null_thresholds`, one more
+    pass). ``by``: rank by the value, the embedding cosine (``embed``, written by pairwise scores) or their sum
+    (:data:`RANK_BY`). Exactly once and resumable like ``value``: re-running the same selection into the same
     ``out`` finishes it; a different one is refused unless ``overwrite`` (and only a selection is ever replaced).
     Returns the rows selected and written, the rows scored and the tokens selected."""
     if sum(x is not None for x in (top_fraction, top_k, bottom_fraction, budget_tokens)) != 1:
@@ -503,6 +542,8 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
         raise ValueError(f"--combine must be one of {', '.join(COMBINES)}, not {combine!r}")
     if combine is not None and target is not None:
         raise ValueError("--combine and --target exclude each other: --target ranks by one target only")
+    if isinstance(min_prompt_fit, str) and min_prompt_fit != "auto":
+        raise ValueError(f"--min-prompt-fit takes a number or 'auto', not {min_prompt_fit!r}")
     if by not in RANK_BY:
         raise ValueError(f"--by must be one of {', '.join(RANK_BY)}, not {by!r}")
     if combine == "round-robin" and bottom_fraction is not None:
@@ -562,6 +603,14 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
     executor.init_ray(None)
     keys_kw = {"scores_dir": scores_dir, "id_column": settings.get("id_column", "id"), "per_group": per_group,
                "target": target_index, "combine": combine, "min_prompt_fit": min_prompt_fit, "by": by}
+    if min_prompt_fit == "auto":
+        keys_kw["fit_key"] = plan["settings"]["prompt_fit_column"]
+        keys_kw["min_prompt_fit"] = auto_fit_thresholds(shards, keys_kw["scores_dir"], keys_kw["id_column"],
+                                                        keys_kw["fit_key"])
+        record["settings"]["prompt_fit_thresholds"] = found = keys_kw["min_prompt_fit"]
+        print(f"--min-prompt-fit auto: a threshold for each of {len(found)} {keys_kw['fit_key']!r} values with "
+              f"negative prompt fits (median {np.median(list(found.values())) if found else 0:.3f} nats/token); "
+              f"listed in {out}/_select.json", file=sys.stderr)
     stats: dict = {}  # lane (group, column) → rows, lowest, highest, tokens
     for res in executor.shard_pass(shards, group_stats, **keys_kw):
         for g, c, n, lo, hi, tok in res["lanes"]:
@@ -589,6 +638,16 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
         selected, written, tokens = selected + res["selected"], written + res["written"], tokens + res["tokens"]
     return {"selected": selected, "written": written, "scored": int(sum(s[0] for (_, c), s in stats.items() if c == 0)),
             "tokens": tokens}
+
+
+def auto_fit_thresholds(shards: Shards, scores_dir: str, id_column: str, fit_key: str) -> dict:
+    """``--min-prompt-fit auto``: per key, :func:`~forvalue_ray.promptfit.null_thresholds` of the negative prompt
+    fits of every shard (one pass; the driver holds a count and a sum per key, never a row)."""
+    moments: dict = {}
+    for res in executor.shard_pass(shards, fit_null_moments, scores_dir=scores_dir, id_column=id_column,
+                                   fit_key=fit_key):
+        promptfit.merge_moments(moments, {k: (n, ss) for k, n, ss in res["moments"]})
+    return promptfit.null_thresholds(moments)
 
 
 def _check_out(out: str, record: dict, overwrite: bool) -> bool:

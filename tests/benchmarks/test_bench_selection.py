@@ -55,6 +55,11 @@ def test_own_group_and_choose_by_hand():
     fit = np.array([0.5, -1.0, np.nan])
     assert bs.choose(ids, np.array([1.0, 2.0, 2.0]), 2, fit=fit, min_fit=0.0) == [0, 2]
     assert bs.choose(ids, np.array([1.0, 2.0, 2.0]), 3, fit=fit, min_fit=0.0) == [0, 2]
+    # auto, per key: key x's only negative fit is -1.0 (a), so c needs 1.0 and its 0.5 drops it; b has no fit
+    fit_keys = {"c": "x", "a": "x", "b": "x"}
+    assert bs.choose(ids, np.array([1.0, 2.0, 2.0]), 3, fit=fit, min_fit="auto", fit_keys=fit_keys) == [2]
+    assert bs.choose(ids, np.array([1.0, 2.0, 2.0]), 3, fit=fit, min_fit="auto",
+                     fit_keys={"c": "y", "a": "x", "b": "x"}) == [0, 2]  # c's key y has no negative fit: floor 0
     # means over the targets: value c 0.5, a 0.5, b 0.45 → a, c (tie by id); embed c 0.5, a 0, b 0.2 → c, b;
     # their sum c 1.0, a 0.5, b 0.65 → c, b
     embed = np.array([[0.5, 0.5], [0.0, 0.0], [0.2, 0.2]])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from forvalue_ray import prompt_fit
-from forvalue_ray.promptfit import partners, swapped_rows
+from forvalue_ray.promptfit import (auto_thresholds, merge_moments, null_moments, null_thresholds, partners,
+                                    swapped_rows)
 from forvalue_ray.testing.tiny import tiny_model
 
 ROWS = [{"prompt": "Q: 2+2?", "response": " A: 4", "task": "math"},
@@ -65,3 +66,14 @@ def test_a_swapped_row_cut_at_max_length_has_no_prompt_fit():
     want = _response_nll(vm, rows[0]["prompt"], rows[1]["response"]) - _response_nll(vm, rows[1]["prompt"],
                                                                                      rows[1]["response"])
     assert fit[1] == pytest.approx(want, rel=1e-10)
+
+
+def test_auto_threshold_is_the_root_mean_square_of_each_keys_negative_fits():
+    """By hand: key a's negative fits are -0.3 and -0.4 (RMS sqrt((0.09 + 0.16) / 2)); key b has none (absent:
+    threshold 0); NaN (no partner) and a None key count for nothing."""
+    fit = np.array([-0.3, 2.0, -0.4, 0.5, np.nan, -9.0, 0.1])
+    keys = ["a", "a", "a", "b", "a", None, "b"]
+    assert null_moments(fit, keys) == {"a": [2, pytest.approx(0.25)]}
+    assert auto_thresholds(fit, keys) == {"a": pytest.approx(np.sqrt(0.125))}
+    halves = merge_moments(null_moments(fit[:3], keys[:3]), null_moments(fit[3:], keys[3:]))
+    assert null_thresholds(halves) == auto_thresholds(fit, keys)

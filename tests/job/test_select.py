@@ -361,11 +361,45 @@ def test_select_min_prompt_fit_equals_the_reference(data, fit_run, tmp_path):
     assert want == selection.selected_ids(literal, top_k=6, combine="round-robin")
 
 
+def test_select_min_prompt_fit_auto_equals_the_per_class_spread(data, fit_run, tmp_path):
+    """``auto``: per value of the prompt-fit column (class), rows need a fit of at least the root mean square of
+    that class's negative fits, computed here by hand over all shards; the distributed selection equals the full
+    sort over exactly the rows that pass (most shards have none: round-robin over empty shards), and
+    _select.json lists the thresholds."""
+    table = fio.read_parts(str(fit_run / "scores"))
+    cls = {r["id"]: r["class"] for r in data.train_rows}
+    fits = table["prompt_fit"].to_pylist()
+    want_t = {}
+    for c in set(cls.values()):
+        neg = [f for i, f in zip(table["id"].to_pylist(), fits) if cls[i] == c and f is not None and f < 0]
+        if neg:
+            want_t[json.dumps(c)] = float(np.sqrt(np.mean(np.square(neg))))
+    assert want_t
+    eligible = {i for i, f in zip(table["id"].to_pylist(), fits)
+                if f is None or f >= want_t.get(json.dumps(cls[i]), 0.0)}
+    assert 1 < len(eligible) < len(fits)
+    k = len(eligible) - 1  # the tiny model's fits are noise: a few rows clear their class's spread
+    sel = tmp_path / "sel"
+    run_ok("select", "--scores", fit_run, "--out", sel, "--top-k", k, "--combine", "round-robin",
+           "--min-prompt-fit", "auto")
+    record = json.loads((sel / "_select.json").read_text())
+    assert record["settings"]["prompt_fit_thresholds"] == pytest.approx(want_t, rel=1e-12)
+    want = selection.selected_ids(table, top_k=k, combine="round-robin", min_prompt_fit="auto", fit_keys=cls)
+    assert _selection(sel) == want and len(want) == k and set(want) <= eligible
+    literal = table.filter(pa.array([i in eligible for i in table["id"].to_pylist()]))
+    assert want == selection.selected_ids(literal, top_k=k, combine="round-robin")
+
+
 def test_select_refuses_min_prompt_fit_without_the_column(data, runs, tmp_path):
     out = tmp_path / "sel"
     rc, _, err = cli("select", "--scores", runs["groups"], "--out", out, "--top-k", "2", "--min-prompt-fit", "0")
     assert rc == 2 and "has no prompt_fit column" in err and "--prompt-fit-column" in err, err
     assert not out.exists()
+    with pytest.raises(SystemExit) as stop:  # argparse refuses the value before any work
+        cli("select", "--scores", runs["groups"], "--out", out, "--top-k", "2", "--min-prompt-fit", "half")
+    assert stop.value.code == 2
+    with pytest.raises(ValueError, match="a number or 'auto', not 'half'"):
+        selection.select(str(runs["groups"]), None, str(out), top_k=2, min_prompt_fit="half")
 
 
 def test_prompt_fit_enters_the_plan_only_when_set():
