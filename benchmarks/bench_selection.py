@@ -450,7 +450,7 @@ def main(argv=None):
         "train_steps": steps, "batch_size": batch, "lr": args.lr, "engine": args.engine, "center": args.center,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "bf16": amp is not None,
         "torch": torch.__version__, "select_only": args.select_only,
-        "prompt_fit": {"column": args.prompt_fit_column, "min": args.min_prompt_fit},
+        "prompt_fit": {"column": args.prompt_fit_column, "min": args.min_prompt_fit, "fv-fit-auto": "auto"},
         "recipe": (f"full fine-tune of {args.model}, loss on response tokens (+EOS) only, AdamW lr {args.lr} linear "
                    f"decay to 0, no warmup, weight decay 0, grad clip 1.0, batch {batch}, {steps} steps for every "
                    f"method (`full`: the same steps drawn from the whole pool), bf16 autocast "

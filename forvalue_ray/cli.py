@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import fields
@@ -51,9 +52,12 @@ def prompt_fit_threshold(text: str) -> float | str:
     if text == "auto":
         return text
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a number or 'auto', not {text!r}") from None
+        value = float("nan")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"a number or 'auto', not {text!r}")
+    return value
 
 
 def cmd_select(args) -> int:
@@ -133,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-prompt-fit", type=prompt_fit_threshold, metavar="X|auto",
                    help="rank only rows whose prompt_fit (value --prompt-fit-column) is at least X (e.g. 0: drop "
                         "responses their own prompt predicts no better than another's), or with 'auto' at least the "
-                        "spread of the negative fits of their own --prompt-fit-column value (drops most mislabeled "
-                        "rows, where 0 drops half); rows without one stay")
+                        "spread of the negative fits of their own --prompt-fit-column value (a mislabeled row's fit "
+                        "is noise around 0, so 0 keeps half of them); rows without one stay")
     p.add_argument("--by", choices=["value", "embed", "value+embed"], default="value",
                    help="rank by the value (default), by the cosine of the row's mean final hidden state to the "
                         "target's (embed: an embedding-similarity selection from the same forward; pairwise scores), "

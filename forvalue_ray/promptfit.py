@@ -22,7 +22,9 @@ The job draws partners within each shard, the Python API within the rows it is g
 Which threshold: a mislabeled row's two prompts are both unrelated to its response, so its prompt fit is noise
 around 0, as often negative as positive; a threshold of 0 keeps about half of the mislabeled rows. Rows whose
 response does belong to their prompt sit well above 0, so the negative fits of a key are almost all such noise,
-and by that symmetry their root mean square estimates the noise's spread on the positive side too. The ``auto``
+and by that symmetry their root mean square estimates the noise's spread on the positive side too. (Where the model
+cannot tell a response from another prompt's, e.g. the classes of a review for a 135M model, every fit is noise
+and this threshold drops most of the key's rows, clean ones too.) The ``auto``
 threshold is that spread, per key: a row is kept when its fit is at least one noise σ above 0 (on P3 + GSM8K with
 30% mislabeled, a selection for a GSM8K target held 13% mislabeled rows with it, 23% with 0, 30% at random — see
 docs/selection.md). Per key, because the spread depends on the template (a one-word answer's NLL varies far more

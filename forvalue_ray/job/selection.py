@@ -94,10 +94,9 @@ def eligible(scores: pa.Table, min_prompt_fit: float | dict | None, keys: list |
 
 def shard_keys(shard: Shard, scores_dir: str, id_column: str, per_group: str | None, target: int | None,
                combine: str | None = None, min_prompt_fit: float | dict | None = None, by: str = "value",
-               fit_key: str | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+               fit_key: str | None = None, n_lanes: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
     """The ranked rows of one shard (:func:`eligible`; per-key thresholds read each row's ``fit_key`` column from
-    the data): ids, the [n, L] values ranked, n_tokens, and (per group) each row's group."""
+    the data): ids, the [n, L] values ranked (L = ``n_lanes``), n_tokens, and (per group) each row's group."""
     scores, path = read_scores(shard, scores_dir)
     if isinstance(min_prompt_fit, dict):
         scores = eligible(scores, min_prompt_fit, _keys(shard, id_column, fit_key, scores["id"].to_pylist()))
@@ -107,9 +106,8 @@ def shard_keys(shard: Shard, scores_dir: str, id_column: str, per_group: str | N
     if by != "value" and scores.num_rows and "embed" not in scores.column_names:
         raise ValueError(f"--by {by}: the scores part {path} has no embed column (pairwise scores of an earlier "
                          f"forvalue-ray have none); re-run that value command with --overwrite")
-    values = lane_values(scores, target, combine, by)
-    if combine == "round-robin" and not scores.num_rows:  # no row to read the width from: one lane per target
-        values = np.zeros((0, len(parts.RunOutput(scores_dir).load_targets())))
+    # an empty part (or one --min-prompt-fit emptied) has no row to read the targets' width from
+    values = lane_values(scores, target, combine, by) if scores.num_rows else np.zeros((0, n_lanes))
     tokens = (np.asarray(scores["n_tokens"].to_numpy(), dtype=np.int64) if "n_tokens" in scores.column_names
               else np.zeros(len(ids), np.int64))
     if not per_group:
@@ -331,11 +329,15 @@ def selected_ids(scores: pa.Table, *, top_fraction=None, top_k=None, bottom_frac
     ``"auto"``: per key, the :func:`~forvalue_ray.promptfit.auto_thresholds` of these rows, ``fit_keys`` mapping
     id → key. ``by``: what rows are ranked by (:data:`RANK_BY`)."""
     if min_prompt_fit == "auto":
-        keys = [_group_key((fit_keys or {}).get(i)) for i in scores["id"].to_pylist()]
+        if fit_keys is None:
+            raise ValueError("min_prompt_fit='auto' needs fit_keys: each id's prompt-fit key")
+        keys = [_group_key(fit_keys.get(i)) for i in scores["id"].to_pylist()]
         fit = np.asarray(scores["prompt_fit"].to_numpy(zero_copy_only=False), dtype=np.float64)
         scores = eligible(scores, promptfit.auto_thresholds(fit, keys), keys)
     else:
         scores = eligible(scores, min_prompt_fit)
+    if not scores.num_rows:  # nothing ranked (no row to read the targets' width from either)
+        return {}
     ids = scores["id"].to_pylist()
     n = len(ids)
     id_rank = np.empty(n, np.int64)
@@ -457,6 +459,8 @@ def round_robin_cuts(shards: Shards, want: dict, stats: dict, keys_kw: dict, tok
     top R: its size is counted by one pass over the targets' cuts at rank R, so R is searched (ROUND_PROBES values
     per pass); the next round's rows (each target's row at rank R, if not taken) are fetched by id and placed in
     target order. Returns the write's cuts (lanes (group, target, 0): the top R) and extras (group → ids)."""
+    if not stats:  # no row is ranked (e.g. --min-prompt-fit left none): nothing to select
+        return {}, {}
     lane_stats = {lane: s for lane, s in stats.items()}
     k_targets = 1 + max(c for _, c in stats)
     groups = sorted({g for g, _ in stats}, key=json.dumps)
@@ -602,12 +606,16 @@ def select(scores_dir: str, data: str | None, out: str, *, top_fraction=None, to
     replace = _check_out(out, record, overwrite)
     executor.init_ray(None)
     keys_kw = {"scores_dir": scores_dir, "id_column": settings.get("id_column", "id"), "per_group": per_group,
-               "target": target_index, "combine": combine, "min_prompt_fit": min_prompt_fit, "by": by}
+               "target": target_index, "combine": combine, "min_prompt_fit": min_prompt_fit, "by": by,
+               "n_lanes": len(parts.RunOutput(scores_dir).load_targets()) if combine == "round-robin" else 1}
     if min_prompt_fit == "auto":
         keys_kw["fit_key"] = plan["settings"]["prompt_fit_column"]
-        keys_kw["min_prompt_fit"] = auto_fit_thresholds(shards, keys_kw["scores_dir"], keys_kw["id_column"],
-                                                        keys_kw["fit_key"])
-        record["settings"]["prompt_fit_thresholds"] = found = keys_kw["min_prompt_fit"]
+        # a resumed selection keeps the thresholds its written shards used
+        earlier = parts.RunOutput(out).load_selection() if not replace and parts.RunOutput(out).has_selection() else {}
+        found = earlier.get("settings", {}).get("prompt_fit_thresholds")
+        if found is None:
+            found = auto_fit_thresholds(shards, scores_dir, keys_kw["id_column"], keys_kw["fit_key"])
+        keys_kw["min_prompt_fit"] = record["settings"]["prompt_fit_thresholds"] = found
         print(f"--min-prompt-fit auto: a threshold for each of {len(found)} {keys_kw['fit_key']!r} values with "
               f"negative prompt fits (median {np.median(list(found.values())) if found else 0:.3f} nats/token); "
               f"listed in {out}/_select.json", file=sys.stderr)

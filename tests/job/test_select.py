@@ -19,7 +19,7 @@ import pytest
 
 from forvalue_ray import io as fio
 from forvalue_ray.sample_data import sentence_task
-from forvalue_ray.job import selection
+from forvalue_ray.job import parts, selection
 from jobtools import cli, local_ray, run_ok, save_tiny_model, write_parquet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -388,6 +388,23 @@ def test_select_min_prompt_fit_auto_equals_the_per_class_spread(data, fit_run, t
     assert _selection(sel) == want and len(want) == k and set(want) <= eligible
     literal = table.filter(pa.array([i in eligible for i in table["id"].to_pylist()]))
     assert want == selection.selected_ids(literal, top_k=k, combine="round-robin")
+
+
+def test_select_over_shards_the_prompt_fit_empties(data, fit_run, tmp_path):
+    """A threshold above every fit leaves only the rows with none: most shards rank no row. --target (a column
+    other than the first) and round-robin still equal the full sort over those rows."""
+    table = fio.read_parts(str(fit_run / "scores"))
+    fits = [f for f in table["prompt_fit"].to_pylist() if f is not None]
+    threshold = max(fits) + 1.0
+    unranked = len(table) - len(fits)
+    assert unranked < len(list(fit_run.glob("scores/*.parquet")))  # so at least one shard has no ranked row
+    second = parts.RunOutput(str(fit_run)).load_targets()[1]
+    for flags, kw in ((["--target", second], dict(target=1)), (["--combine", "round-robin"],
+                                                               dict(combine="round-robin"))):
+        sel = tmp_path / flags[1]
+        run_ok("select", "--scores", fit_run, "--out", sel, "--top-k", 2, "--min-prompt-fit", threshold, *flags)
+        want = selection.selected_ids(table, top_k=2, min_prompt_fit=threshold, **kw)
+        assert _selection(sel) == want and len(want) == min(2, unranked)
 
 
 def test_select_refuses_min_prompt_fit_without_the_column(data, runs, tmp_path):
