@@ -98,10 +98,8 @@ def shard_keys(shard: Shard, scores_dir: str, id_column: str, per_group: str | N
     """The ranked rows of one shard (:func:`eligible`; per-key thresholds read each row's ``fit_key`` column from
     the data): ids, the [n, L] values ranked (L = ``n_lanes``), n_tokens, and (per group) each row's group."""
     scores, path = read_scores(shard, scores_dir)
-    if isinstance(min_prompt_fit, dict):
-        scores = eligible(scores, min_prompt_fit, _keys(shard, id_column, fit_key, scores["id"].to_pylist()))
-    else:
-        scores = eligible(scores, min_prompt_fit)
+    keys = _keys(shard, id_column, fit_key, scores["id"].to_pylist()) if isinstance(min_prompt_fit, dict) else None
+    scores = eligible(scores, min_prompt_fit, keys)
     ids = np.asarray(scores["id"].to_pylist(), dtype=str) if scores.num_rows else np.zeros(0, dtype=str)
     if by != "value" and scores.num_rows and "embed" not in scores.column_names:
         raise ValueError(f"--by {by}: the scores part {path} has no embed column (pairwise scores of an earlier "
