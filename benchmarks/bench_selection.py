@@ -28,6 +28,7 @@ Methods (a score per pool row, the top k kept; ties by id):
                  response, mean-pooled; the same forward as fv-max), ranked by its mean over the target rows
   fv-joint       ``select --by value+embed --combine round-robin``: fv-max's cosine plus the embedding cosine, per
                  target row, interleaved
+  fv-joint-auto  fv-joint over the rows fv-fit-auto keeps: the recommended recipe for a pool with mislabeled rows
   embed-cosine   the model's final hidden state mean-pooled over the response, cosine to the target mean (RDS-like)
   bm25           BM25 (rank-bm25) of the row text against each target text, mean over targets
   loss-low       lowest base-model NLL per response token;   loss-high: highest
@@ -65,8 +66,7 @@ import sft
 from forvalue_ray.job.selection import selected_ids
 
 METHODS = ["zero-shot", "random", "fv-mean", "fv-cosine", "fv-center", "fv-max", "fv-class", "fv-fit", "fv-fit-auto",
-           "fv-embed",
-           "fv-joint", "embed-cosine", "bm25",
+           "fv-embed", "fv-joint", "fv-joint-auto", "embed-cosine", "bm25",
            "length", "loss-low", "loss-high", "full", "less"]
 MAX_CLASSES = 20  # a template with at most this many distinct responses is a classification template
 
@@ -163,7 +163,10 @@ FV_VALUE_FLAGS = {"fv-mean": [], "fv-cosine": ["--normalize"], "fv-center": ["--
                   "fv-joint": ["--mode", "pairwise", "--normalize"],
                   "fv-class": ["--mode", "groups", "--group-column", "response", "--normalize"],
                   "fv-fit": ["--mode", "pairwise", "--normalize", "--prompt-fit-column", "{fit_column}"]}
-FV_VALUE_FLAGS["fv-fit-auto"] = FV_VALUE_FLAGS["fv-fit"]
+FIT_METHODS = ("fv-fit", "fv-fit-auto", "fv-joint-auto")  # ranked among the rows whose prompt fit passes
+for _m in FIT_METHODS:
+    FV_VALUE_FLAGS[_m] = FV_VALUE_FLAGS["fv-fit"]
+ROUND_ROBIN = ("fv-max", "fv-joint", *FIT_METHODS)
 
 
 def fv_job(method: str, pool_file: str, target_file: str, work: Path, args, k: int, pool: list[dict],
@@ -185,9 +188,10 @@ def fv_job(method: str, pool_file: str, target_file: str, work: Path, args, k: i
         matrix = np.array(table["scores"].to_pylist())
         value = own_group(matrix, names, [by_id[i] for i in ids])
         return [ids[i] for i in choose(ids, value, k)]
-    combine = ["--combine", "round-robin"] if method in ("fv-max", "fv-fit", "fv-fit-auto", "fv-joint") else []
+    combine = ["--combine", "round-robin"] if method in ROUND_ROBIN else []
     combine += {"fv-embed": ["--by", "embed"], "fv-joint": ["--by", "value+embed"], "fv-fit-auto":
-                ["--min-prompt-fit", "auto"], "fv-fit": ["--min-prompt-fit", str(args.min_prompt_fit)]}.get(method, [])
+                ["--min-prompt-fit", "auto"], "fv-fit": ["--min-prompt-fit", str(args.min_prompt_fit)],
+                "fv-joint-auto": ["--by", "value+embed", "--min-prompt-fit", "auto"]}.get(method, [])
     run([*cli, "select", "--scores", str(scores), "--out", str(sel), "--top-k", str(k), "--overwrite", *combine])
     return pq.read_table(str(sel / "_selection"))["id"].to_pylist()
 
@@ -221,15 +225,17 @@ def fv_api(method: str, vm, pool: list[dict], target: list[dict], args, memo: di
     if method == "fv-class":
         names, matrix = fv.group_scores(vm, pool, target, [r["response"] for r in target], normalize=True, **kw)
         return {"values": own_group(matrix, names, [r["response"] for r in pool])}
-    if method in ("fv-fit", "fv-fit-auto"):
+    if method in FIT_METHODS:
         keys = [r[args.prompt_fit_column] for r in pool]
         if "fit" not in memo:
             t0 = time.time()
             memo["fit"] = fv.prompt_fit(vm, pool, keys, **kw)
             memo["fit_s"] = time.time() - t0
-        return {"values": pairwise(), "combine": "round-robin", "fit": memo["fit"],
-                "min_fit": "auto" if method == "fv-fit-auto" else args.min_prompt_fit,
-                "fit_keys": {r["id"]: k for r, k in zip(pool, keys)}}
+        values = pairwise()
+        joint = {"embed": memo["embed"], "by": "value+embed"} if method == "fv-joint-auto" else {}
+        return {"values": values, "combine": "round-robin", "fit": memo["fit"],
+                "min_fit": args.min_prompt_fit if method == "fv-fit" else "auto",
+                "fit_keys": {r["id"]: k for r, k in zip(pool, keys)}, **joint}
     if method == "fv-embed":
         return {"values": pairwise(), "embed": memo["embed"], "by": "embed"}
     if method == "fv-joint":
@@ -450,7 +456,8 @@ def main(argv=None):
         "train_steps": steps, "batch_size": batch, "lr": args.lr, "engine": args.engine, "center": args.center,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "bf16": amp is not None,
         "torch": torch.__version__, "select_only": args.select_only,
-        "prompt_fit": {"column": args.prompt_fit_column, "min": args.min_prompt_fit, "fv-fit-auto": "auto"},
+        "prompt_fit": {"column": args.prompt_fit_column, "min": args.min_prompt_fit,
+                       "auto": [m for m in FIT_METHODS if m != "fv-fit"]},
         "recipe": (f"full fine-tune of {args.model}, loss on response tokens (+EOS) only, AdamW lr {args.lr} linear "
                    f"decay to 0, no warmup, weight decay 0, grad clip 1.0, batch {batch}, {steps} steps for every "
                    f"method (`full`: the same steps drawn from the whole pool), bf16 autocast "
@@ -492,9 +499,9 @@ def main(argv=None):
         if m in ("embed-cosine", "loss-low", "loss-high", "length"):
             st = pool_statistics()
             shared = st["seconds"]  # the shared forward counts towards each method that uses it
-        if m in ("fv-fit", "fv-fit-auto", "fv-embed", "fv-joint"):
+        if m in ("fv-embed", "fv-joint", *FIT_METHODS):
             # the pairwise cosines (and prompt fits) of the method that ran first
-            shared = memo.get("pairwise_s", 0.0) + (memo.get("fit_s", 0.0) if m.startswith("fv-fit") else 0.0)
+            shared = memo.get("pairwise_s", 0.0) + (memo.get("fit_s", 0.0) if m in FIT_METHODS else 0.0)
         t0 = time.time()
         ranking: dict = {}
         if m.startswith("fv-") and args.engine == "job":

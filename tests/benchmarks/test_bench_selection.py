@@ -107,3 +107,32 @@ def test_less_batched_gradients_equal_one_backward_per_row(tiny):
         ref = grads._project(flat)
         ref = (ref / ref.norm()).numpy()[0]
         np.testing.assert_allclose(got[i], ref, rtol=1e-5, atol=1e-6)  # got is stored as float32
+
+
+def test_fv_joint_auto_is_fv_joint_over_the_rows_auto_keeps():
+    """The recommended recipe for a mislabeled pool, run first on a fresh memo (it must compute the pairwise
+    cosines, embeddings and prompt fits itself), against fv-joint over the rows whose fit reaches their template's
+    RMS of negative fits, computed here by hand."""
+    from types import SimpleNamespace
+
+    vm = tiny_model("llama", dtype=torch.float64)
+    pool = [{"id": f"p{i:02d}", "template": f"t{i % 2}", "prompt": "abcdefgh"[i % 5: i % 5 + 3],
+             "response": "xyzuvw"[i % 4: i % 4 + 2]} for i in range(16)]
+    target = [{"id": f"q{j}", "prompt": "bcd"[: 1 + j], "response": "yz"} for j in range(3)]
+    args = SimpleNamespace(max_length=64, prompt_fit_column="template", min_prompt_fit=0.0, center=4)
+    memo: dict = {}
+    auto = bs.fv_api("fv-joint-auto", vm, pool, target, args, memo)
+    joint = bs.fv_api("fv-joint", vm, pool, target, args, memo)
+    fit = memo["fit"]
+    floor = {}
+    for key in ("t0", "t1"):
+        neg = [f for f, r in zip(fit, pool) if r["template"] == key and f < 0]
+        floor[key] = float(np.sqrt(np.mean(np.square(neg)))) if neg else 0.0
+    keep = [i for i, r in enumerate(pool) if fit[i] >= floor[r["template"]]]
+    assert 0 < len(keep) < len(pool)  # the floor bites and leaves rows to rank
+    ids = [r["id"] for r in pool]
+    k = len(keep) - 1
+    got = bs.choose(ids, auto.pop("values"), k, **auto)
+    sub = {kw: (v[keep] if isinstance(v, np.ndarray) else v) for kw, v in joint.items()}
+    want = [keep[i] for i in bs.choose([ids[i] for i in keep], sub.pop("values"), k, **sub)]
+    assert got == sorted(want)
