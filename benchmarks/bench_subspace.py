@@ -45,7 +45,7 @@ from tasks import make_task
 # k1xk2+D[:storage]: about 1 KB and 4 KB per row (int8 unless named; binary: the index in rotated signs, scored
 # against a float32 target index; binary/binary: the target index binary too)
 CONFIGS = ("0x0+1024,32x16+512,64x16+0,32x32+0,0x0+4096,64x16+3072,32x32+3072,64x32+2048,64x64+0,"
-           "0x0+8192:binary,0x0+8192:binary/binary,0x0+32768:binary,0x0+32768:binary/binary")
+           "0x0+8192:binary,0x0+8192:binary/binary,8x8+8128:binary,0x0+32768:binary,0x0+32768:binary/binary")
 
 
 class Tokens:
@@ -149,9 +149,20 @@ def bytes_per_row(k1: int, k2: int, dim: int, storage: str) -> int:
 
 
 def fidelity(approx: np.ndarray, exact: np.ndarray, tr_cls, va_cls) -> dict:
+    """Pairwise targets (a column per target row): per-target Spearman against exact (mean, min) and class AUC.
+    Mean targets: the scores are linear in the target, so a group's column (`--mode groups`) is the mean of its rows'
+    columns and the one mean (`--mode mean`) the mean of all: per-class Spearman (mean, min) and AUC, and the mean's
+    Spearman."""
     rho = [spearmanr(approx[:, j], exact[:, j])[0] for j in range(exact.shape[1])]
     auc = [roc_auc_score(tr_cls == c, approx[:, j]) for j, c in enumerate(va_cls)]
-    return {"spearman": float(np.mean(rho)), "spearman_min": float(np.min(rho)), "auc": float(np.mean(auc))}
+    classes = sorted(set(va_cls))
+    members = [[j for j, c in enumerate(va_cls) if c == k] for k in classes]
+    group_rho = [spearmanr(approx[:, m].mean(1), exact[:, m].mean(1))[0] for m in members]
+    group_auc = [roc_auc_score(tr_cls == k, approx[:, m].mean(1)) for k, m in zip(classes, members)]
+    return {"spearman": float(np.mean(rho)), "spearman_min": float(np.min(rho)), "auc": float(np.mean(auc)),
+            "groups_spearman": float(np.mean(group_rho)), "groups_spearman_min": float(np.min(group_rho)),
+            "groups_auc": float(np.mean(group_auc)),
+            "mean_spearman": float(spearmanr(approx.mean(1), exact.mean(1))[0])}
 
 
 def fit_sample(train: list[dict], keep_per_class: int | None, n: int) -> tuple[list[dict], list[dict]]:
@@ -194,8 +205,9 @@ def plot_path(out: str) -> str:
 
 def plot(results: dict, path: str) -> None:
     """Per task: mean per-target Spearman and AUC − exact against bytes per row, every seed a point; the centered
-    TensorSketch in int8, the fitted subspace with a sketched residual, a pure projection, and the TensorSketch in
-    binary storage (scored against a float32 target index, and against a binary one)."""
+    TensorSketch in int8, the fitted subspace with a sketched residual, a pure projection, the TensorSketch in
+    binary storage (scored against a float32 target index, and against a binary one), and the subspace with its
+    residual in binary storage."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,14 +219,17 @@ def plot(results: dict, path: str) -> None:
     kinds = {"TensorSketch, int8": lambda r: int8(r) and r["k1"] == 0,
              "subspace + residual sketch, int8": lambda r: int8(r) and r["k1"] and r["dim"],
              "pure projection (biased)": lambda r: int8(r) and r["k1"] and not r["dim"],
-             "TensorSketch, binary (float32 targets)": lambda r: r.get("storage") == "binary"
+             "TensorSketch, binary (float32 targets)": lambda r: r.get("storage") == "binary" and not r["k1"]
              and r["target_storage"] != "binary",
-             "TensorSketch, binary (binary targets)": lambda r: r.get("target_storage") == "binary"}
+             "TensorSketch, binary (binary targets)": lambda r: r.get("target_storage") == "binary",
+             "subspace + residual sketch, binary": lambda r: r.get("storage") == "binary" and r["k1"]}
     for col, task in enumerate(tasks):
         rows = results["tasks"][task]["rows"]
         exact_auc = rows[0]["auc"]
-        for (label, keep), marker, shift in zip(kinds.items(), "osx^v", (0, 0.04, -0.04, 0.02, -0.02)):
+        for (label, keep), marker, shift in zip(kinds.items(), "osx^vD", (0, 0.04, -0.04, 0.02, -0.02, 0.06)):
             pts = [r for r in rows[1:] if keep(r)]
+            if not pts:
+                continue
             x = [r.get("bytes_per_row", r.get("int8_bytes_per_row")) * (1 + shift) for r in pts]
             axes[0, col].scatter(x, [r["spearman"] for r in pts], marker=marker, label=label, alpha=0.8)
             axes[1, col].scatter(x, [r["auc"] - exact_auc for r in pts], marker=marker, alpha=0.8)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from .. import io
 from ..encode import Columns
 from ..io import Shards
+from ..sketch import BINARY_ROTATION
 from .config import JobConfig, actor_range
 from .parts import RunOutput, plan_record
 
@@ -135,6 +136,8 @@ def resolve(cfg: JobConfig) -> RunSpec:
         meta, tmeta = ({"storage": "float32", "center_id": None, **RunOutput(url).load_index()}
                        for url in (cfg.index, cfg.target_index))
         check_pair(cfg.index, cfg.target_index, meta, tmeta)
+        for option, url, m in (("--index", cfg.index, meta), ("--target-index", cfg.target_index, tmeta)):
+            check_binary_rotation(option, url, m)
         shards = io.plan_shards(RunOutput(cfg.index).parts_dir("sketches"), "parquet", cfg.shard_rows,
                                 cfg.shard_bytes)
         settings = {**cfg.result_fields(), "index": meta, "target_index": tmeta,
@@ -159,9 +162,12 @@ def resolve(cfg: JobConfig) -> RunSpec:
         subspace, sampled = None, stamps["train_files"]
     else:
         stamps = {"data_files": io.file_stamp(cfg.data, exclude=cfg.out)}
-        own = {"sketch": {"dim": cfg.dim, "seed": cfg.seed, "storage": cfg.storage, "subspace": cfg.subspace}}
+        own = {"sketch": {"dim": cfg.dim, "seed": cfg.seed, "storage": cfg.storage, "subspace": cfg.subspace,
+                          # binary rows restore only through the rotation they were written with
+                          **({"rotation": BINARY_ROTATION} if cfg.storage == "binary" else {})}}
         subspace, sampled = cfg.subspace, stamps["data_files"]
-    settings = {**cfg.result_fields(), "model_fingerprint": fp, **stamps, "center": reused["center"]}
+    settings = {**cfg.result_fields(), "model_fingerprint": fp, **stamps, "center": reused["center"],
+                **({"rotation": own["sketch"]["rotation"]} if "rotation" in own.get("sketch", {}) else {})}
     load_kw, resources, actors = model_load_kw(cfg, provenance), cfg.actor_resources(), actor_range(cfg.num_actors)
     encode_kw, columns = cfg.encode_kw(), cfg.columns()
     center = CenterSpec(cfg.center, cfg.center_seed, cfg.center_stats, sampled, subspace) if centered else None
@@ -182,6 +188,16 @@ def check_pair(index: str, target_index: str, meta: dict, tmeta: dict) -> None:
     if meta["center_id"] != tmeta["center_id"]:
         raise ValueError(center_mismatch(index, target_index, meta, tmeta))
     check_compatible("--target-index", meta, tmeta, ("model_fingerprint", "dim", "seed"))
+
+
+def check_binary_rotation(option: str, url: str, meta: dict) -> None:
+    """Refuse a binary index written with another rotation (one from before the two-round rotation records none):
+    its signs would restore as other numbers, and every score would be wrong without an error."""
+    if meta.get("storage") == "binary" and meta.get("rotation") != BINARY_ROTATION:
+        raise ValueError(f"{option} {url} is a binary index written by an earlier forvalue-ray "
+                         f"({meta.get('forvalue_ray', 'unknown version')}), whose rotation "
+                         f"({meta.get('rotation') or 'one Hartley round'}) this version does not restore "
+                         f"(it uses {BINARY_ROTATION}); rebuild it with `forvalue-ray sketch --storage binary ...`")
 
 
 def center_mismatch(index: str, target_index: str, meta: dict, tmeta: dict) -> str:

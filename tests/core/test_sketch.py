@@ -220,6 +220,25 @@ def test_binary_storage_is_exact_along_the_row_and_unbiased_across_it():
         compress_sketches(np.ones((2, 12)), "binary", ["a", "b"], 0)
 
 
+def test_binary_storage_is_unbiased_for_rows_that_share_a_few_dominant_coordinates():
+    """A sketch of G where a hidden state has a massive activation carries a few huge coordinates, shared by the
+    rows of a class. Rows x = spike + noise against a target y = spike + noise: the mean relative error of the binary
+    estimate of ⟨x, y⟩, over 200 draws of the spike's place and of y, is within 5 standard errors of 0 (about 0.004).
+    One Hartley round (the rotation before two) leaves +3.45% here: each spike becomes a ±c pattern, not Gaussian."""
+    rng = np.random.default_rng(11)
+    dim, n, trials = 1024, 50, 200
+    bias = []
+    for _ in range(trials):
+        spike = np.zeros(dim)
+        spike[rng.choice(dim, 2, replace=False)] = np.sqrt(dim / 2)  # as much energy as the noise
+        x, y = spike + rng.normal(size=(n, dim)), spike + rng.normal(size=(1, dim))
+        exact = (x @ y.T)[:, 0]
+        q, scale = compress_sketches(x, "binary", [str(i) for i in range(n)], 0)
+        estimate = score_sketches(q, scale, sketch_targets(y, None, ["y"], ["y"]))[:, 0]
+        bias.append((estimate - exact).mean() / exact.mean())
+    assert abs(np.mean(bias)) <= 5 * np.std(bias) / np.sqrt(trials), (np.mean(bias), np.std(bias))
+
+
 def test_binary_index_scores_in_its_rotated_basis_as_the_restored_rows_do(monkeypatch):
     """The scan keeps binary rows in the rotated basis and rotates the target columns instead: the same numbers as
     the restored rows' inner products with the (any storage) target rows; the cosine divides by the stored ‖x‖."""

@@ -417,6 +417,15 @@ def test_binary_index_stores_rotated_signs_and_scores_them_against_a_float32_tar
         run_ok("score", "--index", s_train, "--target-index", sketch_runs[1], "--out", out, "--no-progress", *extra)
         assert rel_err(as_matrix(read_scores(out), train_ids), expected) < 1e-5
         _verify_ok(out)
+    # an index from before the two-round rotation records none: its signs restore as other numbers, so it is refused
+    meta_path = s_train / "index.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["rotation"] == "hartley-2"
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "rotation"}))
+    rc, _, err = cli("score", "--index", s_train, "--target-index", sketch_runs[1], "--out", data.root / "score-old",
+                     "--no-progress")
+    assert rc != 0 and "earlier forvalue-ray" in err and "rebuild it with `forvalue-ray sketch --storage binary" in err
+    assert not (data.root / "score-old" / "scores").exists()
 
 
 def test_centered_int8_index_is_the_core_estimate_and_refuses_a_raw_partner(data, sketch_runs, ray_local, vm):
