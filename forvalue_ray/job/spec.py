@@ -161,13 +161,14 @@ def resolve(cfg: JobConfig) -> RunSpec:
         own = {"target": target, "target_stats": cfg.target_stats, "prompt_fit_column": cfg.prompt_fit_column}
         subspace, sampled = None, stamps["train_files"]
     else:
-        stamps = {"data_files": io.file_stamp(cfg.data, exclude=cfg.out)}
+        # binary rows restore only through the rotation they were written with: in index.json, and in the plan's
+        # settings so that a run's parts from another rotation are never resumed into it
+        rotation = {"rotation": BINARY_ROTATION} if cfg.storage == "binary" else {}
+        stamps = {"data_files": io.file_stamp(cfg.data, exclude=cfg.out), **rotation}
         own = {"sketch": {"dim": cfg.dim, "seed": cfg.seed, "storage": cfg.storage, "subspace": cfg.subspace,
-                          # binary rows restore only through the rotation they were written with
-                          **({"rotation": BINARY_ROTATION} if cfg.storage == "binary" else {})}}
+                          **rotation}}
         subspace, sampled = cfg.subspace, stamps["data_files"]
-    settings = {**cfg.result_fields(), "model_fingerprint": fp, **stamps, "center": reused["center"],
-                **({"rotation": own["sketch"]["rotation"]} if "rotation" in own.get("sketch", {}) else {})}
+    settings = {**cfg.result_fields(), "model_fingerprint": fp, **stamps, "center": reused["center"]}
     load_kw, resources, actors = model_load_kw(cfg, provenance), cfg.actor_resources(), actor_range(cfg.num_actors)
     encode_kw, columns = cfg.encode_kw(), cfg.columns()
     center = CenterSpec(cfg.center, cfg.center_seed, cfg.center_stats, sampled, subspace) if centered else None
